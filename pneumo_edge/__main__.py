@@ -1,0 +1,3 @@
+from pneumo_edge.cli import main
+
+main()

@@ -1,0 +1,123 @@
+"""Finding image files: labelled ImageFolder splits (training, eval, parity) and plain folders
+(scoring). Sorted, deterministic, symlink-loop safe, nothing listed twice."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pneumo_edge.errors import DataError
+from pneumo_edge.images import is_image_path
+
+
+@dataclass
+class Walk:
+    """Image files found under some paths, in input order, plus what was passed over."""
+
+    files: list[str]
+    ignored: int = 0  # non-image files
+
+
+def walk_images(paths) -> Walk:
+    """Image files under ``paths`` (folders recursively, sorted by name; files as given).
+
+    Directories named like images (``x.png/``) are descended, not listed. Broken symlinks with
+    an image extension are listed (so they get an error row); a file reached twice, through a
+    symlink or by naming it twice, is listed once; symlink loops end.
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+    walk = Walk(out)
+    for root in paths:
+        root = os.fspath(root)
+        if os.path.isdir(root):
+            _walk_dir(root, walk, seen, set())
+        else:
+            _add(root, walk, seen)
+    return walk
+
+
+def _add(path: str, walk: Walk, seen: set[str]) -> None:
+    key = os.path.realpath(path)
+    if key in seen:
+        return
+    seen.add(key)
+    if is_image_path(path):
+        walk.files.append(path)
+    else:
+        walk.ignored += 1
+
+
+def _walk_dir(folder: str, walk: Walk, seen: set[str], active: set[str]) -> None:
+    real = os.path.realpath(folder)
+    if real in active:  # a symlink loop back into a folder being walked
+        return
+    active.add(real)
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        walk.ignored += 1
+        active.discard(real)
+        return
+    for e in entries:
+        try:
+            is_dir = e.is_dir()  # follows symlinks; False for broken ones
+        except OSError:
+            is_dir = False
+        if is_dir:
+            _walk_dir(e.path, walk, seen, active)
+        else:
+            _add(e.path, walk, seen)
+    active.discard(real)
+
+
+@dataclass
+class LabelledFolder:
+    root: str
+    classes: list[str]
+    samples: list[tuple[str, int]]  # (path, class index), sorted by class then path
+
+
+def scan_labelled(root: str | os.PathLike, classes: list[str] | None = None) -> LabelledFolder:
+    """An ImageFolder split ``root/{CLASS}/**/*.{jpg,png,...}``.
+
+    With ``classes`` (a model's), the folder must have exactly those class folders. Raises
+    :class:`DataError` for a missing folder, no class folders, one class or an empty class.
+    """
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: no such folder")
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not found:
+        raise DataError(f"{root}: no class folders (expected {root}/CLASS/image files)")
+    if classes is not None and sorted(classes) != found:
+        raise DataError(f"{root}: class folders {found} do not match the model's classes {classes}")
+    classes = list(classes) if classes is not None else found
+    if len(classes) < 2:
+        raise DataError(f"{root}: only one class folder ({classes[0]}); need at least two")
+    samples = []
+    for idx, name in enumerate(classes):
+        files = walk_images([os.path.join(root, name)]).files
+        if not files:
+            raise DataError(f"{root}/{name}: class folder has no image files")
+        samples += [(f, idx) for f in files]
+    return LabelledFolder(root, classes, samples)
+
+
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_", re.I),            # person123_bacteria_456.jpeg
+    re.compile(r"^((?:[A-Z]+\d*-)?IM-\d+)-", re.I),  # IM-0123-0001, NORMAL2-IM-0123-0001
+)
+
+
+def patient_id(path: str | os.PathLike) -> str:
+    """The patient a file belongs to, parsed from its name; the file name itself when the name
+    carries no patient id (then every file is its own group)."""
+    name = Path(path).name
+    for pat in _PATIENT_PATTERNS:
+        m = pat.match(name)
+        if m:
+            return m.group(1).lower()
+    return name.lower()

@@ -1,0 +1,92 @@
+"""The network every runtime serves: uint8 grey ``[N, 1, S, S]`` in, float32 probabilities
+``[N, C]`` out. Scaling, ImageNet normalisation, grey-to-3-channel and softmax live inside it,
+so exported graphs carry them and the edge side does no float maths."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from pneumo_edge.errors import ModelError
+
+ARCHS = ("resnet50", "resnet18", "resnet34")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's IMAGENET1K_V1 files, as the torch hub cache names them
+IMAGENET_FILES = {
+    "resnet18": "resnet18-f37072fd.pth",
+    "resnet34": "resnet34-b627a593.pth",
+    "resnet50": "resnet50-0676ba61.pth",
+}
+
+
+class XrayNet(nn.Module):
+    """Wraps a torchvision ResNet: ``forward`` takes uint8 pixels and returns probabilities."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
+        # (x - mean) / std == x * scale + shift, one fused multiply-add per pixel
+        self.register_buffer("scale", 1.0 / std)
+        self.register_buffer("shift", -mean / std)
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.to(self.scale.dtype).expand(-1, 3, -1, -1)
+        x = x * self.scale + self.shift
+        return self.backbone(x)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(image).float(), dim=1)
+
+
+def build_model(arch: str, num_classes: int, weights: str = "none") -> XrayNet:
+    """A ResNet with a new ``num_classes`` head. ``weights``: ``none``, ``imagenet`` (from the
+    local torch hub cache; never downloaded) or a path to a state dict for the backbone."""
+    import torchvision
+
+    if arch not in ARCHS:
+        raise ModelError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    backbone = getattr(torchvision.models, arch)(weights=None)
+    if weights != "none":
+        path = imagenet_path(arch) if weights == "imagenet" else weights
+        load_backbone_weights(backbone, path)
+    backbone.fc = nn.Linear(backbone.fc.in_features, num_classes)
+    return XrayNet(backbone)
+
+
+def imagenet_path(arch: str) -> str:
+    hub = torch.hub.get_dir()
+    path = os.path.join(hub, "checkpoints", IMAGENET_FILES[arch])
+    if not os.path.isfile(path):
+        raise ModelError(
+            f"ImageNet weights for {arch} not found at {path}; copy torchvision's "
+            f"{IMAGENET_FILES[arch]} there, pass --weights PATH, or use --weights none"
+        )
+    return path
+
+
+def load_backbone_weights(backbone: nn.Module, path: str) -> None:
+    """Load a torchvision-style state dict; the classifier head is replaced afterwards, so its
+    keys may be missing or of another size."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: weights file not found") from None
+    except Exception as exc:  # torch raises many types for a bad file
+        raise ModelError(f"{path}: cannot load weights: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    state = {k.removeprefix("backbone."): v for k, v in state.items()
+             if not k.removeprefix("backbone.").startswith("fc.")}
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ModelError(
+            f"{path}: weights do not fit this architecture "
+            f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. "
+            f"{(missing or unexpected)[0]})"
+        )
