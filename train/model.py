@@ -82,7 +82,11 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> None:
         state = state["state_dict"]
     state = {k.removeprefix("backbone."): v for k, v in state.items()
              if not k.removeprefix("backbone.").startswith("fc.")}
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even when strict=False
+        raise ModelError(f"{path}: weights do not fit this architecture "
+                         f"({str(exc).splitlines()[-1].strip()[:160]})") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise ModelError(

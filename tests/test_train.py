@@ -1,0 +1,186 @@
+"""Training on generated data: it learns, and its options, outputs and errors behave."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+torch = pytest.importorskip("torch", reason="training needs torch")
+
+from conftest import write_labelled  # noqa: E402
+from pneumo_edge.card import Card  # noqa: E402
+from pneumo_edge.cli import main  # noqa: E402
+from pneumo_edge.train.data import class_weights, grouped_stratified_split  # noqa: E402
+from pneumo_edge.train.loop import TrainConfig, train  # noqa: E402
+
+QUICK = dict(arch="resnet18", image_size=64, batch_size=16, workers=0, device="cpu",
+             amp=False, min_epochs=1)
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    data = tmp_path_factory.mktemp("learn")
+    write_labelled(data / "train", per_class=40, seed=3)
+    write_labelled(data / "test", per_class=10, seed=4)
+    out = tmp_path_factory.mktemp("learn_run")
+    result = train(TrainConfig(data=str(data), out=str(out), epochs=6, lr=2e-3,
+                               select="val_f1", force=True, **QUICK))
+    return data, out, result
+
+
+def test_training_learns_well_above_chance(learned):
+    _, out, result = learned
+    assert result["val"]["accuracy"] >= 0.85
+    assert result["val"]["roc_auc"] >= 0.9
+    assert result["test"]["accuracy"] >= 0.8  # test/ evaluated with the val-chosen threshold
+    history = (out / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 6 and history[0].startswith("epoch,train_loss,val_loss")
+
+
+def test_model_directory_contents_and_weights_only_checkpoint(learned):
+    _, out, result = learned
+    for name in ("model.pt", "card.json", "metrics.json", "history.csv", "curves.png",
+                 "confusion.png"):
+        assert (out / name).stat().st_size > 0, name
+    ckpt = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    card = Card.load(out)
+    assert Card.from_dict(ckpt["card"]) == card
+    assert card.classes == ["NORMAL", "PNEUMONIA"] and card.positive_class == "PNEUMONIA"
+    assert card.metrics["best_epoch"] == result["best_epoch"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc",
+                "confusion_matrix"):
+        assert key in metrics["val"] and key in metrics["test"]
+    assert card.train_config["class_weight_values"] is not None
+
+
+def test_card_threshold_and_metrics_reproduce_on_the_recorded_val_split(learned):
+    """Re-run the saved model on the val files the card names: same metrics as recorded."""
+    from pneumo_edge.evaluate import decode_labelled, predict
+    from pneumo_edge.metrics import binary_metrics
+    from pneumo_edge.runtimes import open_runtime
+
+    data, out, _ = learned
+    card = Card.load(out)
+    files = card.split["val_files"]
+    labels = [card.classes.index(f.split("/")[1]) for f in files]
+    px, y, failed = decode_labelled([(str(data / f), lab) for f, lab in zip(files, labels)], 64)
+    probs = predict(open_runtime(out, "torch"), px)
+    m = binary_metrics(y == 1, probs[:, 1], card.threshold)
+    assert not failed
+    for key in ("accuracy", "f1", "recall"):
+        assert m[key] == pytest.approx(card.metrics["val"][key], abs=1e-9)
+
+
+def test_eval_command_prints_and_writes_metrics(learned, tmp_path):
+    data, out, result = learned
+    res = cli("eval", "--model", out, "--data", data / "test", "--out", tmp_path / "m.json")
+    assert res.exit_code == 0, res.output
+    assert "accuracy" in res.output and "PNEUMONIA" in res.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["accuracy"] == pytest.approx(result["test"]["accuracy"])
+
+
+def test_grouped_split_is_stratified_deterministic_and_leak_free():
+    samples = []
+    for p in range(60):  # 60 patients, 1-3 images each, positives = patients 0..39
+        for k in range(1 + p % 3):
+            samples.append((f"/d/person{p}_bacteria_{k}.jpeg" if p < 40
+                            else f"/d/IM-{p:04d}-000{k}.jpeg", int(p < 40)))
+    a = grouped_stratified_split(samples, 0.3, seed=7)
+    b = grouped_stratified_split(samples, 0.3, seed=7)
+    c = grouped_stratified_split(samples, 0.3, seed=8)
+    assert a.val == b.val and a.val != c.val
+    assert len(a.train) + len(a.val) == len(samples)
+    from pneumo_edge.folders import patient_id
+    assert not {patient_id(s[0]) for s in a.train} & {patient_id(s[0]) for s in a.val}
+    for label in (0, 1):
+        n = sum(s[1] == label for s in samples)
+        nv = sum(s[1] == label for s in a.val)
+        assert abs(nv / n - 0.3) < 0.08
+
+
+def test_class_weights():
+    w = class_weights(np.array([0] * 10 + [1] * 30), 2, "auto")
+    assert w == pytest.approx([2.0, 2 / 3])
+    assert class_weights(np.array([0, 1]), 2, "none") is None
+    assert class_weights(np.array([0, 1]), 2, "1,0.5") == [1.0, 0.5]
+    with pytest.raises(ValueError):
+        class_weights(np.array([0, 1]), 2, "1,2,3")
+
+
+def test_resume_continues_from_last_epoch(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(tiny_dataset), out=str(out), epochs=1, **QUICK))
+    with pytest.raises(Exception, match="already holds a model"):
+        train(TrainConfig(data=str(tiny_dataset), out=str(out), epochs=2, **QUICK))
+    result = train(TrainConfig(data=str(tiny_dataset), out=str(out), epochs=2, resume=True,
+                               **QUICK))
+    assert [r["epoch"] for r in result["history"]] == [1, 2]
+    assert len((out / "history.csv").read_text().splitlines()) == 3
+
+
+def test_unreadable_images_are_skipped_named_and_counted(tmp_path, capsys):
+    data = tmp_path / "d"
+    write_labelled(data / "train", per_class=8)
+    (data / "train" / "NORMAL" / "broken.png").write_bytes(b"not a png")
+    (data / "train" / "PNEUMONIA" / "empty.jpeg").write_bytes(b"")
+    train(TrainConfig(data=str(data), out=str(tmp_path / "r"), epochs=1, **QUICK))
+    err = capsys.readouterr().err
+    assert "broken.png: not a recognised image file" in err and "empty.jpeg: empty file" in err
+    assert Card.load(tmp_path / "r").data["skipped_unreadable"] == 2
+
+
+def test_local_weights_file_is_loaded_and_bad_ones_refused(tiny_dataset, tmp_path):
+    import torchvision
+
+    src = torchvision.models.resnet18(weights=None)
+    torch.nn.init.constant_(src.conv1.weight, 0.01)
+    wfile = tmp_path / "r18.pth"
+    torch.save(src.state_dict(), wfile)
+    from pneumo_edge.train.model import build_model
+    m = build_model("resnet18", 2, str(wfile))
+    assert torch.allclose(m.backbone.conv1.weight, torch.full_like(m.backbone.conv1.weight, 0.01))
+    res = cli("train", "--data", tiny_dataset, "--out", tmp_path / "x", "--arch", "resnet50",
+              "--weights", wfile, "--epochs", "1")
+    assert res.exit_code == 2 and "do not fit this architecture" in res.output
+
+
+def test_imagenet_weights_absent_gives_clear_message(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    res = cli("train", "--data", tiny_dataset, "--out", tmp_path / "x", "--arch", "resnet18",
+              "--weights", "imagenet", "--epochs", "1")
+    assert res.exit_code == 2
+    assert "resnet18-f37072fd.pth" in res.output and "--weights none" in res.output
+
+
+@pytest.mark.parametrize("layout,msg", [
+    (None, "no such folder"),
+    ({}, "no train/ folder"),
+    ({"train/": None}, "no class folders"),
+    ({"train/A/1.png": 1}, "only one class"),
+    ({"train/A/1.png": 1, "train/B/": None}, "class folder has no image files"),
+])
+def test_bad_datasets_exit_2_with_one_line(tmp_path, layout, msg):
+    root = tmp_path / "data"
+    if layout is not None:
+        root.mkdir()
+        for rel, v in layout.items():
+            p = root / rel
+            if rel.endswith("/"):
+                p.mkdir(parents=True, exist_ok=True)
+            else:
+                write_labelled(tmp_path / "src", per_class=1)
+                p.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(next((tmp_path / "src" / "NORMAL").iterdir()), p)
+    res = cli("train", "--data", root, "--out", tmp_path / "out", "--arch", "resnet18")
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0]
+    assert "Traceback" not in res.output
