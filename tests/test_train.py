@@ -184,3 +184,32 @@ def test_bad_datasets_exit_2_with_one_line(tmp_path, layout, msg):
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0]
     assert "Traceback" not in res.output
+
+
+def test_ctrl_c_leaves_best_checkpoint_usable_and_resume_continues(tiny_dataset, tmp_path):
+    """A real SIGINT to a real training process after its first epoch."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = ["--data", str(tiny_dataset), "--out", str(out), "--arch", "resnet18",
+            "--image-size", "64", "--min-epochs", "1", "--workers", "0", "--batch-size", "16"]
+    proc = subprocess.Popen([sys.executable, "-m", "pneumo_edge", "train", *args,
+                             "--epochs", "200"],
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("epoch 1:"):
+            proc.send_signal(signal.SIGINT)
+            break
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130
+    assert "interrupted after epoch" in err and "--resume" in err
+    card = Card.load(out)
+    assert torch.load(out / "model.pt", weights_only=True)["card"] == card.to_dict()
+    done = int(err.split("interrupted after epoch ")[1].split(":")[0])
+    assert 1 <= done < 200
+    res = cli("train", *args, "--epochs", str(done + 1), "--resume")
+    assert res.exit_code == 0, res.output
+    rows = (out / "history.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, done + 2))
