@@ -124,6 +124,124 @@ def eval_(model, data, runtime, batch, out):
     click.echo(f"wrote {out}", err=True)
 
 
+@main.command()
+@click.option("--model", "model", required=True, type=click.Path(), help="Model directory.")
+@click.option("--runtime", default="auto",
+              help="auto, all, or a comma list of torch,onnx,onnx-fp16,trt.")
+@click.option("--batch", default="1,8,32", help="Batch sizes, comma separated.")
+@click.option("--warmup", default=5, type=click.IntRange(0), help="Untimed calls per row.")
+@click.option("--iters", default=30, type=click.IntRange(1), help="Timed calls per row.")
+@click.option("--max-time", default=None, type=click.FloatRange(0, min_open=True),
+              help="Stop a row's timed calls after this many seconds (at least 5 calls).")
+@click.option("--data", type=click.Path(file_okay=False),
+              help="Also measure decode, compute and end-to-end throughput over this folder.")
+@click.option("--limit", default=None, type=click.IntRange(1),
+              help="Use only the first N image files of --data.")
+@click.option("--threads", default=None, type=click.IntRange(1),
+              help="Decode threads for --data. Default: what scoring uses.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
+@friendly
+def bench(model, runtime, batch, warmup, iters, max_time, data, limit, threads, as_json):
+    """Latency (p50/p90/p99 per batch) and images/s per runtime and batch size.
+
+    Each row: WARMUP untimed calls, then ITERS timed calls on a uint8 batch of the model's size;
+    images/s = batch / mean latency. Runtimes return host arrays, so GPU work is synchronised.
+    """
+    from pneumo_edge.bench import format_table, parse_batches, parse_runtimes, run_bench
+
+    try:
+        names = parse_runtimes(runtime)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--runtime") from None
+    try:
+        batches = parse_batches(batch)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--batch") from None
+    result = run_bench(model, names, batches, warmup, iters, data=data, threads=threads,
+                       max_time=max_time, data_limit=limit)
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "model", required=True, type=click.Path(), help="Model directory.")
+@click.option("--runtime", default="auto", type=click.Choice(RUNTIME_CHOICES),
+              help="auto picks TensorRT, onnxruntime CUDA, torch CUDA, onnxruntime CPU, torch CPU.")
+@click.option("--batch", default=32, type=click.IntRange(1), help="Images per model call.")
+@click.option("--threshold", default=None, type=click.FloatRange(0, 1),
+              help="Decision threshold on the positive class. Default: the model card's.")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Write the CSV here (atomically, via FILE.partial) instead of stdout.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted -o run from FILE.partial.")
+@click.option("--workers", default=None, type=click.IntRange(1),
+              help="Decode threads. Default: the number of cores, at least 2.")
+@click.option("-q", "--quiet", is_flag=True, help="No runtime line, progress bar or summary.")
+@friendly
+def score(paths, model, runtime, batch, threshold, output, resume, workers, quiet):
+    """Score image files and folders: CSV (path,label,p_<class>...,error) on stdout or -o.
+
+    Exit 0 when every image file was scored, 1 when some could not be (their rows carry the
+    reason), 2 for usage errors.
+    """
+    from pneumo_edge.score import run_score
+
+    try:
+        summary = run_score(paths, model, runtime=runtime, batch=batch, threshold=threshold,
+                            output=output, resume=resume, workers=workers, quiet=quiet)
+    except BrokenPipeError:  # the reader stopped (`| head`): stop quietly, like other tools
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--trt", is_flag=True,
+              help="Also build model.fp16.engine with TensorRT (needs an NVIDIA GPU).")
+@click.option("--parity-data", type=click.Path(file_okay=False),
+              help="Labelled folder FOLDER/CLASS/* for parity. Default: the card's val split.")
+@click.option("--skip-parity", is_flag=True, help="Export only; no parity check.")
+@click.option("--batch-min", default=1, type=click.IntRange(1), help="TensorRT profile min batch.")
+@click.option("--batch-opt", default=8, type=click.IntRange(1), help="TensorRT profile opt batch.")
+@click.option("--batch-max", default=32, type=click.IntRange(1), help="TensorRT profile max batch.")
+@click.option("--workspace", default=2048, type=click.IntRange(1),
+              help="TensorRT workspace memory pool limit, MiB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False),
+              help="TensorRT timing cache, reused across builds. Default: RUN/trt_timing.cache")
+@click.option("--opset", default=18, type=click.IntRange(18, 23),
+              help="ONNX opset; 18 parses in onnxruntime and TensorRT 10 and 11.")
+@click.option("--tol-fp32", default=1e-4, type=click.FloatRange(0), help="fp32 max |delta p|.")
+@click.option("--min-agreement-fp32", default=1.0, type=click.FloatRange(0, 1),
+              help="fp32 share of images with the torch label.")
+@click.option("--max-metric-delta-fp32", default=0.0, type=click.FloatRange(0),
+              help="fp32 max |delta| of accuracy, precision, recall, F1.")
+@click.option("--tol-fp16", default=1e-2, type=click.FloatRange(0), help="fp16 max |delta p|.")
+@click.option("--min-agreement-fp16", default=0.995, type=click.FloatRange(0, 1),
+              help="fp16 share of images with the torch label.")
+@click.option("--max-metric-delta-fp16", default=0.005, type=click.FloatRange(0),
+              help="fp16 max |delta| of accuracy, precision, recall, F1 (0.005 = 0.5 points).")
+@friendly
+def export(run, trt, parity_data, skip_parity, batch_min, batch_opt, batch_max, workspace,
+           timing_cache, opset, **tol):
+    """Export RUN/model.pt to ONNX fp32 + fp16 (and a TensorRT engine with --trt), then check
+    parity with PyTorch: parity.json and a table. Exit 1 when parity fails (the smallest
+    passing tolerance is printed), 2 for bad input or when --trt is impossible here."""
+    try:
+        from pneumo_edge.export.main import run_export
+        from pneumo_edge.export.parity import Tolerance
+        from pneumo_edge.export.tensorrt import BuildOptions
+    except ImportError as exc:
+        raise PneumoError(f"export needs torch and onnx ({exc.name} missing): "
+                          "pip install 'pneumo-edge[train]'") from None
+    tolerances = {p: Tolerance(tol[f"tol_{p}"], tol[f"min_agreement_{p}"],
+                               tol[f"max_metric_delta_{p}"]) for p in ("fp32", "fp16")}
+    build = BuildOptions(batch_min, batch_opt, batch_max, workspace, timing_cache)
+    sys.exit(run_export(run, trt=trt, parity_data=parity_data, build=build, opset=opset,
+                        tolerances=tolerances, skip_parity=skip_parity))
+
+
 def _not_yet(name):
     @main.command(name, context_settings={"ignore_unknown_options": True,
                                           "allow_extra_args": True})
@@ -134,6 +252,3 @@ def _not_yet(name):
     cmd.__doc__ = f"({name}: not yet available)"
     return cmd
 
-
-for _name in ("export", "score", "bench"):
-    _not_yet(_name)

@@ -11,6 +11,7 @@ import numpy as np
 from pneumo_edge.errors import ModelError, RuntimeUnavailable
 
 CUDA = "CUDAExecutionProvider"
+CARD_KEY = "pneumo_edge.card"  # metadata_props key written by pneumo_edge.export.onnx
 CPU = "CPUExecutionProvider"
 
 
@@ -51,7 +52,29 @@ class OnnxRuntime:
         self.device = "cuda" if CUDA in got else "cpu"
         self.input_name = self.session.get_inputs()[0].name
         self.metadata = self.session.get_modelmeta().custom_metadata_map
+        check_matches_card(path, self.session, self.metadata, card)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.uint8)
         return self.session.run(None, {self.input_name: x})[0].astype(np.float32, copy=False)
+
+
+def check_matches_card(path, session, metadata: dict, card) -> None:
+    """Refuse an ONNX file that does not fit the model directory's card: one uint8 input
+    ``[N, 1, S, S]`` of the card's size, and (when it carries a card) the same classes."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelError(f"{path}: expected one input and one output, has {len(inputs)} and "
+                         f"{len(outputs)}")
+    shape, s = list(inputs[0].shape), card.image_size
+    if inputs[0].type != "tensor(uint8)" or len(shape) != 4 or shape[1:] != [1, s, s]:
+        raise ModelError(f"{path}: input is {inputs[0].type} {shape}, the card needs uint8 "
+                         f"[N, 1, {s}, {s}]; re-export with pneumo-edge export")
+    if CARD_KEY in metadata:
+        from pneumo_edge.card import Card
+
+        exported = Card.from_json(metadata[CARD_KEY])
+        if (exported.classes, exported.image_size) != (card.classes, card.image_size):
+            raise ModelError(f"{path}: exported for classes {exported.classes} at "
+                             f"{exported.image_size} px, but card.json says {card.classes} at "
+                             f"{card.image_size} px; re-export with pneumo-edge export")

@@ -1,0 +1,114 @@
+"""``pneumo-edge export RUN [--trt]``: model.pt -> model.onnx, model.fp16.onnx (and with --trt
+model.fp16.engine), then parity against PyTorch -> parity.json and a table on stdout.
+
+Exit codes (returned by :func:`run_export`): 0 parity passed; 1 parity failed (the smallest
+passing tolerance is printed); 2 --trt asked for but impossible here (after the ONNX files and
+parity are written). Bad input raises PneumoError (the CLI prints one line and exits 2).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from pneumo_edge.errors import ModelError, PneumoError
+from pneumo_edge.export.onnx import DEFAULT_OPSET, export_onnx
+from pneumo_edge.export.parity import (ParityImages, default_tolerances, parity_images,
+                                       run_parity, smallest_passing, suggestion)
+from pneumo_edge.export.report import format_table, write_report
+from pneumo_edge.export.tensorrt import BuildOptions, build_engine, trt_missing
+from pneumo_edge.runtimes.trt_rt import read_sidecar, stale_source
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_export(run_dir, *, trt: bool = False, parity_data=None, build: BuildOptions | None = None,
+               opset: int = DEFAULT_OPSET, tolerances: dict | None = None,
+               skip_parity: bool = False) -> int:
+    """Export the model in ``run_dir`` and check parity; returns the exit code (0, 1 or 2)."""
+    run = Path(run_dir)
+    check_run_dir(run)
+    model, card = load_checkpoint(run)
+    build = build or BuildOptions()
+    cannot_trt = ""
+    if trt:
+        build.validate()
+        cannot_trt = trt_missing()
+    images = None if skip_parity else parity_images(card, parity_data, warn=_warn)
+    for name, half in (("model.onnx", False), ("model.fp16.onnx", True)):
+        path = export_onnx(model, card, run / name, half=half, opset=opset)
+        _err(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, opset {opset})")
+    if trt and not cannot_trt:
+        build_engine(run / "model.fp16.onnx", run / "model.fp16.engine", build, log=_err)
+        _err(f"wrote {run / 'model.fp16.engine'} and its .json")
+    elif (run / "model.fp16.engine").exists():
+        _warn_stale_engine(run)
+    skip = {"trt": f"--trt impossible here: {cannot_trt}"} if cannot_trt else {}
+    code = 0 if images is None else check_parity(run, card, images, tolerances, skip=skip)
+    if cannot_trt:
+        _err(f"error: --trt: cannot build a TensorRT engine here: {cannot_trt}")
+        return code or 2
+    return code
+
+
+def check_parity(run: Path, card, images: ParityImages, tolerances: dict | None = None,
+                 skip: dict | None = None) -> int:
+    """Run parity on the files in ``run``, write parity.json, print the table; 0 or 1.
+    ``skip``: form name -> reason, for forms not to run."""
+    tol = default_tolerances()
+    tol.update(tolerances or {})
+    report = run_parity(run, card, images, tol, skip=skip)
+    path = write_report(run, report)
+    print(format_table(report), flush=True)
+    _err(f"wrote {path}")
+    if report["passed"]:
+        return 0
+    failed = [k for k, e in report["forms"].items() if e["status"] == "fail"]
+    need = smallest_passing(report)
+    _err(f"error: parity failed for {', '.join(failed)}"
+         + (f"; smallest tolerance that would have passed: {suggestion(need)}" if need else ""))
+    return 1
+
+
+def check_run_dir(run: Path) -> None:
+    if not run.exists():
+        raise ModelError(f"{run}: no such model directory")
+    if not run.is_dir():
+        raise ModelError(f"{run}: not a directory (pass the model directory, e.g. runs/r50)")
+    probe = run / f".export-write-test{os.getpid()}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise PneumoError(f"{run}: cannot write there ({exc.strerror or exc}); "
+                          f"copy the model directory somewhere writable") from None
+
+
+def load_checkpoint(run: Path):
+    """(XrayNet in eval mode, Card) from run/model.pt; ModelError for anything unusable."""
+    try:
+        import onnx  # noqa: F401
+
+        from pneumo_edge.train.checkpoint import load_model
+    except ImportError as exc:
+        raise PneumoError(f"export needs torch, torchvision and onnx ({exc.name} missing): "
+                          "pip install 'pneumo-edge[train]'") from None
+    return load_model(run)
+
+
+def _warn(msg: str) -> None:
+    _err(f"warning: {msg}")
+
+
+def _warn_stale_engine(run: Path) -> None:
+    engine = run / "model.fp16.engine"
+    try:
+        stale = stale_source(engine, read_sidecar(engine))
+    except ModelError as exc:
+        stale = str(exc)
+    if stale:
+        _warn(f"{engine} is out of date ({stale}); rebuild it with: pneumo-edge export "
+              f"{run} --trt")

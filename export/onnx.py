@@ -1,0 +1,147 @@
+"""torch -> ONNX: ``model.onnx`` (fp32) and ``model.fp16.onnx`` (fp16 weights and compute).
+
+Both take ``image`` uint8 ``[N, 1, S, S]`` and return ``probs`` float32 ``[N, C]`` with a dynamic
+batch dimension ``N``; normalisation and softmax are inside the graph (XrayNet), and the model
+card travels in ``metadata_props`` under :data:`CARD_KEY`.
+
+Exporter and opset: the torch.export-based exporter (``dynamo=True``) at opset 18.
+- torch 2.15 still accepts ``dynamo=False`` but warns that the TorchScript exporter will be
+  removed, so new code should not depend on it.
+- 18 is the lowest opset the dynamo exporter emits natively (lower ones go through the ONNX
+  version converter). onnxruntime 1.17+ runs it, and TensorRT's ONNX parser covers opsets 9 to 20+
+  in 10.x (JetPack 6) and up to 25 in 11.x, so one file serves onnxruntime, TensorRT 10 and 11.
+- The graph uses only Conv, Relu, Add, MaxPool, ReduceMean, Reshape, Gemm, Mul, Expand, Cast and
+  Softmax (BatchNorm folded into Conv), all plain for both runtimes.
+``external_data=False`` keeps the weights inside the one file (a ResNet50 is ~100 MB, far below
+protobuf's 2 GB limit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from pneumo_edge.card import Card
+from pneumo_edge.errors import ModelError
+
+CARD_KEY = "pneumo_edge.card"
+DEFAULT_OPSET = 18
+INPUT_NAME = "image"
+OUTPUT_NAME = "probs"
+BATCH_DIM = "N"
+
+
+def export_onnx(model, card: Card, path: str | os.PathLike, *, half: bool = False,
+                opset: int = DEFAULT_OPSET) -> Path:
+    """Export ``model`` (an XrayNet) to ``path`` atomically and check the result."""
+    import onnx
+    import torch
+
+    path = Path(path)
+    net = copy.deepcopy(model).cpu().eval()
+    net = net.half() if half else net.float()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    example = torch.zeros(2, 1, card.image_size, card.image_size, dtype=torch.uint8)
+    batch = torch.export.Dim(BATCH_DIM, min=1, max=65536)
+    try:
+        # the exporter reports progress on stdout, which belongs to the parity table
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(
+                    net, (example,), tmp, dynamo=True, opset_version=opset,
+                    external_data=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    dynamic_shapes={"image": {0: batch}}, verbose=False)
+            except Exception as exc:  # the exporter raises many types; say it in one line
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ModelError(f"{path}: torch.onnx.export (opset {opset}) failed: "
+                                 f"{first[:200]}") from None
+        proto = onnx.load(tmp)
+        add_card(proto, card)
+        onnx.save(proto, tmp, save_as_external_data=False)
+        check_onnx(tmp, card, half=half)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def add_card(proto, card: Card) -> None:
+    """Put the card into ``metadata_props`` (replacing an older one) and name the producer."""
+    props = [p for p in proto.metadata_props if p.key != CARD_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(props)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = CARD_KEY, card.to_json()
+    proto.doc_string = f"pneumo-edge {card.arch} {card.image_size}px, classes {card.classes}"
+
+
+def read_card(path: str | os.PathLike) -> Card:
+    """The card stored in an ONNX file's metadata (no weights are loaded)."""
+    import onnx
+
+    proto = onnx.load(os.fspath(path), load_external_data=False)
+    for p in proto.metadata_props:
+        if p.key == CARD_KEY:
+            return Card.from_json(p.value)
+    raise ModelError(f"{path}: no {CARD_KEY} in its metadata (not exported by pneumo-edge)")
+
+
+def check_onnx(path: str | os.PathLike, card: Card, *, half: bool) -> None:
+    """onnx.checker plus the contract: names, dtypes, dynamic batch, and (fp16) fp16 compute."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(os.fspath(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(f"{path}: onnx.checker rejects it: {str(exc).splitlines()[0]}") from None
+    proto = onnx.load(os.fspath(path))
+    io = _io_spec(proto)
+    want = {"inputs": [(INPUT_NAME, "UINT8", [BATCH_DIM, 1, card.image_size, card.image_size])],
+            "outputs": [(OUTPUT_NAME, "FLOAT", [BATCH_DIM, len(card.classes)])]}
+    if io != want:
+        raise ModelError(f"{path}: inputs/outputs are {io}, expected {want}")
+    if half:
+        problems = fp16_problems(proto)
+        if problems:
+            raise ModelError(f"{path}: not an fp16 graph: {problems[0]}")
+
+
+def _io_spec(proto) -> dict:
+    import onnx
+
+    def spec(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append((v.name, onnx.TensorProto.DataType.Name(t.elem_type), dims))
+        return out
+
+    return {"inputs": spec(proto.graph.input), "outputs": spec(proto.graph.output)}
+
+
+def fp16_problems(proto) -> list[str]:
+    """Why a graph does not compute in fp16 (empty when it does): every floating initializer
+    is fp16, and every Conv/Gemm/MatMul works on fp16 tensors."""
+    import onnx
+
+    T = onnx.TensorProto
+    problems = [f"initializer {i.name} is {T.DataType.Name(i.data_type)}"
+                for i in proto.graph.initializer if i.data_type in (T.FLOAT, T.DOUBLE, T.BFLOAT16)]
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    types.update({i.name: i.data_type for i in inferred.graph.initializer})
+    heavy = [n for n in inferred.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    if not heavy:
+        problems.append("no Conv/Gemm/MatMul nodes")
+    for n in heavy:
+        bad = [t for t in (*n.input, *n.output) if t and types.get(t) != T.FLOAT16]
+        if bad:
+            problems.append(f"{n.op_type} node {n.name} has non-fp16 tensor {bad[0]}")
+    return problems

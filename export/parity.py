@@ -1,0 +1,240 @@
+"""Parity: the exported forms must give the same answers as PyTorch on real images.
+
+Every form (model.onnx, model.fp16.onnx, model.fp16.engine) runs on the same decoded pixels as
+the torch reference (decoded once, by pneumo_edge.images). Per form: max and mean |delta p|,
+label agreement at the card's threshold, and accuracy / precision / recall / F1 with their
+deltas against torch. A form fails when it exceeds its precision's tolerance; the report then
+names the smallest tolerance that would have passed (like Polygraphy's comparator).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pneumo_edge.card import Card
+from pneumo_edge.errors import DataError, ModelError, RuntimeUnavailable
+from pneumo_edge.evaluate import decode_labelled, predict
+from pneumo_edge.folders import scan_labelled
+from pneumo_edge.metrics import binary_metrics
+
+CHECKED_METRICS = ("accuracy", "precision", "recall", "f1")
+#: (form name, file, precision) in the order they are checked
+FORMS = (("onnx", "model.onnx", "fp32"), ("onnx-fp16", "model.fp16.onnx", "fp16"),
+         ("trt", "model.fp16.engine", "fp16"))
+OPTION = {"max_abs": "--tol-{p}", "min_agreement": "--min-agreement-{p}",
+          "max_metric_delta": "--max-metric-delta-{p}"}
+
+
+@dataclass
+class Tolerance:
+    max_abs: float  # max |p_form - p_torch| over all images and classes
+    min_agreement: float  # share of images with the same label, 0..1
+    max_metric_delta: float  # max |metric_form - metric_torch| over CHECKED_METRICS
+
+
+def default_tolerances() -> dict[str, Tolerance]:
+    return {"fp32": Tolerance(1e-4, 1.0, 0.0), "fp16": Tolerance(1e-2, 0.995, 0.005)}
+
+
+@dataclass
+class ParityImages:
+    pixels: np.ndarray  # uint8 [N, 1, S, S]
+    labels: np.ndarray  # class index [N]
+    source: dict = field(default_factory=dict)
+
+
+def parity_images(card: Card, parity_data=None, warn=None) -> ParityImages:
+    """Decode the parity images once: ``parity_data`` (FOLDER/CLASS/*) or the card's val split."""
+    warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
+    if parity_data is not None:
+        samples = scan_labelled(parity_data, card.classes).samples
+        source = {"source": "--parity-data", "path": os.path.abspath(parity_data)}
+    else:
+        samples, source = _card_val_samples(card, warn)
+    px, labels, failed = decode_labelled(samples, card.image_size)
+    for f in failed[:5]:
+        warn(f"parity: skipping {f}")
+    if not len(px):
+        raise DataError(f"{source['path']}: none of the {len(samples)} parity images can be "
+                        f"decoded; pass --parity-data FOLDER")
+    return ParityImages(px, labels, {"count": int(len(px)), **source,
+                                     "skipped_unreadable": len(failed)})
+
+
+def _card_val_samples(card: Card, warn) -> tuple[list, dict]:
+    split = card.split or {}
+    ask = "pass --parity-data FOLDER (a labelled folder FOLDER/CLASS/*)"
+    if split.get("method") == "folder" and split.get("val_folder"):
+        folder = split["val_folder"]
+        if not os.path.isdir(folder):
+            raise DataError(f"{folder}: the card's validation folder is not here; {ask}")
+        return scan_labelled(folder, card.classes).samples, {
+            "source": "validation folder recorded in the card", "path": folder}
+    root, files = split.get("data"), split.get("val_files") or []
+    if not root or not files:
+        raise DataError(f"the model card records no validation split to check parity on; {ask}")
+    samples = [(os.path.join(root, f), _class_of(f, card)) for f in files]
+    present = [s for s in samples if os.path.exists(s[0])]
+    if not present:
+        raise DataError(f"{root}: the card's {len(files)} validation images are not on this "
+                        f"machine; {ask}")
+    if len(present) < len(samples):
+        warn(f"parity: {len(samples) - len(present)} of the card's validation images are missing")
+    return present, {"source": "validation split recorded in the card", "path": root,
+                     "missing": len(samples) - len(present)}
+
+
+def _class_of(rel: str, card: Card) -> int:
+    for part in Path(rel).parts[:-1]:
+        if part in card.classes:
+            return card.classes.index(part)
+    raise DataError(f"card validation file {rel} is not under a class folder {card.classes}")
+
+
+def labels_of(probs: np.ndarray, card: Card) -> np.ndarray:
+    return np.array([card.label_index(row) for row in probs], dtype=np.int64)
+
+
+def score(probs: np.ndarray, truth: np.ndarray, card: Card) -> dict:
+    m = binary_metrics(truth == card.positive_index, probs[:, card.positive_index],
+                       card.threshold)
+    return {k: m[k] for k in (*CHECKED_METRICS, "specificity", "roc_auc", "confusion_matrix")}
+
+
+def compare(ref: np.ndarray, probs: np.ndarray, truth: np.ndarray, card: Card,
+            tol: Tolerance) -> dict:
+    """One form against the torch reference: differences, metrics, verdict, smallest pass."""
+    dp = np.abs(probs.astype(np.float64) - ref.astype(np.float64))
+    agree = float(np.mean(labels_of(probs, card) == labels_of(ref, card)))
+    m, m_ref = score(probs, truth, card), score(ref, truth, card)
+    deltas = {k: m[k] - m_ref[k] for k in CHECKED_METRICS}
+    got = Tolerance(max_abs=float(dp.max()), min_agreement=agree,
+                    max_metric_delta=max(abs(d) for d in deltas.values()))
+    failures = [k for k in ("max_abs", "max_metric_delta") if getattr(got, k) > getattr(tol, k)]
+    if got.min_agreement < tol.min_agreement:
+        failures.insert(1, "min_agreement")
+    return {"status": "fail" if failures else "pass", "max_abs_diff": got.max_abs,
+            "mean_abs_diff": float(dp.mean()), "agreement": agree,
+            "disagreements": int(round((1 - agree) * len(truth))), "metrics": m,
+            "metric_deltas": deltas, "tolerance": asdict(tol), "failed": failures,
+            "smallest_passing": asdict(got)}
+
+
+def run_parity(run_dir, card: Card, images: ParityImages, tolerances: dict[str, Tolerance],
+               batch: int = 32, skip: dict | None = None) -> dict:
+    """Run torch and every exported form in ``run_dir`` on ``images``; the parity report.
+    ``skip``: form name -> reason, for forms listed as skipped without running them."""
+    run_dir = Path(run_dir)
+    torch_rt = _open_torch(run_dir, card)
+    ref = predict(torch_rt, images.pixels, batch)
+    report = {"passed": True, "images": images.source,
+              "reference": {"form": "torch", "precision": "fp32", "device": torch_rt.device,
+                            "metrics": score(ref, images.labels, card)},
+              "threshold": card.threshold, "positive_class": card.positive_class,
+              "tolerances": {k: asdict(v) for k, v in tolerances.items()}, "forms": {},
+              "versions": versions(),
+              "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    for name, filename, precision in FORMS:
+        entry = {"file": filename, "precision": precision}
+        rt, why = (None, skip[name]) if name in (skip or {}) else \
+            _open_form(run_dir, card, name, filename)
+        if rt is None:
+            entry.update(status="skipped" if name == "trt" or name in (skip or {}) else "fail",
+                         reason=why)
+        else:
+            probs = predict(rt, images.pixels, batch)
+            entry.update(device=rt.device, **compare(ref, probs, images.labels, card,
+                                                     tolerances[precision]))
+        report["passed"] &= entry["status"] != "fail"
+        report["forms"][name] = entry
+    return report
+
+
+def _open_torch(run_dir: Path, card: Card):
+    # fp32 reference on the CPU: CUDA convolutions may use TF32 by default, which alone would
+    # exceed the fp32 tolerance
+    from pneumo_edge.runtimes.torch_rt import TorchRuntime
+
+    return TorchRuntime(run_dir, card, device="cpu")
+
+
+def _open_form(run_dir: Path, card: Card, name: str, filename: str):
+    """(runtime, '') or (None, why not). ONNX forms run on the CPU (exact fp32 reference)."""
+    path = run_dir / filename
+    if not path.exists():
+        return None, ("not built (use pneumo-edge export RUN --trt)" if name == "trt"
+                      else f"{filename} not found")
+    try:
+        if name == "trt":
+            from pneumo_edge.runtimes.trt_rt import TensorRTRuntime
+            return TensorRTRuntime(path, card), ""
+        from pneumo_edge.runtimes.onnx_rt import OnnxRuntime
+        return OnnxRuntime(path, card, name=name, device="cpu"), ""
+    except (RuntimeUnavailable, ModelError) as exc:
+        return None, str(exc)
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in ("pneumo-edge", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy",
+                "pillow", "tensorrt", "cuda-python"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def smallest_passing(report: dict) -> dict[str, dict]:
+    """Per precision with a failing form: the loosest needed value of each violated tolerance
+    (as a Tolerance field -> value), over all forms of that precision."""
+    need: dict[str, dict] = {}
+    for entry in report["forms"].values():
+        if entry["status"] != "fail" or "smallest_passing" not in entry:
+            continue
+        got, p = entry["smallest_passing"], entry["precision"]
+        for k in entry["failed"]:
+            pick = min if k == "min_agreement" else max
+            old = need.setdefault(p, {}).get(k)
+            need[p][k] = got[k] if old is None else pick(old, got[k])
+    return need
+
+
+def suggestion(need: dict[str, dict]) -> str:
+    """Options that would have passed, rounded so that they really do pass."""
+    parts = []
+    for p, fields_ in need.items():
+        for k, v in fields_.items():
+            lower = k == "min_agreement"
+            value = _floor(v, 4) if lower else _ceil_sig(v, 3)
+            text = f"{value:.6g}"
+            if (float(text) > v) if lower else (float(text) < v):
+                text = repr(value)
+            parts.append(f"{OPTION[k].format(p=p)} {text}")
+    return " ".join(parts)
+
+
+def _ceil_sig(x: float, digits: int) -> float:
+    """``x`` rounded up to ``digits`` significant digits (never below ``x``)."""
+    if x <= 0 or not math.isfinite(x):
+        return x
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(x)))
+    v = math.ceil(x * scale) / scale
+    return v if v >= x else math.nextafter(v, math.inf)
+
+
+def _floor(x: float, decimals: int) -> float:
+    """``x`` rounded down to ``decimals`` places (never above ``x``)."""
+    scale = 10 ** decimals
+    v = math.floor(x * scale) / scale
+    return v if v <= x else math.nextafter(v, -math.inf)

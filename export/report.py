@@ -1,0 +1,67 @@
+"""parity.json and the parity table printed by ``pneumo-edge export``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from pneumo_edge.card import write_atomic
+
+PARITY_FILE = "parity.json"
+COLUMNS = ("accuracy", "precision", "recall", "f1")
+
+
+def write_report(run_dir, report: dict) -> str:
+    path = os.path.join(os.fspath(run_dir), PARITY_FILE)
+    write_atomic(path, json.dumps(_jsonable(report), indent=2) + "\n")
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def format_table(report: dict) -> str:
+    img = report["images"]
+    head = (f"parity on {img['count']} images ({img['source']}: {img['path']}), threshold "
+            f"{report['threshold']:.4f}, reference torch fp32 on {report['reference']['device']}")
+    rows = [("form", "device", "max|dp|", "mean|dp|", "agree", "acc", "prec", "recall", "f1",
+             "max|dm|", "result")]
+    ref = report["reference"]["metrics"]
+    rows.append(("torch", report["reference"]["device"], "-", "-", "-",
+                 *(f"{ref[k]:.4f}" for k in COLUMNS), "-", "reference"))
+    for name, e in report["forms"].items():
+        rows.append(_row(name, e))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    return "\n".join([head, *lines, f"parity {verdict}"])
+
+
+def _row(name: str, e: dict) -> tuple:
+    if "metrics" not in e:
+        return (name, e.get("device", "-"), "-", "-", "-", "-", "-", "-", "-", "-",
+                f"{e['status']}: {e.get('reason', '')}")
+    m, d = e["metrics"], e["metric_deltas"]
+    result = e["status"]
+    if e["failed"]:
+        result += " (" + ", ".join(_why(k, e) for k in e["failed"]) + ")"
+    return (name, e["device"], f"{e['max_abs_diff']:.2e}", f"{e['mean_abs_diff']:.2e}",
+            f"{100 * e['agreement']:.2f}%", *(f"{m[k]:.4f}" for k in COLUMNS),
+            f"{max(abs(v) for v in d.values()):.4f}", result)
+
+
+def _why(key: str, e: dict) -> str:
+    tol, got = e["tolerance"][key], e["smallest_passing"][key]
+    if key == "max_abs":
+        return f"max|dp| {got:.3g} > {tol:.3g}"
+    if key == "min_agreement":
+        return f"agreement {100 * got:.2f}% < {100 * tol:.2f}%"
+    return f"metric delta {got:.4f} > {tol:.4f}"

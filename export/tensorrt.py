@@ -1,0 +1,139 @@
+"""model.fp16.onnx -> model.fp16.engine with the TensorRT Python API, plus its sidecar JSON.
+
+One path for TensorRT 10 (Jetson) and 11: a strongly typed network (the fp16 ONNX fixes every
+tensor's type; TensorRT 11 has no BuilderFlag.FP16 and is always strongly typed, 10 needs the
+STRONGLY_TYPED creation flag), the ONNX parser, one optimisation profile over the batch
+dimension, a workspace memory-pool limit, and a timing cache reused across builds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pneumo_edge.card import write_atomic
+from pneumo_edge.errors import ModelError, PneumoError
+from pneumo_edge.runtimes import gpu_present, has_package
+from pneumo_edge.runtimes.trt_rt import INSTALL_HINT, sha256_file, sidecar_path
+
+TIMING_CACHE = "trt_timing.cache"
+
+
+@dataclass
+class BuildOptions:
+    batch_min: int = 1
+    batch_opt: int = 8
+    batch_max: int = 32
+    workspace_mib: int = 2048
+    timing_cache: str | None = None  # default: RUN/trt_timing.cache
+
+    def validate(self) -> None:
+        if not 1 <= self.batch_min <= self.batch_opt <= self.batch_max:
+            raise PneumoError(f"need 1 <= --batch-min <= --batch-opt <= --batch-max, got "
+                              f"{self.batch_min}/{self.batch_opt}/{self.batch_max}")
+        if self.workspace_mib < 1:
+            raise PneumoError(f"--workspace must be at least 1 MiB, got {self.workspace_mib}")
+
+
+def trt_missing() -> str:
+    """What this machine lacks to build or run an engine ('' when nothing). Imports nothing."""
+    missing = [pkg for pkg, mod in (("tensorrt", "tensorrt"), ("cuda-python", "cuda.bindings"))
+               if not _importable(mod)]
+    if missing:
+        return f"{' and '.join(missing)} not installed ({INSTALL_HINT})"
+    if not gpu_present():
+        return "no NVIDIA GPU on this machine (an engine is built on the GPU that runs it)"
+    return ""
+
+
+def _importable(module: str) -> bool:
+    try:
+        return has_package(module)
+    except ModuleNotFoundError:  # parent package (cuda) missing
+        return False
+
+
+def build_engine(onnx_path, engine_path, opts: BuildOptions, log=print) -> dict:
+    """Build ``engine_path`` from ``onnx_path``; write the sidecar; return the sidecar dict."""
+    import tensorrt as trt
+
+    from pneumo_edge.runtimes.trt_rt import current_platform
+
+    opts.validate()
+    engine_path = Path(engine_path)
+    here = current_platform()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network, parser = _parse(trt, builder, logger, onnx_path)  # parser owns the weights: keep it
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mib << 20)
+    profile = _profile(builder, network, opts)
+    config.add_optimization_profile(profile["trt"])
+    cache_path = Path(opts.timing_cache or engine_path.parent / TIMING_CACHE)
+    _use_timing_cache(config, cache_path)
+    log(f"building TensorRT {trt.__version__} engine for {here['gpu']} "
+        f"(batch {opts.batch_min}/{opts.batch_opt}/{opts.batch_max}) ...")
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    if serialized is None:
+        raise ModelError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
+    _write_bytes(engine_path, bytes(serialized))
+    _write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+    del parser
+    meta = _sidecar(here, onnx_path, profile, opts, cache_path, seconds)
+    write_atomic(sidecar_path(engine_path), json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _parse(trt, builder, logger, onnx_path):
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if flag is None else 1 << int(flag))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(os.fspath(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ModelError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors[:300]}")
+    return network, parser
+
+
+def _profile(builder, network, opts: BuildOptions) -> dict:
+    if network.num_inputs != 1:
+        raise ModelError(f"expected one network input, found {network.num_inputs}")
+    inp = network.get_input(0)
+    rest = tuple(int(d) for d in inp.shape)[1:]
+    shapes = {k: (b, *rest) for k, b in (("min", opts.batch_min), ("opt", opts.batch_opt),
+                                          ("max", opts.batch_max))}
+    profile = builder.create_optimization_profile()
+    profile.set_shape(inp.name, shapes["min"], shapes["opt"], shapes["max"])
+    return {"trt": profile, "input": inp.name, **{k: list(v) for k, v in shapes.items()}}
+
+
+def _use_timing_cache(config, cache_path: Path) -> None:
+    """Start from the cache file when it exists and fits this GPU/TensorRT; else a fresh one."""
+    data = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if not config.set_timing_cache(cache, False):
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _sidecar(here, onnx_path, profile, opts, cache_path, seconds) -> dict:
+    return {
+        "tensorrt": here["tensorrt"], "gpu": here["gpu"],
+        "compute_capability": here["compute_capability"],
+        "profile": {k: profile[k] for k in ("input", "min", "opt", "max")},
+        "workspace_mib": opts.workspace_mib, "strongly_typed": True,
+        "source_onnx": Path(onnx_path).name, "source_onnx_sha256": sha256_file(onnx_path),
+        "timing_cache": os.fspath(cache_path), "build_seconds": round(seconds, 2),
+        "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+

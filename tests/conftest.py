@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny generated chest-X-ray-like dataset and a tiny model trained on it.
+
+Both are session-scoped and built once per pytest run (a few seconds on 2 CPU cores). Tests must
+treat them as read-only: copy ``tiny_run`` (``copy_run``) before writing into a model directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+PER_CLASS = 16
+IMAGE_SIZE = 64
+
+
+def make_image(label: int, rng: np.random.Generator, size: int = 96) -> np.ndarray:
+    """A grey image whose class is visible: PNEUMONIA has a bright blob, NORMAL is dark with
+    faint noise. Sizes and positions vary so the images are not identical."""
+    img = rng.normal(40, 12, (size, size))
+    if label == 1:
+        yy, xx = np.mgrid[:size, :size]
+        cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+        r = rng.uniform(size / 8, size / 4)
+        img += 170 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_labelled(root: Path, per_class: int = PER_CLASS, seed: int = 0) -> Path:
+    """Write ``root/{NORMAL,PNEUMONIA}/*.{png,jpeg}`` (alternating formats) and return root."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            ext = "png" if i % 2 == 0 else "jpeg"
+            path = root / name / f"{name}_{i:03d}.{ext}"
+            Image.fromarray(make_image(label, rng), mode="L").save(path)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """An ImageFolder root with ``train/{NORMAL,PNEUMONIA}`` (16 images each, PNG and JPEG)."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    write_labelled(root / "train", seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_labelled(tmp_path_factory) -> Path:
+    """A separate labelled folder ``{NORMAL,PNEUMONIA}/*`` (8 images each) for eval/parity."""
+    return write_labelled(tmp_path_factory.mktemp("tiny_labelled"), per_class=8, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
+    """A trained model directory (resnet18, 64 px, 2 epochs; card.json + model.pt) that
+    separates the two classes cleanly (probabilities far from the threshold, so fp16 parity is
+    not at the mercy of a coin flip). Read-only for tests: ``copy_run`` gives a writable copy."""
+    pytest.importorskip("torch", reason="training the tiny model needs torch")
+    from pneumo_edge.train.loop import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    train(TrainConfig(data=str(tiny_dataset), out=str(out), arch="resnet18",
+                      image_size=IMAGE_SIZE, epochs=2, min_epochs=1, workers=0, device="cpu",
+                      # small batches: enough BatchNorm updates for sane eval-mode statistics
+                      batch_size=4, augment=False, amp=False, force=True))
+    return out
+
+
+@pytest.fixture
+def copy_run(tiny_run, tmp_path):
+    """A function that copies the tiny model directory (and any exported files) to a fresh
+    writable folder and returns its path."""
+
+    def copy(src: Path | None = None) -> Path:
+        dst = tmp_path / "run"
+        shutil.copytree(src or tiny_run, dst)
+        return dst
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def tiny_exported(tiny_run, tmp_path_factory) -> Path:
+    """A copy of ``tiny_run`` after ``pneumo-edge export`` (model.onnx, model.fp16.onnx,
+    parity.json on the card's validation split). Read-only for tests."""
+    pytest.importorskip("onnx", reason="export needs onnx")
+    pytest.importorskip("onnxruntime", reason="parity needs onnxruntime")
+    from pneumo_edge.export.main import run_export
+
+    out = tmp_path_factory.mktemp("tiny_exported") / "run"
+    shutil.copytree(tiny_run, out)
+    code = run_export(out)
+    assert code == 0, "export of the tiny model failed parity"
+    return out

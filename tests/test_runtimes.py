@@ -1,0 +1,162 @@
+"""The onnxruntime and TensorRT runtimes behind open_runtime()."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pneumo_edge.card import Card
+from pneumo_edge.errors import ModelError, RuntimeUnavailable
+from pneumo_edge.runtimes import gpu_present, has_package, open_runtime
+from pneumo_edge.runtimes.trt_rt import (check_sidecar, read_sidecar, sha256_file,
+                                         sidecar_mismatch, sidecar_path)
+
+HERE = {"tensorrt": "10.3.0", "gpu": "Orin (nvgpu)", "compute_capability": "8.7"}
+
+
+def _pixels(n, size=64, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 1, size, size), dtype=np.uint8)
+
+
+# --- onnxruntime -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["onnx", "onnx-fp16"])
+def test_onnx_runtime_runs_any_batch(tiny_exported, name):
+    pytest.importorskip("onnxruntime", reason="needs onnxruntime")
+    rt = open_runtime(tiny_exported, name, device="cpu")
+    assert (rt.name, rt.device) == (name, "cpu") and rt.card == Card.load(tiny_exported)
+    for n in (1, 5):
+        probs = rt(_pixels(n))
+        assert probs.shape == (n, 2) and probs.dtype == np.float32
+
+
+def test_onnx_runtime_refuses_a_file_from_another_model(copy_run, tiny_exported):
+    pytest.importorskip("onnxruntime", reason="needs onnxruntime")
+    run = copy_run(tiny_exported)
+    card = Card.load(run)
+    card.classes = ["HEALTHY", "PNEUMONIA"]
+    card.save(run)
+    with pytest.raises(ModelError, match="re-export"):
+        open_runtime(run, "onnx", device="cpu")
+
+
+def test_onnx_runtime_imports_no_torch(tiny_exported):
+    pytest.importorskip("onnxruntime", reason="needs onnxruntime")
+    code = ("import sys; from pneumo_edge.runtimes import open_runtime; import numpy as np; "
+            f"rt = open_runtime({str(tiny_exported)!r}, 'onnx', device='cpu'); "
+            "rt(np.zeros((2, 1, 64, 64), np.uint8)); "
+            "print('torch' in sys.modules, 'tensorrt' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
+
+
+# --- TensorRT: the sidecar check (no tensorrt needed) ------------------------------------------
+
+def test_sidecar_matching_platform_is_accepted():
+    assert sidecar_mismatch(dict(HERE), dict(HERE)) == ""
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("tensorrt", "11.0.0", "TensorRT 10.3.0"),
+    ("gpu", "NVIDIA H100 80GB HBM3", "GPU Orin"),
+    ("compute_capability", "9.0", "compute capability 8.7"),
+])
+def test_sidecar_mismatch_is_refused(tmp_path, key, value, words):
+    engine = tmp_path / "model.fp16.engine"
+    with pytest.raises(ModelError) as err:
+        check_sidecar(engine, dict(HERE), {**HERE, key: value})
+    msg = str(err.value)
+    assert words in msg and value in msg and "pneumo-edge export RUN --trt" in msg
+    assert len(msg.splitlines()) == 1
+
+
+def test_engine_from_an_older_onnx_is_refused(tmp_path):
+    onnx_file = tmp_path / "model.fp16.onnx"
+    onnx_file.write_bytes(b"old model")
+    meta = {**HERE, "source_onnx": onnx_file.name, "source_onnx_sha256": sha256_file(onnx_file)}
+    check_sidecar(tmp_path / "model.fp16.engine", meta, HERE)  # unchanged: fine
+    onnx_file.write_bytes(b"re-exported model")
+    with pytest.raises(ModelError, match="older model.fp16.onnx"):
+        check_sidecar(tmp_path / "model.fp16.engine", meta, HERE)
+
+
+def test_missing_or_broken_sidecar(tmp_path):
+    engine = tmp_path / "model.fp16.engine"
+    with pytest.raises(ModelError, match="--trt"):
+        read_sidecar(engine)
+    sidecar_path(engine).write_text("{not json")
+    with pytest.raises(ModelError, match="unreadable"):
+        read_sidecar(engine)
+
+
+@pytest.mark.skipif(has_package("tensorrt"), reason="tensorrt is installed here")
+def test_trt_runtime_without_tensorrt_says_how_to_install(copy_run, tiny_run):
+    run = copy_run()
+    (run / "model.fp16.engine").write_bytes(b"engine")
+    sidecar_path(run / "model.fp16.engine").write_text(json.dumps(HERE))
+    with pytest.raises(RuntimeUnavailable, match=r"pip install 'pneumo-edge\[gpu\]'"):
+        open_runtime(run, "trt")
+
+
+# --- TensorRT on a GPU (skipped without tensorrt, cuda-python and an NVIDIA GPU) ---------------
+
+@pytest.fixture(scope="module")
+def trt_run(tiny_exported, tmp_path_factory):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pneumo-edge[gpu])")
+    pytest.importorskip("cuda.bindings", reason="cuda-python is not installed (pneumo-edge[gpu])")
+    if not gpu_present():
+        pytest.skip("no NVIDIA GPU")
+    import shutil
+
+    from pneumo_edge.export.main import run_export
+    from pneumo_edge.export.tensorrt import BuildOptions
+
+    run = tmp_path_factory.mktemp("trt") / "run"
+    shutil.copytree(tiny_exported, run)
+    code = run_export(run, trt=True, build=BuildOptions(1, 4, 8, workspace_mib=512))
+    assert code == 0
+    return run
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_trt_export_writes_engine_sidecar_and_passes_parity(trt_run):
+    meta = read_sidecar(trt_run / "model.fp16.engine")
+    assert meta["profile"]["min"] == [1, 1, 64, 64] and meta["profile"]["max"] == [8, 1, 64, 64]
+    assert meta["source_onnx_sha256"] == sha256_file(trt_run / "model.fp16.onnx")
+    assert (trt_run / "trt_timing.cache").stat().st_size > 0
+    report = json.loads((trt_run / "parity.json").read_text())
+    assert report["forms"]["trt"]["status"] == "pass"
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_trt_runtime_matches_torch_and_splits_big_batches(trt_run):
+    from pneumo_edge.runtimes.torch_rt import TorchRuntime
+
+    rt = open_runtime(trt_run, "trt")
+    assert rt.name == "trt" and rt.device.startswith("cuda") and rt.max_batch == 8
+    ref = TorchRuntime(trt_run, rt.card, device="cpu")
+    for n in (1, 5, 19):  # 19 > profile max 8: three engine calls
+        x = _pixels(n, seed=n)
+        got = rt(x)
+        assert got.shape == (n, 2) and got.dtype == np.float32
+        assert np.abs(got - ref(x)).max() <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_trt_runtime_refuses_an_engine_from_another_gpu(trt_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trt_run, run)
+    side = sidecar_path(run / "model.fp16.engine")
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, "gpu": "Some Other GPU"}))
+    with pytest.raises(ModelError, match="Some Other GPU"):
+        open_runtime(run, "trt")
