@@ -386,15 +386,25 @@ def run_bench(model, runtimes="auto", batches=DEFAULT_BATCHES, warmup: int = DEF
         if rt.name in seen:
             continue
         seen.add(rt.name)
-        for b in batches:
-            log(f"{rt.name} on {rt.device}: batch {b}, {warmup} warm-up + {iters} timed calls")
-            row = bench_runtime(rt, b, warmup, iters, max_time=max_time)
-            result["rows"].append(row)
-            log(f"  p50 {row['p50_ms']:.2f} ms  {row['images_per_s']:.1f} img/s")
-        if files:
-            log(f"{rt.name}: end-to-end over {len(files)} files, batch {data_batch}, "
-                f"{threads} decode threads")
-            result["pipeline"].append(bench_end_to_end(rt, files, data_batch, threads))
+        stage = ""
+        try:
+            for b in batches:
+                stage = f"batch {b}"
+                log(f"{rt.name} on {rt.device}: batch {b}, {warmup} warm-up + {iters} timed "
+                    "calls")
+                row = bench_runtime(rt, b, warmup, iters, max_time=max_time)
+                result["rows"].append(row)
+                log(f"  p50 {row['p50_ms']:.2f} ms  {row['images_per_s']:.1f} img/s")
+            if files:
+                stage = "the end-to-end pass"
+                log(f"{rt.name}: end-to-end over {len(files)} files, batch {data_batch}, "
+                    f"{threads} decode threads")
+                result["pipeline"].append(bench_end_to_end(rt, files, data_batch, threads))
+        except Exception as exc:  # e.g. out of memory at a large batch: report, go on
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            why = f"failed at {stage}: {type(exc).__name__}: {text}"
+            result["skipped"].append({"runtime": rt.name, "reason": why})
+            log(f"skip {rt.name}: {why}")
         del rt
     if not result["rows"]:
         reasons = "; ".join(f"{s['runtime']}: {s['reason']}" for s in result["skipped"])
@@ -431,6 +441,9 @@ def format_table(result: dict) -> str:
     lines += _columns(head, rows, right_from=2)
     for s in result["skipped"]:
         lines.append(f"skipped {s['runtime']}: {s['reason']}")
+    if result["settings"].get("auto_choice"):
+        lines.append(f"auto: {result['settings']['auto_choice']} (--runtime all measures or "
+                     "lists every runtime)")
     if result["pipeline"]:
         p0 = result["pipeline"][0]
         lines += ["", f"end to end over {result['settings']['data']} ({p0['files']} files, "

@@ -127,7 +127,8 @@ def eval_(model, data, runtime, batch, out):
 @main.command()
 @click.option("--model", "model", required=True, type=click.Path(), help="Model directory.")
 @click.option("--runtime", default="auto",
-              help="auto, all, or a comma list of torch,onnx,onnx-fp16,trt.")
+              help="auto (the runtime scoring would pick), all (every runtime, measured or "
+                   "skipped with the reason), or a comma list of torch,onnx,onnx-fp16,trt.")
 @click.option("--batch", default="1,8,32", help="Batch sizes, comma separated.")
 @click.option("--warmup", default=5, type=click.IntRange(0), help="Untimed calls per row.")
 @click.option("--iters", default=30, type=click.IntRange(1), help="Timed calls per row.")

@@ -99,20 +99,23 @@ class PartialSink:
             raise PneumoError(f"{self.final}: is a directory (-o takes a file name)")
         if not self.final.parent.is_dir():
             raise PneumoError(f"{self.final.parent}: no such folder for -o")
-        if resume and not self.partial.exists() and self.final.exists():
+        copied = resume and not self.partial.exists() and self.final.exists()
+        if copied:
             shutil.copyfile(self.final, self.partial)  # re-check a finished output, add new rows
-        self._f = open(self.partial, "a+b")  # created if missing, never truncated here
+        self._f = open(self.partial, "a+b")  # noqa: SIM115 -- kept open; created, not truncated
         try:
             _lock(self._f, self.partial)
             self._f.seek(0)
             self.resumed, keep = Resumed(), 0
             if resume:
-                self.resumed, keep = read_partial(self._f.read(), head, files, self.partial)
+                self.resumed, keep = read_partial(self._f, head, files, self.partial)
             elif os.fstat(self._f.fileno()).st_size:
                 log(f"note: starting over; replacing {self.partial} from an earlier run "
                     "(use --resume to continue it)")
         except BaseException:
             self._f.close()
+            if copied:
+                self.partial.unlink(missing_ok=True)
             raise
         self._f.truncate(keep)
         self._f.seek(keep)
@@ -136,39 +139,64 @@ class PartialSink:
             self._text.close()
 
 
-def read_partial(data: bytes, head: list[str], files: list[str], name) -> tuple[Resumed, int]:
-    """(what ``data`` holds, how many of its bytes to keep) for an interrupted ``FILE.partial``.
+def read_partial(f, head: list[str], files: list[str], name) -> tuple[Resumed, int]:
+    """(what the binary file ``f`` holds, how many of its bytes to keep) for an interrupted
+    ``FILE.partial``, read as a stream (memory does not grow with its length).
 
-    Keeps whole records only (a record ends at a newline outside quotes), checks the header and
-    that the rows name ``files`` in order, and raises :class:`PneumoError` when they do not.
+    Keeps whole records only (a record ends at a newline outside quotes; a torn last line or the
+    zero fill a crash can leave is cut off), checks the header and that the rows name ``files``
+    in order, and raises :class:`PneumoError` when they do not.
     """
-    nul = data.find(b"\0")  # a crash can leave zero-filled blocks after the last fsync
-    keep = _complete_bytes(data if nul < 0 else data[:nul])
-    try:
-        records = list(csv.reader(io.StringIO(data[:keep].decode("utf-8"), newline="")))
-    except (UnicodeDecodeError, csv.Error):
-        raise PneumoError(f"{name}: cannot resume: not a pneumo-edge CSV; "
-                          "delete it or drop --resume") from None
-    done = Resumed()
-    if not records:
-        return done, 0
-    if records[0] != head:
-        raise PneumoError(f"{name}: cannot resume: its header {','.join(records[0])[:120]!r} is not "
-                          f"this model's {','.join(head)!r}; delete it or drop --resume")
-    rows = records[1:]
-    if len(rows) > len(files):
-        raise PneumoError(f"{name}: cannot resume: it has {len(rows)} rows but the input has only "
-                          f"{len(files)} image files (different input?)")
+    done, keep, first = Resumed(), 0, True
     classes = {h[2:] for h in head[2:-1]}
-    for i, row in enumerate(rows):
-        _check_row(row, i, files[i], head, classes, name)
-        if row[1]:
-            done.scored += 1
-            done.labels[row[1]] = done.labels.get(row[1], 0) + 1
+    for record, end in _records(f):
+        row = _parse(record, name)
+        if first:
+            if row != head:
+                got = ",".join(row)[:120]
+                raise PneumoError(f"{name}: cannot resume: its header {got!r} is not this "
+                                  f"model's {','.join(head)!r}; delete it or drop --resume")
+            first = False
         else:
-            done.failed += 1
-    done.rows = len(rows)
+            if done.rows >= len(files):
+                raise PneumoError(f"{name}: cannot resume: it has more rows than the input has "
+                                  f"image files ({len(files)}); different input?")
+            _check_row(row, done.rows, files[done.rows], head, classes, name)
+            done.rows += 1
+            if row[1]:
+                done.scored += 1
+                done.labels[row[1]] = done.labels.get(row[1], 0) + 1
+            else:
+                done.failed += 1
+        keep = end
     return done, keep
+
+
+def _records(f):
+    """(record bytes, offset just after it) for each whole CSV record in ``f``: a record ends at
+    a newline where the number of quote characters so far is even (csv doubles the quotes
+    inside quoted fields)."""
+    pos, quotes, pending = 0, 0, []
+    for line in f:
+        if not line.endswith(b"\n") or b"\0" in line:
+            return  # torn, or zero-filled after a crash
+        pos += len(line)
+        quotes += line.count(b'"')
+        pending.append(line)
+        if quotes % 2 == 0:
+            yield b"".join(pending), pos
+            pending.clear()
+
+
+def _parse(record: bytes, name) -> list[str]:
+    try:
+        rows = list(csv.reader(io.StringIO(record.decode("utf-8"), newline="")))
+    except (UnicodeDecodeError, csv.Error):
+        rows = []
+    if len(rows) != 1:
+        raise PneumoError(f"{name}: cannot resume: not a pneumo-edge CSV; "
+                          "delete it or drop --resume")
+    return rows[0]
 
 
 def _check_row(row, i, path, head, classes, name) -> None:
@@ -179,18 +207,6 @@ def _check_row(row, i, path, head, classes, name) -> None:
                           "(input changed since the interrupted run?)")
     if (row[1] and row[1] not in classes) or (not row[1] and not row[-1]):
         raise PneumoError(f"{name}: cannot resume: row {i + 1} is damaged ({row[1]!r})")
-
-
-def _complete_bytes(data: bytes) -> int:
-    """Bytes up to the end of the last whole CSV record: the last newline at which the number of
-    quote characters so far is even (csv doubles quotes inside quoted fields)."""
-    keep = pos = quotes = 0
-    for line in data.split(b"\n")[:-1]:  # the piece after the last newline is torn
-        pos += len(line) + 1
-        quotes += line.count(b'"')
-        if quotes % 2 == 0:
-            keep = pos
-    return keep
 
 
 def _lock(f, name) -> None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -50,7 +50,7 @@ def decode_one(path: str, size: int) -> tuple[np.ndarray | None, str | None, flo
         px, err = None, exc.reason
     except MemoryError:
         px, err = None, "not enough memory to decode it"
-    except Exception as exc:  # a decoder bug on hostile input must not end the run
+    except Exception as exc:  # noqa: BLE001 -- a decoder bug on hostile input must not end the run
         text = str(exc).strip().splitlines()
         px, err = None, f"cannot decode: {type(exc).__name__}" + (f": {text[0]}" if text else "")
     return px, err, time.thread_time() - t0

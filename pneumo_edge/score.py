@@ -107,12 +107,12 @@ def _run(runtime, pixels: np.ndarray, n_classes: int) -> np.ndarray:
         probs = np.asarray(runtime(pixels))
     except (MemoryError, KeyboardInterrupt):
         raise
-    except Exception as exc:  # a model that does not fit its card fails here, whatever the backend
+    except Exception as exc:  # noqa: BLE001 -- each backend raises its own types
         raise ModelError(f"the {runtime.name} runtime failed on a batch {tuple(pixels.shape)}: "
                          f"{one_line(str(exc))[:200]} (mismatched model?)") from None
     if probs.shape != (len(pixels), n_classes):
-        raise ModelError(f"the {runtime.name} model returned shape {probs.shape} for "
-                         f"{len(pixels)} images; its card has {n_classes} classes (mismatched model)")
+        raise ModelError(f"the {runtime.name} model returned shape {probs.shape} for a batch of "
+                         f"{len(pixels)}; its card has {n_classes} classes (mismatched model)")
     return probs
 
 
@@ -161,7 +161,8 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32,
         except BaseException:
             sink.close()
             if sink.partial is not None:
-                log(f"{sink.partial}: kept the rows written so far; rerun with --resume to continue")
+                log(f"{sink.partial}: kept the rows written so far; "
+                    "rerun with --resume to continue")
             raise
     sink.finish()
     _report(s, rt.card.classes, output, say)

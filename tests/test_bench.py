@@ -191,6 +191,26 @@ def test_onnx_runtimes_and_data_mode(exported_run, tiny_labelled):
     assert "end to end over" in bench.format_table(res)
 
 
+def test_a_runtime_failing_while_running_is_listed_and_the_rest_go_on(tiny_run, monkeypatch):
+    class Fails(FakeRuntime):
+        name = "onnx"
+
+        def __call__(self, batch):
+            if len(batch) > 2:
+                raise MemoryError("out of memory")
+            return super().__call__(batch)
+
+    def fake_open(model, name, log=None):
+        return (Fails() if name == "onnx" else FakeRuntime()), None
+
+    monkeypatch.setattr(bench, "open_for_bench", fake_open)
+    res = bench.run_bench(tiny_run, "onnx,torch", [1, 4], log=lambda m: None, **FAST)
+    assert [(r["runtime"], r["batch"]) for r in res["rows"]] == [("onnx", 1), ("fake", 1),
+                                                                  ("fake", 4)]
+    assert res["skipped"] == [{"runtime": "onnx", "reason": "failed at batch 4: MemoryError: "
+                                                            "out of memory"}]
+
+
 def test_no_runnable_runtime_is_an_error(tmp_path, tiny_run):
     shutil.copy(tiny_run / "card.json", tmp_path / "card.json")
     with pytest.raises(PneumoError, match="no runtime could run"):

@@ -63,7 +63,8 @@ def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 def png_header_only(path: Path, w: int, h: int) -> None:
     """A tiny PNG whose header claims ``w x h`` pixels (a decompression bomb's calling card)."""
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
                      + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
@@ -123,8 +124,8 @@ def test_same_rows_whatever_batch_and_workers(tiny_exported, tmp_path):
         got = rows_of(run(tmp_path / "d", "--model", tiny_exported, "--batch", batch,
                           "--workers", workers)[1])
         assert [r[:2] for r in got] == [r[:2] for r in ref]
-        diff = np.abs(np.array([r[2:4] for r in got], float) - np.array([r[2:4] for r in ref], float))
-        assert diff.max() <= 2e-6
+        p_got, p_ref = (np.array([r[2:4] for r in rows], float) for rows in (got, ref))
+        assert np.abs(p_got - p_ref).max() <= 2e-6
 
 
 def test_multi_path_input_order_and_no_duplicates(tiny_exported, tmp_path):
@@ -158,7 +159,8 @@ def test_odd_file_names_stay_valid_csv(tiny_exported, tmp_path):
         Image.fromarray(grey()).save(d / n, format="TIFF" if n.endswith("TIFF") else
                                      "JPEG" if n.endswith("JPEG") else "PNG")
     raw = os.fsencode(str(d)) + b"/bad\xffbyte.png"  # not UTF-8: Linux allows it
-    Image.fromarray(grey()).save(open(raw, "wb"), format="PNG")
+    with open(raw, "wb") as f:
+        Image.fromarray(grey()).save(f, format="PNG")
     code, out, err = run(d, "--model", tiny_exported)
     assert code == 0, err
     rows = rows_of(out)
@@ -251,7 +253,7 @@ def test_modes_and_orientation_score_like_plain_grey(tiny_exported, tmp_path):
     pal.putpalette([v for i in range(256) for v in (i, i, i)])
     pal.putdata(list(g.flatten()))
     pal.save(d / "c_palette.png")
-    Image.fromarray((g.astype(np.uint16) * 257)).save(d / "d_grey16.png")
+    Image.fromarray(g.astype(np.uint16) * 257).save(d / "d_grey16.png")
     rgb.convert("CMYK").save(d / "e_cmyk.tif")
     exif = Image.Exif()
     exif[0x0112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
@@ -451,7 +453,7 @@ def test_resume_refuses_a_partial_from_other_input(tiny_exported, tmp_path, resu
     partial = tmp_path / "out.csv.partial"
     run(d / "y", "--model", tiny_exported, "-o", out)
     shutil.move(out, partial)
-    code, stdout, err = run(d, "--model", tiny_exported, "-o", out, "--resume")
+    code, _, err = run(d, "--model", tiny_exported, "-o", out, "--resume")
     assert code == 2 and "cannot resume" in err and "input changed" in err
     assert partial.exists() and not out.exists()  # left as it was
     partial.write_text("path,label,p_A,p_B,error\n")
@@ -466,3 +468,39 @@ def test_without_resume_a_stale_partial_is_replaced(tiny_exported, tmp_path, res
     code, _, err = run(d, "--model", tiny_exported, "--batch", "2", "-o", out)
     assert code == 1 and "starting over" in err
     same_rows(rows_of(out.read_text(encoding="utf-8")), ref)
+
+
+def test_resume_of_a_finished_file_from_other_input_leaves_it_alone(tiny_exported, tmp_path,
+                                                                     resume_input):
+    d, _ = resume_input
+    out = tmp_path / "out.csv"
+    run(d / "y", "--model", tiny_exported, "-o", out)
+    before = out.read_bytes()
+    code, _, err = run(d, "--model", tiny_exported, "-o", out, "--resume")
+    assert code == 2 and "cannot resume" in err
+    assert out.read_bytes() == before and not (tmp_path / "out.csv.partial").exists()
+
+
+def test_read_partial_keeps_exactly_the_whole_rows_at_any_cut():
+    from pneumo_edge.csvout import StdoutSink, read_partial
+
+    files = ["a.png", 'we,ird "q"\nname.png', "ü\n\n.png", "z.png"]
+    buf = io.BytesIO()
+    sink = StdoutSink(HEADER, buf)
+    rows = [[f, "NORMAL", "0.900000", "0.100000", ""] for f in files[:3]]
+    rows[1] = [files[1], "", "", "", 'bad, "really"\nbad']
+    sink.write(rows)
+    sink.close()
+    data = buf.getvalue()
+    ends = []  # byte offset at which each whole record (header, rows) ends
+    for k in range(1, len(rows) + 2):
+        text = io.StringIO(newline="")
+        csv.writer(text, lineterminator="\n").writerows([HEADER, *rows][:k])
+        ends.append(len(text.getvalue().encode()))
+    assert ends[-1] == len(data)
+    for cut in range(len(data) + 1):
+        done, keep = read_partial(io.BytesIO(data[:cut] + b"\0" * 3), HEADER, files, "p")
+        whole = [e for e in ends if e <= cut]
+        assert keep == (whole[-1] if whole else 0), cut
+        assert done.rows == max(0, len(whole) - 1)
+        assert done.failed == (1 if done.rows >= 2 else 0)

@@ -124,7 +124,8 @@ class TensorRTRuntime:
         self.card = card
         here = current_platform()
         check_sidecar(engine_path, meta, here)
-        self.engine = _deserialize(trt, engine_path)
+        # the TensorRT runtime must outlive the engine it deserialised: keep both
+        self._trt_runtime, self.engine = _deserialize(trt, engine_path)
         self.context = self.engine.create_execution_context()
         self.input, self.output = _io_names(trt, self.engine, engine_path)
         shapes = self.engine.get_tensor_profile_shape(self.input, 0)  # (min, opt, max)
@@ -185,7 +186,7 @@ def _deserialize(trt, engine_path):
     engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
         raise ModelError(f"{engine_path}: TensorRT cannot load this engine; {REBUILD}")
-    return engine
+    return runtime, engine
 
 
 def _io_names(trt, engine, engine_path) -> tuple[str, str]:

@@ -1,0 +1,358 @@
+"""`pneumo-edge score` against the plain PyTorch pipeline the seed used, on clinical-size JPEGs.
+
+    .venv/bin/python benchmarks/score_vs_baseline.py [--images 240] [--rounds 3] [--out FILE.json]
+
+1. Builds (or reuses) a folder of 1.5-3 MP chest X-ray JPEGs made from the real dataset
+   (benchmarks/clinical_images.py) and a ResNet50 model directory with random weights (speed
+   does not depend on them): card.json + model.pt, exported to model.onnx / model.fp16.onnx
+   with the export code.
+2. Measures each part alone on all cores: decode (scoring's pipeline, default threads) and the
+   model per compute path (onnxruntime fp32, onnxruntime fp16, torch fp32, torch bf16 autocast,
+   onnxruntime fp32 with 1 intra-op thread), batch 32, on already-decoded pixels.
+3. Times, alternating in one process on the same folder: `pneumo-edge score FOLDER --model M
+   -o FILE` through the real CLI code (default settings), and the baseline (torchvision
+   ImageFolder, PIL .convert("RGB"), Resize((224, 224)), ToTensor, Normalize, DataLoader batch 32
+   with 2 workers, eager fp32 torchvision ResNet50 under no_grad). Both timings include building
+   the model and the data pipeline, and exclude interpreter start and imports.
+4. Reports images/s of both, the ratio, and the machine's limit for the default path:
+   1000 / (decode ms/image + compute ms/image), both measured alone on all cores.
+
+Run it on an otherwise idle machine: it refuses to start while `pneumo-edge train` runs unless
+--allow-busy (figures taken then are marked as such).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import clinical_images
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SRC = REPO.parent / "shared" / "data" / "chest_xray" / "train"
+SIZE = 224
+BATCH = 32
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def training_running() -> bool:
+    r = subprocess.run(["pgrep", "-f", "pneumo-edge train"], capture_output=True, text=True,
+                       check=False)
+    return bool(r.stdout.strip())
+
+
+def make_model(d: Path) -> Path:
+    """A ResNet50 model directory (random weights), exported to ONNX fp32 and fp16."""
+    if (d / "model.onnx").exists() and (d / "model.fp16.onnx").exists():
+        return d
+    import torch
+    from pneumo_edge.export.main import run_export
+    from pneumo_edge.train.checkpoint import save_model
+    from pneumo_edge.train.model import build_model
+
+    from pneumo_edge.card import Card
+
+    d.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    card = Card(classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", image_size=SIZE,
+                threshold=0.5, arch="resnet50")
+    card.save(d)
+    save_model(d, build_model("resnet50", 2).eval(), card)
+    if run_export(d, skip_parity=True) != 0:
+        raise SystemExit("export failed")
+    return d
+
+
+def machine() -> dict:
+    import onnxruntime
+    import PIL
+    import torch
+    import torchvision
+
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    return {
+        "cpu": fields.get("Model name", "?").strip(), "cores": os.cpu_count(),
+        "amx": [f for f in flags if f.startswith("amx")],
+        "avx512": [f for f in flags
+                   if f in ("avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni")],
+        "python": platform.python_version(), "numpy": np.__version__, "pillow": PIL.__version__,
+        "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+# ----------------------------------------------------------------------------- parts alone
+
+
+def measure_decode(files, workers=None) -> tuple[list[np.ndarray], dict]:
+    """Scoring's decode pipeline alone: (pixel batches, ms/image wall and CPU per image)."""
+    from pneumo_edge.pipeline import decode_batches, default_workers
+
+    workers = workers or default_workers()
+    t0 = time.perf_counter()
+    batches, cpu = [], 0.0
+    for b in decode_batches(files, SIZE, BATCH, workers):
+        batches.append(b.pixels)
+        cpu += b.decode_cpu_s
+    wall = time.perf_counter() - t0
+    n = len(files)
+    return batches, {"threads": workers, "ms_per_image": 1e3 * wall / n,
+                     "cpu_ms_per_image": 1e3 * cpu / n}
+
+
+def measure_compute(fn, batches, repeat: int = 2) -> float:
+    """ms/image of ``fn`` on already-decoded batches (after one warm-up call)."""
+    fn(batches[0][:1])
+    fn(batches[0])
+    n = sum(len(b) for b in batches) * repeat
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        for b in batches:
+            fn(b)
+    return 1e3 * (time.perf_counter() - t0) / n
+
+
+class TorchBf16:
+    """The torch runtime's model under CPU bf16 autocast (AMX on this CPU); bench-only."""
+
+    name, device = "torch-bf16", "cpu"
+
+    def __init__(self, model_dir):
+        import torch
+
+        from pneumo_edge.runtimes import open_runtime
+
+        self._rt = open_runtime(model_dir, "torch", log=lambda m: None)
+        self._torch = torch
+        self.card = self._rt.card
+
+    def __call__(self, batch):
+        torch = self._torch
+        x = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return self._rt.model(x).float().numpy()
+
+
+def batch_sweep(model_dir: Path, batches, sizes=(8, 16, 32, 64)) -> dict:
+    """ms/image of the default runtime per batch size, on the first 128 decoded images."""
+    from pneumo_edge.runtimes import open_runtime
+
+    rt = open_runtime(model_dir, "auto", log=lambda m: None)
+    pixels = np.concatenate(batches)[:128]
+    out = {}
+    for b in sizes:
+        out[b] = measure_compute(rt, [pixels[i:i + b] for i in range(0, len(pixels), b)], 1)
+        print(f"  {rt.name} batch {b}: {out[b]:.1f} ms/image", file=sys.stderr, flush=True)
+    return out
+
+
+def setup_seconds(model_dir: Path) -> float:
+    """What the command spends before its first batch: open the default runtime, probe it."""
+    from pneumo_edge.runtimes import open_runtime
+
+    t0 = time.perf_counter()
+    rt = open_runtime(model_dir, "auto", log=lambda m: None)
+    rt(np.zeros((1, 1, SIZE, SIZE), np.uint8))
+    return time.perf_counter() - t0
+
+
+def compute_paths(model_dir: Path, batches, skip_fp16: bool) -> dict:
+    from pneumo_edge.card import Card
+    from pneumo_edge.runtimes import open_runtime
+    from pneumo_edge.runtimes.onnx_rt import OnnxRuntime
+
+    quiet = {"log": lambda m: None}
+    card = Card.load(model_dir)
+    paths = {
+        "onnx fp32 (model.onnx)": lambda: open_runtime(model_dir, "onnx", **quiet),
+        "onnx fp32, 1 intra-op thread":
+            lambda: OnnxRuntime(model_dir / "model.onnx", card, threads=1),
+        "onnx fp16 (model.fp16.onnx)": lambda: open_runtime(model_dir, "onnx-fp16", **quiet),
+        "torch fp32 (channels_last)": lambda: open_runtime(model_dir, "torch", **quiet),
+        "torch bf16 autocast (AMX)": lambda: TorchBf16(model_dir),
+    }
+    out = {}
+    for name, make in paths.items():
+        if skip_fp16 and "fp16" in name:
+            continue
+        # fp16 on CPU is slow: time it on a third of the batches
+        use = batches[: max(1, len(batches) // 3)] if "fp16" in name else batches
+        out[name] = measure_compute(make(), use, repeat=1 if "fp16" in name else 2)
+        print(f"  compute {name}: {out[name]:.1f} ms/image", file=sys.stderr, flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def run_ours(folder: Path, model_dir: Path, out_csv: Path, extra=()) -> float:
+    """`pneumo-edge score FOLDER --model M -o FILE --quiet` through the real CLI; seconds."""
+    from pneumo_edge.cli import main
+
+    t0 = time.perf_counter()
+    try:
+        main(["score", str(folder), "--model", str(model_dir), "-o", str(out_csv), "--quiet",
+              *extra], standalone_mode=False)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise RuntimeError(f"pneumo-edge score exited {exc.code}") from None
+    return time.perf_counter() - t0
+
+
+def run_baseline(folder: Path, model_dir: Path, workers: int = 2) -> tuple[float, int]:
+    """The seed's kind of pipeline, fp32 eager; (seconds, images)."""
+    import torch
+    import torchvision
+    from torchvision import transforms as T
+
+    t0 = time.perf_counter()
+    state = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+    model = torchvision.models.resnet50(weights=None)
+    model.fc = torch.nn.Linear(model.fc.in_features, 2)
+    model.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
+                           if k.startswith("backbone.")})
+    model.eval()
+    tf = T.Compose([T.Resize((SIZE, SIZE)), T.ToTensor(),
+                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    ds = torchvision.datasets.ImageFolder(str(folder), transform=tf)  # PIL .convert("RGB")
+    dl = torch.utils.data.DataLoader(ds, batch_size=BATCH, num_workers=workers, shuffle=False)
+    probs = []
+    with torch.no_grad():
+        for x, _ in dl:
+            probs.append(torch.softmax(model(x), dim=1).numpy())
+    n = sum(len(p) for p in probs)
+    return time.perf_counter() - t0, n
+
+
+def run_candidate(files, model_dir: Path, out_csv: Path) -> float:
+    """Scoring's own loop and CSV sink with the bench-only torch bf16 runtime; seconds."""
+    from pneumo_edge.csvout import PartialSink, header
+    from pneumo_edge.score import score_files
+
+    t0 = time.perf_counter()
+    rt = TorchBf16(model_dir)
+    sink = PartialSink(out_csv, header(rt.card.classes), files, resume=False)
+    score_files(files, rt, sink)
+    sink.finish()
+    return time.perf_counter() - t0
+
+
+def alternate(folder, files, model_dir, rounds: int, tmp: Path) -> dict:
+    times = {"ours": [], "baseline": [], "candidate": []}
+    for r in range(rounds):
+        times["ours"].append(len(files) / run_ours(folder, model_dir, tmp / "ours.csv"))
+        secs, n = run_baseline(folder, model_dir)
+        assert n == len(files), (n, len(files))
+        times["baseline"].append(n / secs)
+        times["candidate"].append(len(files) / run_candidate(files, model_dir, tmp / "cand.csv"))
+        print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in times.items()),
+              file=sys.stderr, flush=True)
+    return times
+
+
+def thread_split(folder, model_dir, tmp: Path) -> dict:
+    """End-to-end images/s of the default command for a few decode thread counts."""
+    n = len(list(Path(folder).rglob("*.jpg")))
+    out = {}
+    for w in (1, 2, 3, 4):
+        out[w] = n / run_ours(folder, model_dir, tmp / "split.csv", ("--workers", str(w)))
+        print(f"  --workers {w}: {out[w]:.1f} img/s", file=sys.stderr, flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="pneumo-edge score vs a plain PyTorch pipeline")
+    ap.add_argument("--src", default=str(DEFAULT_SRC), help="ImageFolder of real X-rays")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "pneumo_edge_bench"))
+    ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip-fp16", action="store_true", help="Do not time onnxruntime fp16.")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "score_vs_baseline.json"))
+    ap.add_argument("--allow-busy", action="store_true",
+                    help="Run even while a training run is active (figures marked busy).")
+    a = ap.parse_args(argv)
+    busy = training_running()
+    if busy and not a.allow_busy:
+        print("a `pneumo-edge train` run is active: figures would be wrong; wait for it or pass "
+              "--allow-busy", file=sys.stderr)
+        return 2
+    work = Path(a.work)
+    folder = work / f"images_{a.images}"
+    files = clinical_images.build(a.src, folder, a.images)
+    model_dir = make_model(work / "r50")
+    result = {"machine": machine(), "busy": busy, "images": clinical_images.describe(files)}
+    print(json.dumps(result, indent=2), file=sys.stderr)
+    result.update(run_all(folder, files, model_dir, a.rounds, a.skip_fp16, work))
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(format_result(result))
+    return 0
+
+
+def run_all(folder, files, model_dir, rounds, skip_fp16, work: Path) -> dict:
+    from pneumo_edge.runtimes import open_runtime
+
+    default_rt = open_runtime(model_dir, "auto", log=lambda m: None).name
+    print("decode alone ...", file=sys.stderr)
+    batches, decode = measure_decode(files)
+    _, decode1 = measure_decode(files, workers=1)
+    print("compute alone ...", file=sys.stderr)
+    compute = compute_paths(model_dir, batches, skip_fp16)
+    sweep = batch_sweep(model_dir, batches)
+    setup = setup_seconds(model_dir)
+    print("end to end, alternating ...", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(dir=work))
+    e2e = alternate(folder, files, model_dir, rounds, tmp)
+    print("decode threads ...", file=sys.stderr)
+    split = thread_split(folder, model_dir, tmp)
+    default_key = {"onnx": "onnx fp32 (model.onnx)",
+                   "torch": "torch fp32 (channels_last)"}[default_rt]
+    med = {k: statistics.median(v) for k, v in e2e.items()}
+    limit = 1e3 / (decode["ms_per_image"] + compute[default_key])
+    limit_bf16 = 1e3 / (decode["ms_per_image"] + compute["torch bf16 autocast (AMX)"])
+    return {"default_runtime": default_rt, "decode": decode, "decode_1_thread": decode1,
+            "compute_ms_per_image": compute, "default_runtime_batch_sweep_ms": sweep,
+            "setup_s": setup, "end_to_end_images_per_s": e2e, "median": med,
+            "ratio": med["ours"] / med["baseline"], "limit_images_per_s": limit,
+            "of_limit": med["ours"] / limit, "candidate_limit_images_per_s": limit_bf16,
+            "candidate_ratio": med["candidate"] / med["baseline"],
+            "candidate_of_limit": med["candidate"] / limit_bf16,
+            "decode_threads_images_per_s": split}
+
+
+def format_result(r: dict) -> str:
+    m, d = r["median"], r["decode"]
+    busy = " (BUSY: a training run was active)" if r["busy"] else ""
+    lines = [f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores{busy}",
+             (f"decode alone: {d['ms_per_image']:.2f} ms/image on {d['threads']} threads "
+              f"({d['cpu_ms_per_image']:.2f} CPU ms)")]
+    lines += [f"compute alone, {k}: {v:.1f} ms/image" for k, v in r["compute_ms_per_image"].items()]
+    ours = (f"pneumo-edge score (default: {r['default_runtime']}): {m['ours']:.1f} images/s, "
+            f"{r['ratio']:.2f}x baseline, {100 * r['of_limit']:.0f}% of the limit "
+            f"{r['limit_images_per_s']:.1f} images/s")
+    cand = (f"candidate (scoring loop + torch bf16 autocast): {m['candidate']:.1f} images/s, "
+            f"{r['candidate_ratio']:.2f}x baseline, {100 * r['candidate_of_limit']:.0f}% of its "
+            f"limit {r['candidate_limit_images_per_s']:.1f} images/s")
+    lines += [f"baseline (PyTorch fp32 eager, DataLoader): {m['baseline']:.1f} images/s", ours, cand]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
