@@ -28,8 +28,9 @@ demo: venv
 	$(BIN)/pneumo-edge bench --model $(DEMO)/r18 --runtime torch,onnx,onnx-fp16 --batch 1,8 \
 	    --iters 10
 
+# includes the clean-venv edge install check (pip install '.[cpu]', no torch, scores samples)
 test: venv
-	$(BIN)/pytest -q
+	PNEUMO_EDGE_INSTALL_CHECK=1 $(BIN)/pytest -q
 
 # The edge install: only `pip install .[cpu]` (no torch), scoring a model exported by `make demo`.
 edge-check: demo

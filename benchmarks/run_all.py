@@ -100,10 +100,32 @@ def _commands(lines: list[str]) -> list[str]:
     return list(dict.fromkeys(line.partition(" ")[2] for line in lines))
 
 
-def wait_quiet(minutes: float, poll_s: float = 30.0) -> list[str]:
+def cpu_busy(seconds: float = 3.0) -> float:
+    """Share of all CPU time spent busy over ``seconds`` (from /proc/stat; 0 where absent):
+    catches other work that the name patterns do not (someone's test run, a script)."""
+    def sample():
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)  # total, idle + iowait
+
+    a = sample()
+    time.sleep(seconds)
+    b = sample()
+    if not a or not b or b[0] == a[0]:
+        return 0.0
+    return 1.0 - (b[1] - a[1]) / (b[0] - a[0])
+
+
+def wait_quiet(minutes: float, poll_s: float = 30.0, max_busy: float = 0.25) -> list[str]:
     deadline = time.time() + minutes * 60
     while True:
         b = busy()
+        share = cpu_busy()
+        if share > max_busy:
+            b.append(f"0 (CPU {share:.0%} busy with other work)")
         if not b or time.time() >= deadline:
             return b
         log(f"waiting for a quiet machine ({len(b)} busy process(es), e.g. {b[0][:100]}); "
@@ -153,8 +175,8 @@ def header_md(bench: dict, busy_now: list[str], quick: bool) -> str:
         f"Short form used next to CPU figures below: **{cpu_summary(m)}**.",
     ]
     if busy_now:
-        lines += ["", "**Warning: other work was running during this run; the figures are "
-                      "disturbed:** " + "; ".join(f"`{c[:100]}`" for c in _commands(busy_now))]
+        lines += ["", "**Warning: other work was running at the start or the end of this run; "
+                      "the figures are disturbed:** " + "; ".join(f"`{c[:100]}`" for c in _commands(busy_now))]
     if quick:
         lines += ["", "**Quick mode (`--quick`): few iterations, for checking the scripts; "
                       "not figures to quote.**"]
@@ -305,6 +327,7 @@ def main(argv=None):
     print(format_table(bench))
     train = run_json([py, str(HERE / "train_step.py"), "--no-write", "--steps",
                       str(a.train_steps), "--warmup", str(a.train_warmup)])
+    busy_now = list(dict.fromkeys(busy_now + busy()))  # anything that started meanwhile
     sys.path.insert(0, str(HERE))
     import train_step
 

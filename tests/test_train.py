@@ -186,8 +186,9 @@ def test_bad_datasets_exit_2_with_one_line(tmp_path, layout, msg):
     assert "Traceback" not in res.output
 
 
-def test_ctrl_c_leaves_best_checkpoint_usable_and_resume_continues(tiny_dataset, tmp_path):
-    """A real SIGINT to a real training process after its first epoch."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_leaves_best_checkpoint_usable_and_resume_continues(tiny_dataset, tmp_path, sig):
+    """A real SIGINT (Ctrl-C) or SIGTERM to a real training process after its first epoch."""
     import signal
     import subprocess
     import sys
@@ -200,7 +201,7 @@ def test_ctrl_c_leaves_best_checkpoint_usable_and_resume_continues(tiny_dataset,
                             stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if line.startswith("epoch 1:"):
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(getattr(signal, sig))
             break
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 130

@@ -161,6 +161,7 @@ def train(cfg: TrainConfig) -> dict:
         f"{len(data['train'][1])} train / {len(data['val'][1])} val images, "
         f"epochs {state['epoch'] + 1}..{cfg.epochs}")
     eligible_from = min(cfg.min_epochs, cfg.epochs)
+    _stop_on_sigterm()
     key, sign = SELECT[cfg.select]
     try:
         for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
@@ -199,6 +200,20 @@ def train(cfg: TrainConfig) -> dict:
     if state["best"] is None:
         raise PneumoError("no epoch was trained (use more --epochs than the resumed run had)")
     return _finish(out, state, cfg, criterion, test_loader, device, amp, data, pos)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (kill, a scheduler's stop) ends training like Ctrl-C: the best checkpoint so far
+    is kept and finished. A run started in the background with `&` ignores SIGINT, so this is
+    how such a run is stopped cleanly."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 def _prepare_out(out: Path, cfg: TrainConfig) -> None:
