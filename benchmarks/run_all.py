@@ -8,7 +8,8 @@
    exported to model.onnx and model.fp16.onnx by the export code (``run_export``, parity
    skipped: there is nothing to be faithful to).
 2. ``pneumo-edge bench`` on it (a subprocess, exactly the command users run): torch, onnx and
-   onnx-fp16 at batch 1, 8 and 32, plus the end-to-end pass over a folder of real X-rays.
+   onnx-fp16 at batch 1, 8 and 32, plus the end-to-end pass over 240 clinical-size JPEGs
+   made from the real dataset by ``benchmarks/clinical_images.py``.
 3. ``benchmarks/train_step.py``: ResNet50 training-step images/s, fp32 vs bf16 autocast.
 4. The score-vs-baseline comparison from ``benchmarks/score_vs_baseline.md`` (written by
    ``benchmarks/score_vs_baseline.py``; ``--score-vs-baseline`` runs it first).
@@ -17,7 +18,8 @@
 
 Figures are only honest on a quiet machine: before measuring, the script waits (up to
 ``--wait-minutes``) while a ``pneumo-edge train`` run or ``score_vs_baseline`` benchmark is
-running, and records the load average in the file. Each step runs in its own process.
+running or the CPU is more than 25 % busy, then records how much CPU other processes used
+while it measured (marked disturbed above 5 %). Each step runs in its own process.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ RESULTS = HERE / "RESULTS.md"
 SCORE_MD = HERE / "score_vs_baseline.md"
 BUSY_PATTERNS = ("pneumo-edge train", "score_vs_baseline")
 TITLE = "# Benchmark results"
+#: Above this share of the machine's CPU used by other processes, the figures are marked.
+OTHER_MAX = 0.05
 
 
 def log(msg: str) -> None:
@@ -119,6 +123,43 @@ def cpu_busy(seconds: float = 3.0) -> float:
     return 1.0 - (b[1] - a[1]) / (b[0] - a[0])
 
 
+class OtherWork:
+    """How much CPU other processes used while we measured: all busy CPU time on the machine
+    (/proc/stat) minus what this script and its finished subprocesses used (getrusage)."""
+
+    def __init__(self):
+        import resource
+
+        self._res = resource
+        self.t0 = time.perf_counter()
+        self.stat0 = self._stat()
+        self.ours0 = self._ours()
+
+    @staticmethod
+    def _stat():
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        return (sum(vals) - vals[3] - (vals[4] if len(vals) > 4 else 0)) / hz
+
+    def _ours(self):
+        r = self._res
+        a, b = r.getrusage(r.RUSAGE_SELF), r.getrusage(r.RUSAGE_CHILDREN)
+        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+    def share(self) -> float | None:
+        """Other processes' CPU seconds / (wall seconds x cores) since construction."""
+        stat1 = self._stat()
+        if self.stat0 is None or stat1 is None:
+            return None
+        wall = time.perf_counter() - self.t0
+        others = (stat1 - self.stat0) - (self._ours() - self.ours0)
+        return max(0.0, others) / (wall * (os.cpu_count() or 1))
+
+
 def wait_quiet(minutes: float, poll_s: float = 30.0, max_busy: float = 0.25) -> list[str]:
     deadline = time.time() + minutes * 60
     while True:
@@ -163,20 +204,26 @@ def header_md(bench: dict, busy_now: list[str], quick: bool) -> str:
     m = bench["machine"]
     flags = ", ".join(k for k, v in m["cpu_flags"].items() if v) or "none"
     lines = [
-        f"Written by `benchmarks/run_all.py` on {m['date']}. Every figure on this page comes "
-        "from one run on one machine:",
+        f"Written by `benchmarks/run_all.py` on {m['date']}. The inference, end-to-end and "
+        "training-step figures below come from that one run on this machine (the "
+        "score-vs-baseline section is included from its own run and names its own machine "
+        "and times):",
         "",
         f"- CPU: {m['cpu']}, {m['cores_usable']} usable cores (of {m['cores']}); flags: {flags}",
         f"- GPU: {', '.join(g.get('name', '?') for g in m['gpu']) if m['gpu'] else 'none'}",
         f"- OS: {m['os']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"- load average (1, 5, 15 min) when the inference run started: {m['load_avg_1_5_15']}",
+        "- CPU used by other processes while measuring: " + (
+            f"{bench['other_cpu_share']:.1%} of the machine (all busy CPU time from /proc/stat "
+            "minus this run's own, from getrusage)" if bench.get("other_cpu_share") is not None
+            else "not measured"),
         "",
         f"Short form used next to CPU figures below: **{cpu_summary(m)}**.",
     ]
     if busy_now:
-        lines += ["", "**Warning: other work was running at the start or the end of this run; "
-                      "the figures are disturbed:** " + "; ".join(f"`{c[:100]}`" for c in _commands(busy_now))]
+        lines += ["", "**Warning: other work was running during this run; the figures are "
+                      "disturbed:** " + "; ".join(f"`{c[:100]}`" for c in _commands(busy_now))]
     if quick:
         lines += ["", "**Quick mode (`--quick`): few iterations, for checking the scripts; "
                       "not figures to quote.**"]
@@ -319,6 +366,7 @@ def main(argv=None):
                  "--warmup", str(a.warmup), "--iters", str(a.iters), "--max-time",
                  str(a.max_time), "--data", a.data]
     bench_cmd += ["--limit", str(a.limit)] if a.limit else []
+    other = OtherWork()
     bench = run_json(cli + bench_cmd + ["--json"])
     bench["command"] = "pneumo-edge " + " ".join(bench_cmd)
     bench["data_description"] = described
@@ -328,6 +376,12 @@ def main(argv=None):
     train = run_json([py, str(HERE / "train_step.py"), "--no-write", "--steps",
                       str(a.train_steps), "--warmup", str(a.train_warmup)])
     busy_now = list(dict.fromkeys(busy_now + busy()))  # anything that started meanwhile
+    other_share = other.share()
+    bench["other_cpu_share"] = other_share
+    log(f"other processes used {other_share:.1%} of the CPU during the measurements"
+        if other_share is not None else "could not measure other processes' CPU use")
+    if other_share is not None and other_share > OTHER_MAX:
+        busy_now.append(f"0 (other processes used {other_share:.0%} of the CPU during the run)")
     sys.path.insert(0, str(HERE))
     import train_step
 

@@ -431,8 +431,8 @@ def format_table(result: dict) -> str:
     ]
     load = m.get("load_avg_1_5_15")
     if load and load[0] >= 0.5 * (m.get("cores_usable") or 1):
-        lines.append(f"note: the machine was already busy when this run started (load average "
-                     f"{load[0]} on {m.get('cores_usable')} cores): figures may be low")
+        lines.append(f"note: load average {load[0]} on {m.get('cores_usable')} cores when this "
+                     "run started: if other work is still running, figures will be low")
     lines.append("")
     head = ("runtime", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "img/s", "iters")
     rows = [(r["runtime"], r["device"], str(r["batch"]), f"{r['p50_ms']:.2f}",

@@ -241,15 +241,3 @@ def export(run, trt, parity_data, skip_parity, batch_min, batch_opt, batch_max, 
     build = BuildOptions(batch_min, batch_opt, batch_max, workspace, timing_cache)
     sys.exit(run_export(run, trt=trt, parity_data=parity_data, build=build, opset=opset,
                         tolerances=tolerances, skip_parity=skip_parity))
-
-
-def _not_yet(name):
-    @main.command(name, context_settings={"ignore_unknown_options": True,
-                                          "allow_extra_args": True})
-    def cmd():
-        click.echo(f"error: pneumo-edge {name} is not yet available", err=True)
-        sys.exit(2)
-
-    cmd.__doc__ = f"({name}: not yet available)"
-    return cmd
-
