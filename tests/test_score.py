@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import ctrl_c_enabled
 from pneumo_edge import pipeline
 from pneumo_edge.card import Card
 from pneumo_edge.cli import main
@@ -358,7 +359,11 @@ main(sys.argv[1:], prog_name="pneumo-edge")
 
 def start_slow(args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", SLOW_CLI, "score", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                            preexec_fn=ctrl_c_enabled)
+
+
+
 
 
 def wait_rows(path: Path, n: int, proc, timeout=120.0) -> None:

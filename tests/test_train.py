@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 torch = pytest.importorskip("torch", reason="training needs torch")
 
-from conftest import write_labelled  # noqa: E402
+from conftest import ctrl_c_enabled, write_labelled  # noqa: E402
 from pneumo_edge.card import Card  # noqa: E402
 from pneumo_edge.cli import main  # noqa: E402
 from pneumo_edge.train.data import class_weights, grouped_stratified_split  # noqa: E402
@@ -198,7 +198,7 @@ def test_ctrl_c_leaves_best_checkpoint_usable_and_resume_continues(tiny_dataset,
             "--image-size", "64", "--min-epochs", "1", "--workers", "0", "--batch-size", "16"]
     proc = subprocess.Popen([sys.executable, "-m", "pneumo_edge", "train", *args,
                              "--epochs", "200"],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_enabled)
     for line in proc.stderr:
         if line.startswith("epoch 1:"):
             proc.send_signal(getattr(signal, sig))
