@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 
-from pneumo_edge.card import write_atomic
+from pneumo_edge.card import json_safe, write_atomic
 
 PARITY_FILE = "parity.json"
 COLUMNS = ("accuracy", "precision", "recall", "f1")
@@ -14,18 +13,9 @@ COLUMNS = ("accuracy", "precision", "recall", "f1")
 
 def write_report(run_dir, report: dict) -> str:
     path = os.path.join(os.fspath(run_dir), PARITY_FILE)
-    write_atomic(path, json.dumps(_jsonable(report), indent=2) + "\n")
+    write_atomic(path, json.dumps(json_safe(report), indent=2) + "\n")
     return path
 
-
-def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def format_table(report: dict) -> str:

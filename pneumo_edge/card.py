@@ -7,6 +7,7 @@ directory, the ``card`` entry of ``model.pt``, and the ``metadata_props`` of the
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -123,6 +124,18 @@ class Card:
             return pos
         others = [(p, i) for i, p in enumerate(probs_row) if i != pos]
         return max(others)[1]
+
+
+def json_safe(x):
+    """``x`` with non-finite floats (an undefined ROC AUC) as None, so json.dumps writes valid
+    JSON instead of NaN."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:

@@ -112,7 +112,7 @@ def eval_(model, data, runtime, batch, out):
     """Metrics and confusion matrix of a model on a labelled folder."""
     from pathlib import Path
 
-    from pneumo_edge.card import write_atomic
+    from pneumo_edge.card import json_safe, write_atomic
     from pneumo_edge.evaluate import evaluate_folder, format_metrics
     from pneumo_edge.runtimes import open_runtime
 
@@ -120,7 +120,7 @@ def eval_(model, data, runtime, batch, out):
     m = evaluate_folder(rt, data, batch)
     click.echo(format_metrics(m, rt.card))
     out = Path(out) if out else Path(model) / f"eval_{Path(data).resolve().name}.json"
-    write_atomic(out, json.dumps(m, indent=2) + "\n")
+    write_atomic(out, json.dumps(json_safe(m), indent=2) + "\n")
     click.echo(f"wrote {out}", err=True)
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from pneumo_edge.folders import patient_id
-from pneumo_edge.images import ImageError, load_image
+from pneumo_edge.evaluate import decode_labelled
 
 
 @dataclass
@@ -58,28 +57,13 @@ def grouped_stratified_split(samples, val_fraction: float, seed: int) -> Split:
 
 
 def preload(samples, size: int, workers: int = 4, warn=None):
-    """Decode all samples. Returns (uint8 array [N,1,S,S], labels int64 [N], skipped paths);
-    files that cannot be decoded are skipped with a warning naming each."""
+    """Decode all samples with the one preprocessing. Returns (uint8 array [N,1,S,S], labels
+    int64 [N], skipped paths); files that cannot be decoded are skipped with a warning naming each."""
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
-
-    def one(item):
-        try:
-            return load_image(item[0], size)
-        except ImageError as exc:
-            return exc
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(pool.map(one, samples))
-    keep, skipped = [], []
-    for (path, label), r in zip(samples, results):
-        if isinstance(r, ImageError):
-            warn(f"skipping {r}")
-            skipped.append(path)
-        else:
-            keep.append((r, label))
-    pixels = np.stack([k[0] for k in keep]) if keep else np.zeros((0, 1, size, size), np.uint8)
-    labels = np.array([k[1] for k in keep], dtype=np.int64)
-    return pixels, labels, skipped
+    pixels, labels, failed = decode_labelled(samples, size, workers=max(1, workers))
+    for exc in failed:
+        warn(f"skipping {exc}")
+    return pixels, labels, [exc.path for exc in failed]
 
 
 class Augment:

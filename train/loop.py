@@ -6,9 +6,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
-import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -19,7 +17,7 @@ import torch
 from torch import nn
 
 from pneumo_edge import __version__
-from pneumo_edge.card import Card, write_atomic
+from pneumo_edge.card import Card, json_safe, write_atomic
 from pneumo_edge.errors import DataError, PneumoError
 from pneumo_edge.folders import scan_labelled
 from pneumo_edge.metrics import METRIC_KEYS, binary_metrics, choose_threshold
@@ -409,7 +407,7 @@ def _finish(out, state, cfg, criterion, test_loader, device, amp, data, pos) -> 
         card.metrics["test"] = result["test"]
         save_model(out, model, card)
     card.save(out)
-    write_atomic(out / "metrics.json", json.dumps(_jsonable(result), indent=2) + "\n")
+    write_atomic(out / "metrics.json", json.dumps(json_safe(result), indent=2) + "\n")
     plot_curves(state["history"], out / "curves.png")
     plot_confusion(card.metrics["val"]["confusion_matrix"], card, out / "confusion.png",
                    title=f"validation, epoch {best['epoch']}, threshold {card.threshold:.3f}")
@@ -419,15 +417,6 @@ def _finish(out, state, cfg, criterion, test_loader, device, amp, data, pos) -> 
         + f"\nwrote {out}/: model.pt card.json metrics.json history.csv curves.png confusion.png")
     return result
 
-
-def _jsonable(x):
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def _config_dict(cfg, amp, device, weights) -> dict:
