@@ -104,20 +104,22 @@ def _commands(lines: list[str]) -> list[str]:
     return list(dict.fromkeys(line.partition(" ")[2] for line in lines))
 
 
+def proc_stat():
+    """(total, idle + iowait) CPU ticks of the whole machine from /proc/stat; None where absent."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)
+
+
 def cpu_busy(seconds: float = 3.0) -> float:
     """Share of all CPU time spent busy over ``seconds`` (from /proc/stat; 0 where absent):
     catches other work that the name patterns do not (someone's test run, a script)."""
-    def sample():
-        try:
-            with open("/proc/stat") as f:
-                vals = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)  # total, idle + iowait
-
-    a = sample()
+    a = proc_stat()
     time.sleep(seconds)
-    b = sample()
+    b = proc_stat()
     if not a or not b or b[0] == a[0]:
         return 0.0
     return 1.0 - (b[1] - a[1]) / (b[0] - a[0])
@@ -137,13 +139,8 @@ class OtherWork:
 
     @staticmethod
     def _stat():
-        try:
-            with open("/proc/stat") as f:
-                vals = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        hz = os.sysconf("SC_CLK_TCK")
-        return (sum(vals) - vals[3] - (vals[4] if len(vals) > 4 else 0)) / hz
+        ticks = proc_stat()
+        return None if ticks is None else (ticks[0] - ticks[1]) / os.sysconf("SC_CLK_TCK")
 
     def _ours(self):
         r = self._res

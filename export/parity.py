@@ -21,6 +21,7 @@ import numpy as np
 from pneumo_edge.card import Card
 from pneumo_edge.errors import DataError, ModelError, RuntimeUnavailable
 from pneumo_edge.evaluate import decode_labelled, predict
+from pneumo_edge.versions import installed_versions
 from pneumo_edge.folders import scan_labelled
 from pneumo_edge.metrics import binary_metrics
 
@@ -182,17 +183,8 @@ def _open_form(run_dir: Path, card: Card, name: str, filename: str):
 
 
 def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    import platform
-
-    out = {"python": platform.python_version()}
-    for pkg in ("pneumo-edge", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy",
-                "pillow", "tensorrt", "cuda-python"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
+    return installed_versions(("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy",
+                               "pillow", "tensorrt", "cuda-python"))
 
 
 def smallest_passing(report: dict) -> dict[str, dict]:

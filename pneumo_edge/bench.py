@@ -31,7 +31,6 @@ This module imports no torch, onnxruntime or tensorrt itself; the runtimes impor
 from __future__ import annotations
 
 import datetime as dt
-import importlib.metadata
 import os
 import platform
 import shutil
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_edge import __version__
+from pneumo_edge.versions import installed_versions
 from pneumo_edge.errors import ModelError, PneumoError
 
 DEFAULT_BATCHES = (1, 8, 32)
@@ -67,12 +66,7 @@ def machine_info() -> dict:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         usable = os.cpu_count()
-    versions = {"pneumo_edge": __version__, "python": platform.python_version()}
-    for pkg in PACKAGES:
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
+    versions = installed_versions(PACKAGES)
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from pneumo_edge import __version__
 from pneumo_edge.card import Card, json_safe, write_atomic
 from pneumo_edge.errors import DataError, PneumoError
 from pneumo_edge.folders import scan_labelled
@@ -25,6 +24,7 @@ from pneumo_edge.train.checkpoint import LAST_FILE, MODEL_FILE, save_atomic, sav
 from pneumo_edge.train.data import (Augment, PixelDataset, class_weights,
                                     grouped_stratified_split, preload)
 from pneumo_edge.train.model import build_model
+from pneumo_edge.versions import installed_versions
 
 SELECT = {"val_loss": ("loss", -1), "val_f1": ("f1", 1), "val_auroc": ("roc_auc", 1)}  # key, sign
 
@@ -426,11 +426,4 @@ def _config_dict(cfg, amp, device, weights) -> dict:
 
 
 def versions() -> dict:
-    import platform
-
-    import PIL
-    import torchvision
-
-    return {"pneumo_edge": __version__, "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "numpy": np.__version__,
-            "pillow": PIL.__version__, "python": platform.python_version()}
+    return installed_versions(("torch", "torchvision", "numpy", "pillow"))
