@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/run_all.py --quick    # few iterations, for checking the script
 
 1. A ResNet50 model directory at 224 px with random weights (speed does not depend on the
-   weights): :func:`pneumo_edge.train.model.build_model` + ``save_model`` + a :class:`Card`,
+   weights): :func:`pneumo_edge.net.build_model` + ``save_model`` + a :class:`Card`,
    exported to model.onnx and model.fp16.onnx by the export code (``run_export``, parity
    skipped: there is nothing to be faithful to).
 2. ``pneumo-edge bench`` on it (a subprocess, exactly the command users run): torch, onnx and
@@ -55,7 +55,7 @@ def make_model_dir(out, arch: str = "resnet50", size: int = 224, *, export: bool
 
     from pneumo_edge.card import Card
     from pneumo_edge.train.checkpoint import save_model
-    from pneumo_edge.train.model import build_model
+    from pneumo_edge.net import build_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

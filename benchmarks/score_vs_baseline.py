@@ -66,7 +66,7 @@ def make_model(d: Path) -> Path:
     import torch
     from pneumo_edge.export.main import run_export
     from pneumo_edge.train.checkpoint import save_model
-    from pneumo_edge.train.model import build_model
+    from pneumo_edge.net import build_model
 
     from pneumo_edge.card import Card
 

@@ -3,7 +3,7 @@
 What is timed is exactly what ``pneumo-edge train`` runs per batch: the training loop's own
 :func:`pneumo_edge.train.loop.train_one_epoch` (channels_last input, ``autocast`` as ``--amp``
 sets it, class-weighted cross-entropy, backward, AdamW step, ``loss.item()``), on a model from
-:func:`pneumo_edge.train.model.build_model` and the optimiser from the loop's ``_optimizer``.
+:func:`pneumo_edge.net.build_model` and the optimiser from the loop's ``_optimizer``.
 Input batches are random uint8 ``[B, 1, S, S]`` tensors already in memory, so data loading
 and augmentation are *not* included (they run in DataLoader workers during real training).
 
@@ -57,7 +57,7 @@ def measure(mode: str, arch: str, size: int, batch: int, warmup: int, steps: int
 
     from pneumo_edge.bench import latency_row
     from pneumo_edge.train.loop import TrainConfig, _optimizer, train_one_epoch
-    from pneumo_edge.train.model import build_model
+    from pneumo_edge.net import build_model
 
     if threads:
         torch.set_num_threads(threads)

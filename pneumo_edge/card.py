@@ -27,6 +27,8 @@ class Card:
     threshold: float
     arch: str
     card_version: int = CARD_VERSION
+    #: network options for pneumo_edge.net.build_model (norm, tta); {} = the original network
+    net: dict = field(default_factory=dict)
     input: dict = field(default_factory=dict)
     output: dict = field(default_factory=dict)
     train_config: dict = field(default_factory=dict)

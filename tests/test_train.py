@@ -144,7 +144,7 @@ def test_local_weights_file_is_loaded_and_bad_ones_refused(tiny_dataset, tmp_pat
     torch.nn.init.constant_(src.conv1.weight, 0.01)
     wfile = tmp_path / "r18.pth"
     torch.save(src.state_dict(), wfile)
-    from pneumo_edge.train.model import build_model
+    from pneumo_edge.net import build_model
     m = build_model("resnet18", 2, str(wfile))
     assert torch.allclose(m.backbone.conv1.weight, torch.full_like(m.backbone.conv1.weight, 0.01))
     res = cli("train", "--data", tiny_dataset, "--out", tmp_path / "x", "--arch", "resnet50",

@@ -49,11 +49,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 def load_model(path: str | os.PathLike, device: str = "cpu"):
     """(XrayNet in eval mode on ``device``, Card) from a model directory or model.pt."""
-    from pneumo_edge.train.model import build_model
+    from pneumo_edge.net import build_model
 
     ckpt = read_checkpoint(path)
     card = Card.from_dict(ckpt["card"])
-    model = build_model(card.arch, len(card.classes), weights="none")
+    model = build_model(card.arch, len(card.classes), weights="none", **card.net)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:

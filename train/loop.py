@@ -23,7 +23,7 @@ from pneumo_edge.metrics import METRIC_KEYS, binary_metrics, choose_threshold
 from pneumo_edge.train.checkpoint import LAST_FILE, MODEL_FILE, save_atomic, save_model
 from pneumo_edge.train.data import (Augment, PixelDataset, class_weights,
                                     grouped_stratified_split, preload)
-from pneumo_edge.train.model import build_model
+from pneumo_edge.net import build_model
 from pneumo_edge.versions import installed_versions
 
 SELECT = {"val_loss": ("loss", -1), "val_f1": ("f1", 1), "val_auroc": ("roc_auc", 1)}  # key, sign
@@ -392,7 +392,7 @@ def _bar(total, desc):
 
 def _finish(out, state, cfg, criterion, test_loader, device, amp, data, pos) -> dict:
     """Write metrics.json, plots and the final card for the selected epoch."""
-    from pneumo_edge.train.model import build_model
+    from pneumo_edge.net import build_model
     from pneumo_edge.train.plots import plot_confusion, plot_curves
 
     best = state["best"]
