@@ -49,6 +49,7 @@ class OnnxRuntime:
                   file=sys.stderr)
         self.name = name
         self.card = card
+        self.path, self.sha256, self.precision = identity(path, name)
         self.device = "cuda" if CUDA in got else "cpu"
         self.input_name = self.session.get_inputs()[0].name
         self.metadata = self.session.get_modelmeta().custom_metadata_map
@@ -57,6 +58,17 @@ class OnnxRuntime:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.uint8)
         return self.session.run(None, {self.input_name: x})[0].astype(np.float32, copy=False)
+
+
+def identity(path, runtime: str):
+    """(path, sha256, precision) of the file a runtime runs."""
+    from pathlib import Path
+
+    from pneumo_edge.modeldir import BY_FILE, BY_RUNTIME, sha256_file
+
+    path = Path(path)
+    form = BY_FILE.get(path.name) or BY_RUNTIME[runtime]
+    return path, sha256_file(path), form.precision
 
 
 def check_matches_card(path, session, metadata: dict, card) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from pneumo_edge.errors import RuntimeUnavailable
@@ -26,6 +28,10 @@ class TorchRuntime:
         model, ckpt_card = load_model(d, device=device)
         self.model = model.to(memory_format=torch.channels_last)
         self.card = card
+        from pneumo_edge.modeldir import MODEL_PT, sha256_file
+
+        self.path = Path(d) / MODEL_PT if Path(d).is_dir() else Path(d)
+        self.sha256, self.precision = sha256_file(self.path), "fp32"
         self.device = device if device == "cpu" else \
             f"{device} ({torch.cuda.get_device_name(self._dev)})"
 

@@ -122,10 +122,14 @@ class TensorRTRuntime:
         trt, cudart = import_gpu_packages()
         self._cudart = cudart
         self.card = card
+        self.path, self.precision = Path(engine_path), "fp16"
         here = current_platform()
         check_sidecar(engine_path, meta, here)
         # the TensorRT runtime must outlive the engine it deserialised: keep both
         self._trt_runtime, self.engine = _deserialize(trt, engine_path)
+        from pneumo_edge.modeldir import sha256_file as _sha
+
+        self.sha256 = _sha(engine_path)
         self.context = self.engine.create_execution_context()
         self.input, self.output = _io_names(trt, self.engine, engine_path)
         shapes = self.engine.get_tensor_profile_shape(self.input, 0)  # (min, opt, max)
