@@ -17,3 +17,7 @@ class ModelError(PneumoError):
 
 class RuntimeUnavailable(PneumoError):
     """A runtime that cannot run here (package or GPU missing); says how to get it."""
+
+
+class UsageError(PneumoError):
+    """An option or argument that cannot work (bad value, conflicting options, wrong --out)."""

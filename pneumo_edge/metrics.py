@@ -73,7 +73,9 @@ def choose_threshold(y_true, p_pos, rule: str = "f1") -> float:
     """Pick the decision threshold on validation data.
 
     ``f1``: the threshold with the best F1 (ties: the highest such threshold, fewer false
-    alarms); ``recall:R``: the highest threshold whose recall is at least R; ``fixed:T``: T.
+    alarms); ``youden``: the best sensitivity + specificity - 1 (Youden's J; ties: the highest
+    threshold), which weighs both classes equally whatever their counts; ``recall:R``: the
+    highest threshold whose recall is at least R; ``fixed:T``: T.
     Thresholds are midpoints between neighbouring distinct scores, so the choice does not sit
     exactly on a validation example's probability.
     """
@@ -87,11 +89,19 @@ def choose_threshold(y_true, p_pos, rule: str = "f1") -> float:
         f1s = [metrics_from_predictions(t, p >= c)["f1"] for c in cands]
         best = max(f1s)
         return float(max(c for c, f in zip(cands, f1s) if f == best))
+    if kind == "youden":
+        js = [_youden(t, p >= c) for c in cands]
+        best = max(js)
+        return float(max(c for c, j in zip(cands, js) if j == best))
     if kind == "recall":
         target = _unit(float(arg), rule)
         ok = [c for c in cands if _ratio(np.sum(t & (p >= c)), t.sum()) >= target]
         return float(max(ok)) if ok else float(min(cands))
-    raise ValueError(f"unknown threshold rule {rule!r} (use f1, recall:R or fixed:T)")
+    raise ValueError(f"unknown threshold rule {rule!r} (use f1, youden, recall:R or fixed:T)")
+
+
+def _youden(t: np.ndarray, pred: np.ndarray) -> float:
+    return _ratio(np.sum(t & pred), t.sum()) + _ratio(np.sum(~t & ~pred), (~t).sum()) - 1.0
 
 
 def _candidate_thresholds(p: np.ndarray) -> list[float]:
@@ -108,7 +118,7 @@ def _unit(x: float, rule: str) -> float:
 
 def validate_threshold_rule(rule: str) -> str:
     kind, _, arg = rule.partition(":")
-    if kind == "f1" and not arg:
+    if kind in ("f1", "youden") and not arg:
         return rule
     if kind in ("recall", "fixed"):
         try:
@@ -116,4 +126,4 @@ def validate_threshold_rule(rule: str) -> str:
             return rule
         except ValueError:
             pass
-    raise ValueError(f"bad threshold rule {rule!r}: use f1, recall:0.95 or fixed:0.5")
+    raise ValueError(f"bad threshold rule {rule!r}: use f1, youden, recall:0.95 or fixed:0.5")

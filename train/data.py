@@ -24,11 +24,18 @@ class Split:
     train: list[tuple[str, int]]
     val: list[tuple[str, int]]
     info: dict = field(default_factory=dict)
+    test: list[tuple[str, int]] = field(default_factory=list)
 
 
-def grouped_stratified_split(samples, val_fraction: float, seed: int) -> Split:
-    """Split ``(path, label)`` samples so that each class keeps about ``val_fraction`` in val and
-    no patient (parsed from file names) appears on both sides. Deterministic under ``seed``."""
+def grouped_stratified_split(samples, val_fraction: float, seed: int,
+                             test_fraction: float = 0.0) -> Split:
+    """Split ``(path, label)`` samples into train / val (/ test) so that each class keeps about
+    ``val_fraction`` (and ``test_fraction``) of its images in val (and test) and no patient
+    (parsed from file names) appears in two parts. Deterministic under ``seed``. Patients are
+    assigned whole, by their majority label, in a seeded random order: test first, then val."""
+    if not (0 < val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+        raise ValueError(f"val fraction {val_fraction} + test fraction {test_fraction} "
+                         "must leave images for training")
     groups: dict[str, list[int]] = defaultdict(list)
     for i, (path, _) in enumerate(samples):
         groups[patient_id(path)].append(i)
@@ -37,23 +44,27 @@ def grouped_stratified_split(samples, val_fraction: float, seed: int) -> Split:
         labels = [samples[i][1] for i in groups[key]]
         by_class[max(set(labels), key=labels.count)].append(key)
     rng = np.random.default_rng(seed)
-    val_idx: list[int] = []
+    part = {}  # sample index -> "val" | "test"
     for label in sorted(by_class):
-        keys = by_class[label]
+        keys = list(by_class[label])
         rng.shuffle(keys)
-        target = round(val_fraction * sum(len(groups[k]) for k in keys))
-        taken = 0
+        total = sum(len(groups[k]) for k in keys)
+        quota = {"test": round(test_fraction * total), "val": round(val_fraction * total)}
+        taken = {"test": 0, "val": 0}
         for k in keys:
-            if taken >= target:
+            name = next((n for n in ("test", "val") if taken[n] < quota[n]), None)
+            if name is None:
                 break
-            val_idx += groups[k]
-            taken += len(groups[k])
-    val_set = set(val_idx)
-    train = [s for i, s in enumerate(samples) if i not in val_set]
-    val = [s for i, s in enumerate(samples) if i in val_set]
-    info = {"method": "grouped_stratified", "val_fraction": val_fraction, "seed": seed,
-            "patients": len(groups), "train": len(train), "val": len(val)}
-    return Split(train, val, info)
+            for i in groups[k]:
+                part[i] = name
+            taken[name] += len(groups[k])
+    train = [s for i, s in enumerate(samples) if i not in part]
+    val = [s for i, s in enumerate(samples) if part.get(i) == "val"]
+    test = [s for i, s in enumerate(samples) if part.get(i) == "test"]
+    info = {"method": "grouped_stratified", "val_fraction": val_fraction,
+            "test_fraction": test_fraction, "seed": seed, "patients": len(groups),
+            "train": len(train), "val": len(val), "test": len(test)}
+    return Split(train, val, info, test)
 
 
 def preload(samples, size: int, workers: int = 4, warn=None):
@@ -66,22 +77,46 @@ def preload(samples, size: int, workers: int = 4, warn=None):
     return pixels, labels, [exc.path for exc in failed]
 
 
-class Augment:
-    """The seed's augmentation on decoded grey uint8 pixels: small rotation and shift,
-    horizontal flip, brightness/contrast jitter. (The seed's random grayscale is a no-op on
-    grey X-rays and is left out.) Output: uint8 [1, S, S]."""
+AUGMENTS = ("none", "basic", "strong")
 
-    def __init__(self, degrees=10.0, translate=0.1, flip=0.5, contrast=0.2, brightness=0.2):
+
+class Augment:
+    """Augmentation on decoded grey uint8 pixels ``[1, S, S]`` -> the same format, so the model
+    sees in training the kind of input it gets at the edge.
+
+    ``basic``: the seed's recipe: small rotation and shift, horizontal flip, brightness and
+    contrast jitter (its random grayscale is a no-op on grey X-rays and is left out).
+    ``strong``: acquisition-like variation on top: random resized crops (framing and source
+    scale), gamma (exposure curves), blur and sensor noise, each drawn from torch's RNG (so
+    DataLoader workers are seeded as usual)."""
+
+    def __init__(self, size: int, preset: str = "basic"):
         from torchvision.transforms import v2
 
-        self.t = v2.Compose([
-            v2.RandomAffine(degrees=degrees, translate=(translate, translate)),
-            v2.RandomHorizontalFlip(flip),
-            v2.ColorJitter(brightness=brightness, contrast=contrast),
-        ])
+        if preset not in AUGMENTS[1:]:
+            raise ValueError(f"unknown augmentation {preset!r}; choose one of {AUGMENTS}")
+        self.strong = preset == "strong"
+        steps = [v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.15),
+                                      antialias=True)] if self.strong else []
+        steps += [v2.RandomAffine(degrees=10.0, translate=(0.05, 0.05) if self.strong
+                                  else (0.1, 0.1)),
+                  v2.RandomHorizontalFlip(0.5),
+                  v2.ColorJitter(brightness=0.2, contrast=0.2)]
+        self.t = v2.Compose(steps)
+        self.blur = v2.GaussianBlur(5, sigma=(0.1, 1.2)) if self.strong else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.t(x)
+        x = self.t(x)
+        if not self.strong:
+            return x
+        if torch.rand(()) < 0.3:
+            x = self.blur(x)
+        y = x.float() / 255.0
+        gamma = float(torch.empty(()).uniform_(-0.4, 0.4).exp())  # 0.67 .. 1.49
+        y = y.clamp_min(0).pow(gamma) * 255.0
+        if torch.rand(()) < 0.3:
+            y = y + torch.randn_like(y) * float(torch.empty(()).uniform_(2.0, 8.0))
+        return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
 class PixelDataset(torch.utils.data.Dataset):

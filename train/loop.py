@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import json
+import math
 import os
 import sys
 import time
@@ -17,16 +19,22 @@ import torch
 from torch import nn
 
 from pneumo_edge.card import Card, json_safe, write_atomic
-from pneumo_edge.errors import DataError, PneumoError
+from pneumo_edge.errors import DataError, PneumoError, UsageError
 from pneumo_edge.folders import scan_labelled
-from pneumo_edge.metrics import METRIC_KEYS, binary_metrics, choose_threshold
-from pneumo_edge.train.checkpoint import LAST_FILE, MODEL_FILE, save_atomic, save_model
-from pneumo_edge.train.data import (Augment, PixelDataset, class_weights,
-                                    grouped_stratified_split, preload)
+from pneumo_edge.metrics import (METRIC_KEYS, binary_metrics, choose_threshold,
+                                 validate_threshold_rule)
 from pneumo_edge.net import build_model
+from pneumo_edge.train.budget import SCHEDULES, Plan, lr_factor
+from pneumo_edge.train.checkpoint import LAST_FILE, MODEL_FILE, save_atomic, save_model
+from pneumo_edge.train.data import (AUGMENTS, Augment, PixelDataset, class_weights,
+                                    grouped_stratified_split, preload)
 from pneumo_edge.versions import installed_versions
 
-SELECT = {"val_loss": ("loss", -1), "val_f1": ("f1", 1), "val_auroc": ("roc_auc", 1)}  # key, sign
+#: --select: the history column and its sign (higher is better)
+SELECT = {"val_loss": ("val_loss", -1), "val_f1": ("val_f1", 1),
+          "val_auroc": ("val_roc_auc", 1), "shifted_val_loss": ("shifted_val_loss", -1),
+          "shifted_val_auroc": ("shifted_val_roc_auc", 1)}
+DEFAULT_BUDGET_S = 55 * 60.0
 
 
 @dataclass
@@ -36,26 +44,44 @@ class TrainConfig:
     arch: str = "resnet50"
     weights: str = "none"
     image_size: int = 224
-    epochs: int = 10
+    epochs: int | None = None  # None: as many as the time budget allows (else 10)
+    time_budget: float | None = DEFAULT_BUDGET_S  # seconds for the whole run; None = no budget
     batch_size: int = 32
     lr: float = 1e-3
     optimizer: str = "adamw"
     weight_decay: float = 1e-4
     clip_grad: float = 0.0
     scheduler: str = "cosine"
+    warmup_epochs: float = 1.0
     class_weights: str = "auto"
-    augment: bool = True
-    val_fraction: float = 0.3
+    augment: str | bool = "strong"  # none | basic | strong (True = basic, False = none)
+    norm: str = "image"  # the network's input normalisation (pneumo_edge.net)
+    tta: str = "none"  # test-time augmentation inside the network (pneumo_edge.net)
+    label_smoothing: float = 0.0
+    ema: float = 0.0  # decay of the weights' moving average; 0 = off
+    mixup: float = 0.0  # Beta(a, a) mixup; 0 = off
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15  # internal test split when DATA/test is absent
     seed: int = 42
     select: str = "val_loss"
     min_epochs: int = 3
-    threshold_for: str = "f1"
+    threshold_for: str = "youden"
     positive_class: str = ""
     amp: bool | None = None
     workers: int = 2
     device: str = "auto"
     resume: bool = False
     force: bool = False
+
+    @property
+    def augment_preset(self) -> str:
+        if isinstance(self.augment, bool):
+            return "basic" if self.augment else "none"
+        return self.augment
+
+    @property
+    def net(self) -> dict:
+        return {"norm": self.norm, "tta": self.tta}
 
 
 def log(msg: str) -> None:
@@ -65,9 +91,31 @@ def log(msg: str) -> None:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PneumoError("--device cuda: no CUDA GPU is visible to torch")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is visible to torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
+    return device
+
+
+def default_amp(device: torch.device) -> bool:
+    """Mixed precision where the hardware runs it natively: any CUDA GPU, and CPUs with bf16
+    instructions (AMX or AVX-512 BF16), where a ResNet50 step is 2.3x faster than fp32."""
+    if device.type == "cuda":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read(1 << 16)
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -76,15 +124,25 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
+class NonFiniteLoss(PneumoError):
+    """The training loss became NaN or infinite (exit 2: an option is at fault)."""
+
+
 def train_one_epoch(model, criterion, optimizer, loader, device, *, amp=False, scaler=None,
-                    clip_grad=0.0, scheduler_step=None, progress=None) -> float:
+                    clip_grad=0.0, scheduler_step=None, progress=None, ema=None, mixup=0.0,
+                    num_classes=2) -> float:
     model.train()
     total, n = 0.0, 0
     for x, y in loader:
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
+        x, target = _mix(x, y, mixup, num_classes) if mixup > 0 else (x, y)
         with autocast(device, amp):
-            loss = criterion(model.logits(x).float(), y)
+            loss = criterion(model.logits(x).float(), target)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"the training loss became {value} after {n} images of this "
+                                "epoch; nothing from this epoch was saved")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -100,7 +158,9 @@ def train_one_epoch(model, criterion, optimizer, loader, device, *, amp=False, s
             optimizer.step()
         if scheduler_step is not None:
             scheduler_step()
-        total += loss.item() * len(y)
+        if ema is not None:
+            ema.update(model)
+        total += value * len(y)
         n += len(y)
         if progress is not None:
             progress.update(1)
@@ -108,9 +168,43 @@ def train_one_epoch(model, criterion, optimizer, loader, device, *, amp=False, s
     return total / max(n, 1)
 
 
+def _mix(x, y, alpha, num_classes):
+    """Mixup: a Beta(alpha, alpha) blend of the batch with a shuffled copy; soft targets."""
+    lam = float(np.random.default_rng(int(torch.randint(0, 2**31, ())))
+                .beta(alpha, alpha))
+    perm = torch.randperm(len(y), device=y.device)
+    mixed = x.float() * lam + x[perm].float() * (1.0 - lam)
+    onehot = nn.functional.one_hot(y, num_classes).float()
+    return mixed, onehot * lam + onehot[perm] * (1.0 - lam)
+
+
+class Ema:
+    """An exponential moving average of the weights (BatchNorm statistics included), with the
+    usual warm-up of the decay so the first steps do not freeze the random initialisation."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for e, m in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.lerp_(m.detach(), 1.0 - d)
+            else:
+                e.copy_(m)
+
+
 @torch.inference_mode()
 def evaluate(model, criterion, loader, device, *, amp=False):
-    """(mean loss, probabilities [N, C] float32 numpy, labels [N])."""
+    """(mean loss, probabilities [N, C] float32 numpy, labels [N]) from the logits (no
+    test-time augmentation): the per-epoch view used for selection."""
     model.eval()
     losses, probs, labels = 0.0, [], []
     for x, y in loader:
@@ -125,79 +219,146 @@ def evaluate(model, criterion, loader, device, *, amp=False):
     return losses / max(n, 1), np.concatenate(probs), np.concatenate(labels)
 
 
+@torch.inference_mode()
+def predict(model, pixels: np.ndarray, device, batch: int = 64) -> np.ndarray:
+    """The deployed network's probabilities (``forward``: fp32, test-time augmentation
+    included), as every runtime computes them."""
+    model.eval()
+    out = []
+    for i in range(0, len(pixels), batch):
+        x = torch.from_numpy(pixels[i:i + batch]).to(device)
+        out.append(model(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
+
+
 def epoch_metrics(loss, probs, labels, pos, threshold=0.5) -> dict:
     m = binary_metrics(labels == pos, probs[:, pos], threshold)
     return {"loss": loss, **{k: m[k] for k in METRIC_KEYS}}
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train, select on validation, write the model directory. Returns metrics.json's dict."""
+    """Check everything, train within the time budget, select on validation, write the model
+    directory. Returns metrics.json's dict."""
+    t_start = time.monotonic()
     out = Path(cfg.out)
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    amp = default_amp(device) if cfg.amp is None else cfg.amp
+    _check_out(out, cfg)
+    data = _load_data(cfg)
     _prepare_out(out, cfg)
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    amp = (device.type == "cuda") if cfg.amp is None else cfg.amp
-    data = _load_data(cfg)
-    classes, pos = data["classes"], data["pos"]
-    model = build_model(cfg.arch, len(classes), cfg.weights).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    weights = class_weights(data["train"][1], len(classes), cfg.class_weights)
-    criterion = nn.CrossEntropyLoss(
-        weight=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None)
-    train_loader, val_loader, test_loader = _loaders(cfg, data, device)
-    optimizer = _optimizer(cfg, model)
-    scheduler, per_batch = _scheduler(cfg, optimizer, len(train_loader))
-    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" \
-        and not torch.cuda.is_bf16_supported() else None
-    state = {"epoch": 0, "history": [], "best": None}
+    s = _setup(cfg, data, device, amp)
+    state = {"epoch": 0, "history": [], "best": None, "planned_epochs": None}
     if cfg.resume:
-        state = _resume(out, model, optimizer, scheduler, cfg)
-    card_base = dict(classes=classes, positive_class=classes[pos], image_size=cfg.image_size,
-                     arch=cfg.arch, train_config=_config_dict(cfg, amp, device, weights),
-                     split=data["split"], data=data["data_info"], versions=versions())
-    log(f"training {cfg.arch} on {device} ({'mixed precision' if amp else 'fp32'}): "
-        f"{len(data['train'][1])} train / {len(data['val'][1])} val images, "
-        f"epochs {state['epoch'] + 1}..{cfg.epochs}")
-    eligible_from = min(cfg.min_epochs, cfg.epochs)
+        state = _resume(out, s, cfg)
+    plan = s["plan"]
+    if state["planned_epochs"]:
+        plan.epochs, plan.measured = state["planned_epochs"], True
+    _log_start(cfg, data, device, amp, state, plan)
     _stop_on_sigterm()
-    key, sign = SELECT[cfg.select]
     try:
-        for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            bar = _bar(len(train_loader), f"epoch {epoch}/{cfg.epochs}")
-            train_loss = train_one_epoch(
-                model, criterion, optimizer, train_loader, device, amp=amp, scaler=scaler,
-                clip_grad=cfg.clip_grad, scheduler_step=scheduler.step if per_batch else None,
-                progress=bar)
-            bar.close()
-            if scheduler is not None and not per_batch:
-                scheduler.step()
-            vloss, vprobs, vlabels = evaluate(model, criterion, val_loader, device, amp=amp)
-            row = {"epoch": epoch, "train_loss": train_loss,
-                   **{f"val_{k}": v for k, v in epoch_metrics(vloss, vprobs, vlabels, pos).items()},
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-            state["history"].append(row)
-            score = row[f"val_{key}"]
-            improved = epoch >= eligible_from and (
-                state["best"] is None or sign * score > sign * state["best"]["score"])
-            if improved:
-                state["best"] = _save_best(out, model, card_base, epoch, score, vprobs, vlabels,
-                                           pos, cfg.threshold_for)
-            state["epoch"] = epoch
-            _save_last(out, model, optimizer, scheduler, state, cfg)
-            _write_history(out, state["history"])
-            log(_epoch_line(row, improved))
+        _epochs(cfg, out, s, state, data, device, amp, t_start)
     except KeyboardInterrupt:
         log(f"interrupted after epoch {state['epoch']}: "
             + (f"best checkpoint so far (epoch {state['best']['epoch']}) is in {out / MODEL_FILE}; "
                if state["best"] else "no checkpoint saved yet; ")
             + f"continue with: pneumo-edge train --data {cfg.data} --out {cfg.out} --resume")
         if state["best"]:
-            _finish(out, state, cfg, criterion, test_loader, device, amp, data, pos)
+            _finish(out, state, cfg, data, device, t_start)
         raise
     if state["best"] is None:
         raise PneumoError("no epoch was trained (use more --epochs than the resumed run had)")
-    return _finish(out, state, cfg, criterion, test_loader, device, amp, data, pos)
+    return _finish(out, state, cfg, data, device, t_start)
+
+
+def _setup(cfg, data, device, amp) -> dict:
+    """Model, EMA, loss, loaders, optimiser, plan and schedule."""
+    classes = data["classes"]
+    model = build_model(cfg.arch, len(classes), cfg.weights, **cfg.net).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    weights = class_weights(data["train"][1], len(classes), cfg.class_weights)
+    criterion = nn.CrossEntropyLoss(
+        weight=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
+        label_smoothing=cfg.label_smoothing)
+    train_loader, val_loader, shifted_loader = _loaders(cfg, data, device)
+    optimizer = _optimizer(cfg, model)
+    plan = Plan(cfg.epochs, cfg.time_budget, len(train_loader))
+    warmup = round(cfg.warmup_epochs * len(train_loader))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg.scheduler, step, plan.total_steps, warmup))
+    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" \
+        and not torch.cuda.is_bf16_supported() else None
+    return dict(model=model, ema=Ema(model, cfg.ema) if cfg.ema > 0 else None,
+                criterion=criterion, weights=weights, train=train_loader, val=val_loader,
+                shifted=shifted_loader, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                plan=plan)
+
+
+def _log_start(cfg, data, device, amp, state, plan) -> None:
+    budget = f"time budget {cfg.time_budget / 60:.1f} min (decoding and final evaluation " \
+        "included), epochs set after the first one" if cfg.time_budget else "no time budget"
+    log(f"training {cfg.arch} {cfg.image_size} px on {device} "
+        f"({'mixed precision' if amp else 'fp32'}): {len(data['train'][1])} train / "
+        f"{len(data['val'][1])} val / {len(data['test'][1]) if data['test'] else 0} test "
+        f"images; up to {plan.epochs} epochs from {state['epoch'] + 1}; {budget}")
+
+
+def _epochs(cfg, out, s, state, data, device, amp, t_start) -> None:
+    key, sign = SELECT[cfg.select]
+    eligible_from = min(cfg.min_epochs, s["plan"].epochs)
+    slowest = 0.0
+    card_base = _card_base(cfg, data, amp, device, s["weights"])
+    while not s["plan"].should_stop(state["epoch"]):
+        epoch = state["epoch"] + 1
+        t0 = time.perf_counter()
+        row = _one_epoch(cfg, s, epoch, device, amp, data["pos"])
+        state["history"].append(row)
+        score = row[f"{key}"]
+        improved = epoch >= min(eligible_from, s["plan"].epochs) and (
+            state["best"] is None or sign * score > sign * state["best"]["score"])
+        if improved:
+            state["best"] = _save_best(out, s["ema"].model if s["ema"] else s["model"],
+                                       card_base, epoch, score, row.pop("_probs"), cfg)
+        row.pop("_probs", None)
+        state["epoch"] = epoch
+        slowest = max(slowest, time.perf_counter() - t0)
+        elapsed = time.monotonic() - t_start
+        msg = s["plan"].replan(epoch, elapsed, slowest, _final_reserve(row, cfg))
+        state["planned_epochs"] = s["plan"].epochs
+        _save_last(out, s, state, cfg)
+        _write_history(out, state["history"])
+        log(_epoch_line(row, improved, s["plan"].epochs, elapsed, cfg.time_budget))
+        if msg:
+            log(msg)
+
+
+def _one_epoch(cfg, s, epoch, device, amp, pos) -> dict:
+    t0 = time.perf_counter()
+    bar = _bar(len(s["train"]), f"epoch {epoch}/{s['plan'].epochs}")
+    train_loss = train_one_epoch(
+        s["model"], s["criterion"], s["optimizer"], s["train"], device, amp=amp,
+        scaler=s["scaler"], clip_grad=cfg.clip_grad, scheduler_step=s["scheduler"].step,
+        progress=bar, ema=s["ema"], mixup=cfg.mixup, num_classes=len(s["weights"] or [0, 0]))
+    bar.close()
+    t1 = time.perf_counter()
+    judged = s["ema"].model if s["ema"] else s["model"]
+    vloss, vprobs, vlabels = evaluate(judged, s["criterion"], s["val"], device, amp=amp)
+    sloss, sprobs, _ = evaluate(judged, s["criterion"], s["shifted"], device, amp=amp)
+    t2 = time.perf_counter()
+    return {"epoch": epoch, "train_loss": train_loss,
+            **{f"val_{k}": v for k, v in epoch_metrics(vloss, vprobs, vlabels, pos).items()},
+            **{f"shifted_val_{k}": v
+               for k, v in epoch_metrics(sloss, sprobs, vlabels, pos).items()},
+            "lr": s["optimizer"].param_groups[0]["lr"], "seconds": t2 - t0,
+            "eval_seconds": t2 - t1, "_probs": (vprobs, vlabels, pos)}
+
+
+def _final_reserve(row, cfg) -> float:
+    """Seconds to keep for the final evaluation: val, shifted val and test through the deployed
+    network in fp32 (about 3x the mixed-precision per-epoch evaluation of val + shifted val),
+    twice over with flip averaging, plus plots and writes."""
+    return row["eval_seconds"] * 1.5 * 3 * (2 if cfg.tta == "flip" else 1) + 30.0
 
 
 def _stop_on_sigterm() -> None:
@@ -214,27 +375,80 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, stop)
 
 
-def _prepare_out(out: Path, cfg: TrainConfig) -> None:
-    has_model = (out / MODEL_FILE).exists() or (out / "card.json").exists()
-    if cfg.resume:
-        if not (out / LAST_FILE).exists():
-            raise PneumoError(f"{out}: nothing to resume (no {LAST_FILE})")
-        return
-    if has_model and not cfg.force:
-        raise PneumoError(f"{out}: already holds a model; use --force to overwrite it or "
-                          f"--resume to continue it")
+#: the files a training run writes into --out; --force replaces these (and the exports of the
+#: model they held, which would be stale), nothing else
+TRAINING_FILES = (MODEL_FILE, LAST_FILE, "card.json", "metrics.json", "history.csv",
+                  "curves.png", "confusion.png")
+STALE_EXPORTS = ("model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.fp16.engine",
+                 "model.fp16.engine.json", "parity.json")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every option that can be checked without the data: exit 2 before anything is read or
+    written. (The CLI checks most of these too; plain-function callers get the same rules.)"""
+    def bad(opt, why):
+        raise UsageError(f"--{opt.replace('_', '-')} {getattr(cfg, opt)!r}: {why}")
+
+    for opt, lo, hi in (("lr", 0, None), ("weight_decay", 0, None), ("clip_grad", 0, None),
+                        ("label_smoothing", 0, 0.5), ("ema", 0, 0.99999), ("mixup", 0, None),
+                        ("val_fraction", 0, 1), ("test_fraction", 0, 1), ("warmup_epochs", 0, None)):
+        v = getattr(cfg, opt)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            bad(opt, "not a finite number")
+        if v < lo or (hi is not None and v > hi) or (opt in ("lr", "val_fraction") and v == 0):
+            bad(opt, f"out of range ({lo}..{hi if hi is not None else 'inf'})")
+    if cfg.val_fraction + cfg.test_fraction >= 1:
+        bad("val_fraction", f"with --test-fraction {cfg.test_fraction} leaves nothing to train on")
+    if cfg.time_budget is not None and not (math.isfinite(cfg.time_budget) and cfg.time_budget > 0):
+        bad("time_budget", "not a positive duration")
+    if cfg.batch_size < 2:
+        bad("batch_size", "must be at least 2 (BatchNorm needs two images per batch)")
+    if cfg.augment_preset not in AUGMENTS:
+        bad("augment", f"choose one of {', '.join(AUGMENTS)}")
+    if cfg.scheduler not in SCHEDULES:
+        bad("scheduler", f"choose one of {', '.join(SCHEDULES)}")
+    if cfg.select not in SELECT:
+        bad("select", f"choose one of {', '.join(SELECT)}")
+    if cfg.optimizer not in ("adamw", "sgd"):
+        bad("optimizer", "choose adamw or sgd")
+    try:
+        validate_threshold_rule(cfg.threshold_for)
+    except ValueError as exc:
+        raise UsageError(f"--threshold-for: {exc}") from None
+    if cfg.class_weights not in ("auto", "none"):
+        try:
+            class_weights(None, len(cfg.class_weights.split(",")), cfg.class_weights)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+
+def _check_out(out: Path, cfg: TrainConfig) -> None:
+    """What --out holds allows this run (read-only: nothing is written here)."""
     if out.exists() and not out.is_dir():
-        raise PneumoError(f"{out}: exists and is not a folder")
-    if cfg.force:
-        for name in os.listdir(out) if out.is_dir() else []:
-            p = out / name
-            if p.is_file():
-                p.unlink()
+        raise UsageError(f"{out}: exists and is not a folder")
+    if cfg.resume:
+        if not (out / LAST_FILE).is_file():
+            raise UsageError(f"{out}: nothing to resume (no {LAST_FILE})")
+        return
+    has_model = any((out / n).exists() for n in (MODEL_FILE, "card.json", LAST_FILE))
+    if has_model and not cfg.force:
+        raise UsageError(f"{out}: already holds a model; use --force to replace it or "
+                         f"--resume to continue it")
+    parent = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{out}: cannot write there (permission denied)")
+
+
+def _prepare_out(out: Path, cfg: TrainConfig) -> None:
+    """Create --out; with --force, remove only the files an earlier training run wrote there
+    (and that model's exports). Runs after every option, the device and the data are checked."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        if cfg.force and not cfg.resume:
+            for name in TRAINING_FILES + STALE_EXPORTS:
+                p = out / name
+                if p.is_file() or p.is_symlink():
+                    p.unlink()
     except OSError as exc:
         raise PneumoError(f"{out}: cannot write there ({exc.strerror or exc})") from None
 
@@ -247,86 +461,106 @@ def _load_data(cfg: TrainConfig) -> dict:
         raise DataError(f"{root}: no train/ folder (expected {root}/train/CLASS/images)")
     tr = scan_labelled(root / "train")
     classes = tr.classes
-    if cfg.positive_class:
-        if cfg.positive_class not in classes:
-            raise DataError(f"--positive-class {cfg.positive_class} is not one of {classes}")
-        pos = classes.index(cfg.positive_class)
-    else:
-        pos = classes.index("PNEUMONIA") if "PNEUMONIA" in classes else len(classes) - 1
-    if (root / "val").is_dir():
-        val = scan_labelled(root / "val", classes).samples
-        train_s, split = tr.samples, {"method": "folder", "val_folder": str(root / "val")}
-    else:
-        sp = grouped_stratified_split(tr.samples, cfg.val_fraction, cfg.seed)
-        train_s, val, split = sp.train, sp.val, sp.info
-    split["data"] = str(root.resolve())
-    log(f"decoding {len(train_s) + len(val)} images at {cfg.image_size} px ...")
-    train_px = preload(train_s, cfg.image_size, workers=max(2, cfg.workers))
-    val_px = preload(val, cfg.image_size, workers=max(2, cfg.workers))
-    test = None
-    if (root / "test").is_dir():
-        test = preload(scan_labelled(root / "test", classes).samples, cfg.image_size)
-    for name, (_, labels, _) in (("train", train_px), ("val", val_px)):
-        counts = np.bincount(labels, minlength=len(classes))
+    pos = _positive_index(cfg, classes)
+    if cfg.class_weights not in ("auto", "none"):
+        try:
+            class_weights(None, len(classes), cfg.class_weights)
+        except ValueError as exc:
+            raise UsageError(f"{exc} (the data has classes {', '.join(classes)})") from None
+    train_s, val, test, split = _split(cfg, root, tr, classes)
+    log(f"decoding {len(train_s) + len(val) + len(test)} images at {cfg.image_size} px ...")
+    workers = max(2, cfg.workers)
+    parts = {name: preload(samples, cfg.image_size, workers=workers)
+             for name, samples in (("train", train_s), ("val", val), ("test", test)) if samples}
+    for name in ("train", "val"):
+        counts = np.bincount(parts[name][1], minlength=len(classes))
         if counts.min() == 0:
             raise DataError(f"{root}: the {name} set has no readable images of class "
                             f"{classes[int(counts.argmin())]}")
-    skipped = train_px[2] + val_px[2] + (test[2] if test else [])
+    skipped = [p for part in parts.values() for p in part[2]]
     split["val_files"] = sorted(os.path.relpath(p, root) for p, _ in val)
+    split["test_files"] = sorted(os.path.relpath(p, root) for p, _ in test)
+    counts = {name: dict(zip(classes, np.bincount(part[1], minlength=len(classes)).tolist()))
+              for name, part in parts.items()}
     return {"classes": classes, "pos": pos, "split": split,
-            "train": train_px[:2], "val": val_px[:2], "test": test[:2] if test else None,
-            "data_info": {"train_counts": dict(zip(classes, np.bincount(
-                train_px[1], minlength=len(classes)).tolist())),
-                "val_counts": dict(zip(classes, np.bincount(
-                    val_px[1], minlength=len(classes)).tolist())),
-                "skipped_unreadable": len(skipped), "skipped_files": skipped[:100]}}
+            "train": parts["train"][:2], "val": parts["val"][:2],
+            "test": parts["test"][:2] if "test" in parts else None,
+            "data_info": {**{f"{k}_counts": v for k, v in counts.items()},
+                          "skipped_unreadable": len(skipped), "skipped_files": skipped[:100]}}
+
+
+def _positive_index(cfg, classes) -> int:
+    if cfg.positive_class:
+        if cfg.positive_class not in classes:
+            raise UsageError(f"--positive-class {cfg.positive_class} is not one of {classes}")
+        return classes.index(cfg.positive_class)
+    return classes.index("PNEUMONIA") if "PNEUMONIA" in classes else len(classes) - 1
+
+
+def _split(cfg, root, tr, classes):
+    """(train, val, test samples, split info). DATA/val and DATA/test are used when present;
+    what is missing is split off train, grouped by patient and stratified by class."""
+    has_val, has_test = (root / "val").is_dir(), (root / "test").is_dir()
+    val = scan_labelled(root / "val", classes).samples if has_val else []
+    test = scan_labelled(root / "test", classes).samples if has_test else []
+    if has_val and has_test:
+        return tr.samples, val, test, {"method": "folders", "data": str(root.resolve())}
+    sp = grouped_stratified_split(tr.samples, cfg.val_fraction if not has_val else 0.0001,
+                                  cfg.seed, 0.0 if has_test else cfg.test_fraction)
+    info = {**sp.info, "data": str(root.resolve()),
+            "val_source": "folder" if has_val else "split",
+            "test_source": "folder" if has_test else ("split" if sp.test else "none")}
+    train = sp.train + (sp.val if has_val else [])
+    return train, val or sp.val, test or sp.test, info
 
 
 def _loaders(cfg, data, device):
+    from pneumo_edge.train.shift import shifted_set
+
     pin = device.type == "cuda"
     gen = torch.Generator().manual_seed(cfg.seed)
-    train_ds = PixelDataset(*data["train"], augment=Augment() if cfg.augment else None)
+    preset = cfg.augment_preset
+    train_ds = PixelDataset(*data["train"], augment=Augment(cfg.image_size, preset)
+                            if preset != "none" else None)
+    # a last batch of one image would make BatchNorm fail in training mode: drop it
     train = torch.utils.data.DataLoader(
-        train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=False,
+        train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+        drop_last=len(train_ds) % cfg.batch_size == 1,
         num_workers=cfg.workers, pin_memory=pin, persistent_workers=cfg.workers > 0)
+    shifted, data["shifted_which"] = shifted_set(data["val"][0], cfg.seed)
+    data["shifted"] = (shifted, data["val"][1])
 
     def plain(arrays):
         return torch.utils.data.DataLoader(PixelDataset(*arrays), batch_size=cfg.batch_size * 2,
                                            shuffle=False, pin_memory=pin)
 
-    return train, plain(data["val"]), plain(data["test"]) if data["test"] else None
+    return train, plain(data["val"]), plain(data["shifted"])
 
 
 def _optimizer(cfg, model):
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay,
-                               nesterov=True)
-    raise PneumoError(f"unknown optimizer {cfg.optimizer!r}")
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay,
+                           nesterov=True)
 
 
-def _scheduler(cfg, optimizer, steps_per_epoch):
-    """(scheduler or None, stepped per batch?)."""
-    s = cfg.scheduler
-    if s == "none":
-        return None, False
-    if s == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, max(1, cfg.epochs // 3), 0.1), False
-    if s == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, cfg.epochs)), False
-    if s == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch), True
-    raise PneumoError(f"unknown scheduler {s!r}")
+def _card_base(cfg, data, amp, device, weights) -> dict:
+    classes = data["classes"]
+    return dict(classes=classes, positive_class=classes[data["pos"]], image_size=cfg.image_size,
+                arch=cfg.arch, net=cfg.net, train_config=_config_dict(cfg, amp, device, weights),
+                split=data["split"], data=data["data_info"], versions=versions())
 
 
-def _save_best(out, model, card_base, epoch, score, probs, labels, pos, rule) -> dict:
-    threshold = choose_threshold(labels == pos, probs[:, pos], rule)
-    m = binary_metrics(labels == pos, probs[:, pos], threshold)
+def _save_best(out, model, card_base, epoch, score, probs, cfg) -> dict:
+    """model.pt and card.json for the best epoch so far, so an interrupted run leaves a usable
+    model; the final threshold and metrics are set by the final evaluation."""
+    vprobs, vlabels, pos = probs
+    threshold = choose_threshold(vlabels == pos, vprobs[:, pos], cfg.threshold_for)
+    m = binary_metrics(vlabels == pos, vprobs[:, pos], threshold)
     card = Card(threshold=threshold, metrics={"val": m, "best_epoch": epoch,
-                                              "threshold_rule": rule},
+                                              "threshold_rule": cfg.threshold_for,
+                                              "provisional": True},
                 created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 **card_base)
     save_model(out, model, card)
@@ -335,51 +569,58 @@ def _save_best(out, model, card_base, epoch, score, probs, labels, pos, rule) ->
             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
 
 
-def _save_last(out, model, optimizer, scheduler, state, cfg) -> None:
+def _save_last(out, s, state, cfg) -> None:
     best = dict(state["best"]) if state["best"] else None
     save_atomic({
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else {},
-        "epoch": state["epoch"], "history": json.dumps(state["history"]),
+        "model": s["model"].state_dict(), "optimizer": s["optimizer"].state_dict(),
+        "scheduler": s["scheduler"].state_dict(),
+        "ema": s["ema"].model.state_dict() if s["ema"] else {},
+        "ema_updates": s["ema"].updates if s["ema"] else 0,
+        "epoch": state["epoch"], "planned_epochs": state["planned_epochs"] or 0,
+        "history": json.dumps(state["history"]),
         "best": json.dumps({k: v for k, v in best.items() if k != "state_dict"}) if best else "",
         "best_state_dict": best["state_dict"] if best else {},
         "config": json.dumps(asdict(cfg)), "rng": torch.get_rng_state(),
     }, out / LAST_FILE)
 
 
-def _resume(out, model, optimizer, scheduler, cfg) -> dict:
+def _resume(out, s, cfg) -> dict:
     last = torch.load(out / LAST_FILE, map_location="cpu", weights_only=True)
     old = json.loads(last["config"])
-    for k in ("arch", "image_size", "data"):
-        if old[k] != getattr(cfg, k):
-            raise PneumoError(f"--resume: {k} was {old[k]!r} in {out}, now {getattr(cfg, k)!r}")
-    model.load_state_dict(last["model"])
-    optimizer.load_state_dict(last["optimizer"])
-    if scheduler is not None and last["scheduler"]:
-        scheduler.load_state_dict(last["scheduler"])
+    for k in ("arch", "image_size", "data", "norm", "tta"):
+        if old.get(k, getattr(TrainConfig, k, None)) != getattr(cfg, k):
+            raise UsageError(f"--resume: {k} was {old.get(k)!r} in {out}, now {getattr(cfg, k)!r}")
+    s["model"].load_state_dict(last["model"])
+    s["optimizer"].load_state_dict(last["optimizer"])
+    s["scheduler"].load_state_dict(last["scheduler"])
+    if s["ema"] is not None and last.get("ema"):
+        s["ema"].model.load_state_dict(last["ema"])
+        s["ema"].updates = int(last["ema_updates"])
     torch.set_rng_state(last["rng"])
     best = json.loads(last["best"]) if last["best"] else None
     if best:
         best["state_dict"] = last["best_state_dict"]
-    log(f"resuming {out} after epoch {last['epoch']}")
-    return {"epoch": last["epoch"], "history": json.loads(last["history"]), "best": best}
+    log(f"resuming {out} after epoch {last['epoch']} (plan: "
+        f"{last.get('planned_epochs') or 'not measured yet'} epochs)")
+    return {"epoch": last["epoch"], "history": json.loads(last["history"]), "best": best,
+            "planned_epochs": int(last.get("planned_epochs") or 0) or None}
 
 
 def _write_history(out, history) -> None:
     if not history:
         return
-    tmp = out / ".history.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, out / "history.csv")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    write_atomic(out / "history.csv", buf.getvalue())
 
 
-def _epoch_line(row, improved) -> str:
-    return (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}  val loss "
-            f"{row['val_loss']:.4f}  acc {row['val_accuracy']:.3f}  f1 {row['val_f1']:.3f}  "
-            f"auroc {row['val_roc_auc']:.3f}  ({row['seconds']:.0f} s)"
+def _epoch_line(row, improved, planned, elapsed, budget) -> str:
+    clock = f"{elapsed / 60:.1f}/{budget / 60:.0f} min" if budget else f"{elapsed / 60:.1f} min"
+    return (f"epoch {row['epoch']}/{planned}: train loss {row['train_loss']:.4f}  val loss "
+            f"{row['val_loss']:.4f}  auroc {row['val_roc_auc']:.3f}  shifted auroc "
+            f"{row['shifted_val_roc_auc']:.3f}  ({row['seconds']:.0f} s; {clock})"
             + ("  * saved" if improved else ""))
 
 
@@ -390,33 +631,12 @@ def _bar(total, desc):
                 disable=None, dynamic_ncols=True)
 
 
-def _finish(out, state, cfg, criterion, test_loader, device, amp, data, pos) -> dict:
-    """Write metrics.json, plots and the final card for the selected epoch."""
-    from pneumo_edge.net import build_model
-    from pneumo_edge.train.plots import plot_confusion, plot_curves
+def _finish(out, state, cfg, data, device, t_start) -> dict:
+    """The final evaluation of the selected weights through the deployed network; writes
+    model.pt, card.json, metrics.json and the plots."""
+    from pneumo_edge.train.final import final_evaluation
 
-    best = state["best"]
-    card = Card.from_dict(best["card"])
-    result = {"best_epoch": best["epoch"], "select": cfg.select, "threshold": card.threshold,
-              "val": card.metrics["val"], "history": state["history"]}
-    if test_loader is not None:
-        model = build_model(cfg.arch, len(card.classes)).to(device)
-        model.load_state_dict(best["state_dict"])
-        tloss, tprobs, tlabels = evaluate(model, criterion, test_loader, device, amp=amp)
-        result["test"] = binary_metrics(tlabels == pos, tprobs[:, pos], card.threshold)
-        card.metrics["test"] = result["test"]
-        save_model(out, model, card)
-    card.save(out)
-    write_atomic(out / "metrics.json", json.dumps(json_safe(result), indent=2) + "\n")
-    plot_curves(state["history"], out / "curves.png")
-    plot_confusion(card.metrics["val"]["confusion_matrix"], card, out / "confusion.png",
-                   title=f"validation, epoch {best['epoch']}, threshold {card.threshold:.3f}")
-    log(f"best epoch {best['epoch']} ({cfg.select} {best['score']:.4f}); threshold "
-        f"{card.threshold:.3f}; val " + ", ".join(
-            f"{k} {card.metrics['val'][k]:.3f}" for k in METRIC_KEYS)
-        + f"\nwrote {out}/: model.pt card.json metrics.json history.csv curves.png confusion.png")
-    return result
-
+    return final_evaluation(out, state, cfg, data, device, t_start, log)
 
 
 def _config_dict(cfg, amp, device, weights) -> dict:

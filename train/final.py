@@ -1,0 +1,102 @@
+"""The final evaluation of a training run: the selected weights, run as they will be deployed
+(``XrayNet.forward``: fp32, test-time augmentation included), on the validation split, the
+shifted validation (:mod:`pneumo_edge.train.shift`) and the test split (DATA/test, or the
+internal patient-grouped split that selection never saw).
+
+The decision threshold is chosen here, once, on the deployed network's validation
+probabilities with ``--threshold-for``. So the card's threshold, its metrics and every exported
+form agree. For the ablation table, every threshold rule is also applied to the same
+probabilities (``threshold_rules`` in metrics.json): the rule is chosen on validation and
+shifted validation; test is reported, never used to choose.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+
+import numpy as np
+
+from pneumo_edge.card import Card, json_safe, write_atomic
+from pneumo_edge.metrics import METRIC_KEYS, binary_metrics, choose_threshold
+
+#: rules compared in metrics.json (the configured one is always included)
+COMPARED_RULES = ("f1", "youden", "recall:0.95", "recall:0.98", "fixed:0.5")
+
+
+def final_evaluation(out, state, cfg, data, device, t_start, log) -> dict:
+    from pneumo_edge.net import build_model
+    from pneumo_edge.train.checkpoint import save_model
+    from pneumo_edge.train.loop import predict
+    from pneumo_edge.train.shift import PERTURBATIONS
+
+    t0 = time.monotonic()
+    best = state["best"]
+    card = Card.from_dict(best["card"])
+    pos = card.positive_index
+    model = build_model(cfg.arch, len(card.classes), **cfg.net).to(device)
+    model.load_state_dict(best["state_dict"])
+    which = data["shifted_which"]
+    sets = {"val": data["val"], "shifted_val": data["shifted"]}
+    if data["test"] is not None:
+        sets["test"] = data["test"]
+    probs = {k: predict(model, px, device)[:, pos] for k, (px, _) in sets.items()}
+    truth = {k: labels == pos for k, (_, labels) in sets.items()}
+    threshold = choose_threshold(truth["val"], probs["val"], cfg.threshold_for)
+    metrics = {k: binary_metrics(truth[k], probs[k], threshold) for k in sets}
+    per = {name: binary_metrics(truth["shifted_val"][which == i],
+                                probs["shifted_val"][which == i], threshold)
+           for i, name in enumerate(PERTURBATIONS)}
+    card.threshold = threshold
+    card.metrics = {**metrics, "best_epoch": best["epoch"], "threshold_rule": cfg.threshold_for,
+                    "test_source": card.split.get("test_source", "folder")}
+    card.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    card.validate()
+    save_model(out, model, card)
+    card.save(out)
+    result = {"best_epoch": best["epoch"], "select": cfg.select, "threshold": threshold,
+              "threshold_rule": cfg.threshold_for, **metrics,
+              "shifted_val_per_perturbation": per,
+              "threshold_rules": _compare_rules(truth, probs, cfg.threshold_for),
+              "time": {"budget_s": cfg.time_budget, "planned_epochs": state["planned_epochs"],
+                       "epochs_trained": state["epoch"],
+                       "final_evaluation_s": round(time.monotonic() - t0, 1),
+                       "total_s": round(time.monotonic() - t_start, 1)},
+              "history": state["history"]}
+    write_atomic(out / "metrics.json", json.dumps(json_safe(result), indent=2) + "\n")
+    _plots(out, state, card, best)
+    log(_summary(result, card, out))
+    return result
+
+
+def _compare_rules(truth, probs, configured) -> dict:
+    rules = dict.fromkeys((configured, *COMPARED_RULES))
+    out = {}
+    for rule in rules:
+        t = choose_threshold(truth["val"], probs["val"], rule)
+        out[rule] = {"threshold": t, **{k: {m: v for m, v in binary_metrics(
+            truth[k], probs[k], t).items() if m in METRIC_KEYS} for k in truth}}
+    return out
+
+
+def _plots(out, state, card, best) -> None:
+    from pneumo_edge.train.plots import plot_confusion, plot_curves
+
+    plot_curves(state["history"], out / "curves.png")
+    plot_confusion(card.metrics["val"]["confusion_matrix"], card, out / "confusion.png",
+                   title=f"validation, epoch {best['epoch']}, threshold {card.threshold:.3f}")
+
+
+def _summary(result, card, out) -> str:
+    lines = [f"best epoch {result['best_epoch']} of {result['time']['epochs_trained']} "
+             f"({result['select']}); threshold {card.threshold:.3f} ({result['threshold_rule']}"
+             f" on validation); {result['time']['total_s'] / 60:.1f} min in all"]
+    for k in ("val", "shifted_val", "test"):
+        if k in result:
+            m = result[k]
+            lines.append(f"{k:>11} ({m['n']}): " + ", ".join(
+                f"{key} {m[key]:.3f}" for key in METRIC_KEYS))
+    lines.append(f"wrote {out}/: model.pt card.json metrics.json history.csv curves.png "
+                 "confusion.png")
+    return "\n".join(lines)
