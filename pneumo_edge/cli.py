@@ -1,13 +1,16 @@
 """The ``pneumo-edge`` command line: thin click commands over plain functions.
 
 Importing this module imports no torch, onnxruntime or tensorrt; each command imports what it
-needs when it runs. User errors print one line and exit 2; Ctrl-C exits 130.
+needs when it runs. User errors, click's usage errors included, print one line ``error: ...``
+and exit 2; Ctrl-C exits 130. Every float option uses :class:`Finite` (no nan, no inf).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
+import os
 import sys
 
 import click
@@ -16,6 +19,51 @@ from pneumo_edge import __version__
 from pneumo_edge.errors import PneumoError
 
 RUNTIME_CHOICES = ["auto", "torch", "onnx", "onnx-fp16", "trt"]
+
+
+class Finite(click.FloatRange):
+    """A finite float option value, optionally within ``[min, max]`` (``min_open`` /
+    ``max_open`` exclude an end). Rejects nan, inf and out-of-range values with exit 2.
+
+    Use it for every float option: ``type=Finite(0, 1, min_open=True)``. (click's FloatRange
+    lets "nan" through, since every comparison with nan is false.)"""
+
+    def __init__(self, min: float | None = None, max: float | None = None,
+                 min_open: bool = False, max_open: bool = False):
+        super().__init__(min, max, min_open=min_open, max_open=max_open)
+
+    def convert(self, value, param, ctx):
+        x = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(x, param, ctx)
+
+
+class Cli(click.Group):
+    """The command group: click's usage errors (unknown option, bad value, missing option or
+    argument) become one line ``error: ... (see pneumo-edge CMD --help)`` and exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        # onnxruntime 1.2x/1.3x writes a device id and a telemetry event database under
+        # ~/.cache/Microsoft/DeveloperTools unless this is set before it is first imported
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "pneumo-edge"
+            _fail(f"{exc.format_message()} (see {where} --help)", exc.exit_code)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            _fail("interrupted", 130, prefix="")
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _fail(message: str, code: int, prefix: str = "error: ") -> None:
+    click.echo(prefix + " ".join(message.split()), err=True)
+    sys.exit(code)
 
 
 def friendly(fn):
@@ -35,93 +83,175 @@ def friendly(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"],
+                                        "show_default": True})
 @click.version_option(__version__, prog_name="pneumo-edge")
 def main():
     """Train, export and run a chest X-ray pneumonia detector on edge devices."""
 
 
+class Duration(click.ParamType):
+    """A duration: 55m, 1h, 1h30m, 900s, 90 (minutes), or none."""
+
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float):
+            return value
+        from pneumo_edge.train.budget import parse_duration  # no torch import
+
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 @main.command()
 @click.option("--data", required=True, type=click.Path(file_okay=False),
-              help="ImageFolder root: DATA/train/CLASS/*, optional DATA/val and DATA/test.")
+              help="ImageFolder root: DATA/train/CLASS/*, optional DATA/val and DATA/test "
+                   "(what is missing is split off train, grouped by patient).")
 @click.option("--out", required=True, type=click.Path(), help="Model directory to write.")
 @click.option("--arch", default="resnet50", type=click.Choice(["resnet50", "resnet18", "resnet34"]))
 @click.option("--weights", default="none",
               help="imagenet (from the local torch hub cache), none, or a state-dict PATH.")
 @click.option("--image-size", default=224, type=click.IntRange(32, 1024))
-@click.option("--epochs", default=10, type=click.IntRange(1))
-@click.option("--batch-size", default=32, type=click.IntRange(1))
-@click.option("--lr", default=1e-3, type=click.FloatRange(0, min_open=True))
+@click.option("--time-budget", default="55m", type=Duration(),
+              help="Wall time for the whole run (decoding and final evaluation included): the "
+                   "first epoch is timed and the schedule is fitted to finish in time. "
+                   "none = no budget.")
+@click.option("--epochs", default=None, type=click.IntRange(1),
+              help="Epochs; with a time budget, the most it may run. Default: what the budget "
+                   "allows (10 without a budget).")
+@click.option("--batch-size", default=32, type=click.IntRange(2))
+@click.option("--lr", default=1e-3, type=Finite(0, min_open=True), help="Peak learning rate.")
 @click.option("--optimizer", default="adamw", type=click.Choice(["adamw", "sgd"]))
-@click.option("--weight-decay", default=1e-4, type=click.FloatRange(0))
-@click.option("--clip-grad", default=0.0, type=click.FloatRange(0), help="Max grad norm; 0 = off.")
+@click.option("--weight-decay", default=1e-4, type=Finite(0))
+@click.option("--clip-grad", default=0.0, type=Finite(0), help="Max grad norm; 0 = off.")
 @click.option("--scheduler", default="cosine",
               type=click.Choice(["none", "step", "onecycle", "cosine"]))
+@click.option("--warmup-epochs", default=1.0, type=float,
+              help="Linear learning-rate warm-up (cosine).")
 @click.option("--class-weights", default="auto", help="auto (inverse frequency), none, or w1,w2.")
-@click.option("--augment/--no-augment", default=True)
-@click.option("--val-fraction", default=0.3, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+@click.option("--augment", default="strong", type=click.Choice(["none", "basic", "strong"]),
+              help="basic: rotation, shift, flip, brightness/contrast; strong: also resized "
+                   "crops, gamma, blur and noise.")
+@click.option("--norm", default="image", type=click.Choice(["image", "imagenet"]),
+              help="Input normalisation inside the network: each image by its own mean/std, "
+                   "or fixed ImageNet statistics.")
+@click.option("--tta", default="none", type=click.Choice(["none", "flip"]),
+              help="Average the image and its mirror inside the network (every export too).")
+@click.option("--label-smoothing", default=0.0, type=float)
+@click.option("--ema", default=0.0, type=float, help="Weight EMA decay, e.g. 0.998; 0 = off.")
+@click.option("--mixup", default=0.0, type=float, help="Mixup Beta(a, a); 0 = off.")
+@click.option("--val-fraction", default=0.15, type=Finite(0, 1, min_open=True, max_open=True),
               help="Share of train held out for validation when DATA/val is absent.")
+@click.option("--test-fraction", default=0.15, type=float,
+              help="Share of train held out as an internal test split when DATA/test is absent "
+                   "(never used for selection).")
 @click.option("--seed", default=42, type=int)
-@click.option("--select", default="val_loss", type=click.Choice(["val_loss", "val_f1", "val_auroc"]),
+@click.option("--select", default="val_loss",
+              type=click.Choice(["val_loss", "val_f1", "val_auroc", "shifted_val_loss",
+                                 "shifted_val_auroc"]),
               help="How the saved epoch is chosen.")
 @click.option("--min-epochs", default=3, type=click.IntRange(1),
               help="Epochs before one can be selected.")
-@click.option("--threshold-for", default="f1",
-              help="Decision threshold chosen on validation: f1, recall:0.95 or fixed:0.5.")
+@click.option("--threshold-for", default="youden",
+              help="Decision threshold chosen on validation: youden, f1, recall:0.95 or "
+                   "fixed:0.5.")
 @click.option("--positive-class", default="", help="Default: PNEUMONIA, else the last class.")
 @click.option("--amp/--no-amp", default=None,
-              help="Mixed precision (bf16 on CPU, fp16/bf16 on CUDA). Default: on for CUDA only.")
+              help="Mixed precision. Default: on for CUDA and for CPUs with bf16 instructions "
+                   "(AMX, AVX-512 BF16), off otherwise.")
 @click.option("--workers", default=2, type=click.IntRange(0), help="DataLoader workers.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-@click.option("--force", is_flag=True, help="Overwrite a model already in --out.")
+@click.option("--force", is_flag=True,
+              help="Replace the model in --out (only the files training and export write "
+                   "there; nothing else is deleted).")
 @friendly
 def train(**opts):
-    """Train a class-weighted ResNet on an ImageFolder of chest X-rays."""
-    from pneumo_edge.metrics import validate_threshold_rule
+    """Train a class-weighted ResNet on an ImageFolder of chest X-rays, within a time budget.
 
+    Every option, the device and the data are checked before --out is touched.
+    """
     try:
-        validate_threshold_rule(opts["threshold_for"])
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--threshold-for") from None
-    try:
-        from pneumo_edge.train.loop import TrainConfig, train as run_train
+        from pneumo_edge.train.loop import TrainConfig, check_config, train as run_train
     except ImportError as exc:
         raise PneumoError(f"training needs torch and torchvision ({exc.name} missing): "
                           "pip install 'pneumo-edge[train]'") from None
-    from pneumo_edge.train.data import class_weights
-
-    if opts["class_weights"] not in ("auto", "none"):
-        try:
-            class_weights(None, len(opts["class_weights"].split(",")), opts["class_weights"])
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--class-weights") from None
-    run_train(TrainConfig(**opts))
+    cfg = TrainConfig(**opts)
+    check_config(cfg)
+    run_train(cfg)
 
 
 @main.command("eval")
-@click.option("--model", "model", required=True, type=click.Path(), help="Model directory.")
+@click.option("--model", "model", required=True, type=click.Path(),
+              help="Model directory, or one model file in it (runs that file).")
 @click.option("--data", required=True, type=click.Path(),
               help="A labelled folder: DATA/CLASS/* with the model's classes.")
-@click.option("--runtime", default="torch", type=click.Choice(RUNTIME_CHOICES))
+@click.option("--runtime", default="auto", type=click.Choice(RUNTIME_CHOICES),
+              help="auto picks what score would pick.")
 @click.option("--batch", default=32, type=click.IntRange(1))
 @click.option("--out", "out", type=click.Path(dir_okay=False),
               help="Metrics JSON to write. Default: MODEL/eval_<folder name>.json")
 @friendly
 def eval_(model, data, runtime, batch, out):
-    """Metrics and confusion matrix of a model on a labelled folder."""
+    """Metrics and confusion matrix of a model on a labelled folder.
+
+    Exit 2 when no image of the folder could be decoded, 1 (no metrics written) when the
+    model gave a NaN or infinite probability for any image."""
     from pathlib import Path
 
     from pneumo_edge.card import json_safe, write_atomic
-    from pneumo_edge.evaluate import evaluate_folder, format_metrics
+    from pneumo_edge.evaluate import format_metrics
     from pneumo_edge.runtimes import open_runtime
 
     rt = open_runtime(model, runtime)
-    m = evaluate_folder(rt, data, batch)
+    m = _evaluate_checked(rt, data, batch)
     click.echo(format_metrics(m, rt.card))
-    out = Path(out) if out else Path(model) / f"eval_{Path(data).resolve().name}.json"
+    home = Path(model) if Path(model).is_dir() else Path(model).parent
+    out = Path(out) if out else home / f"eval_{Path(data).resolve().name}.json"
     write_atomic(out, json.dumps(json_safe(m), indent=2) + "\n")
     click.echo(f"wrote {out}", err=True)
+
+
+class _NonFiniteCounter:
+    """A runtime wrapper that counts images whose probabilities are not all finite."""
+
+    def __init__(self, rt):
+        self._rt, self.bad = rt, 0
+
+    def __getattr__(self, name):
+        return getattr(self._rt, name)
+
+    def __call__(self, batch):
+        import numpy as np
+
+        probs = np.asarray(self._rt(batch))
+        self.bad += int((~np.isfinite(probs).reshape(len(probs), -1).all(axis=1)).sum())
+        return probs
+
+
+def _evaluate_checked(rt, data, batch) -> dict:
+    """evaluate_folder, refusing what would make its metrics lie: no decodable image (exit 2),
+    non-finite probabilities (exit 1)."""
+    from pneumo_edge.evaluate import evaluate_folder
+
+    warnings: list[str] = []
+    counted = _NonFiniteCounter(rt)
+    m = evaluate_folder(counted, data, batch, warn=warnings.append)
+    if m["n"] == 0:
+        first = f" (first: {warnings[0]})" if warnings else ""
+        raise PneumoError(f"{data}: none of its {m.get('skipped_unreadable', 0)} image files "
+                          f"could be decoded{first}; no metrics")
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    if counted.bad:
+        err = PneumoError(f"the model produced non-finite probabilities for {counted.bad} of "
+                          f"{m['n']} images of {data}; no metrics written")
+        err.exit_code = 1
+        raise err
+    return m
 
 
 @main.command()
@@ -132,7 +262,7 @@ def eval_(model, data, runtime, batch, out):
 @click.option("--batch", default="1,8,32", help="Batch sizes, comma separated.")
 @click.option("--warmup", default=5, type=click.IntRange(0), help="Untimed calls per row.")
 @click.option("--iters", default=30, type=click.IntRange(1), help="Timed calls per row.")
-@click.option("--max-time", default=None, type=click.FloatRange(0, min_open=True),
+@click.option("--max-time", default=None, type=Finite(0, min_open=True),
               help="Stop a row's timed calls after this many seconds (at least 5 calls).")
 @click.option("--data", type=click.Path(file_okay=False),
               help="Also measure decode, compute and end-to-end throughput over this folder.")
@@ -169,7 +299,7 @@ def bench(model, runtime, batch, warmup, iters, max_time, data, limit, threads, 
 @click.option("--runtime", default="auto", type=click.Choice(RUNTIME_CHOICES),
               help="auto picks TensorRT, onnxruntime CUDA, torch CUDA, onnxruntime CPU, torch CPU.")
 @click.option("--batch", default=32, type=click.IntRange(1), help="Images per model call.")
-@click.option("--threshold", default=None, type=click.FloatRange(0, 1),
+@click.option("--threshold", default=None, type=Finite(0, 1),
               help="Decision threshold on the positive class. Default: the model card's.")
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
               help="Write the CSV here (atomically, via FILE.partial) instead of stdout.")
@@ -177,21 +307,24 @@ def bench(model, runtime, batch, warmup, iters, max_time, data, limit, threads, 
 @click.option("--workers", default=None, type=click.IntRange(1),
               help="Decode threads. Default: the number of cores, at least 2.")
 @click.option("-q", "--quiet", is_flag=True, help="No runtime line, progress bar or summary.")
+@click.option("--follow-links", is_flag=True,
+              help="Follow symbolic links to folders outside the scanned folders.")
 @friendly
-def score(paths, model, runtime, batch, threshold, output, resume, workers, quiet):
+def score(paths, model, runtime, batch, threshold, output, resume, workers, quiet,
+          follow_links):
     """Score image files and folders: CSV (path,label,p_<class>...,error) on stdout or -o.
 
     Exit 0 when every image file was scored, 1 when some could not be (their rows carry the
-    reason), 2 for usage errors.
+    reason), 2 for usage errors and when the CSV cannot be written. With -o FILE, FILE.json
+    records the model file and its sha256, runtime, threshold, versions and counts.
     """
     from pneumo_edge.score import run_score
 
     try:
         summary = run_score(paths, model, runtime=runtime, batch=batch, threshold=threshold,
-                            output=output, resume=resume, workers=workers, quiet=quiet)
+                            output=output, resume=resume, workers=workers, quiet=quiet,
+                            follow_links=follow_links)
     except BrokenPipeError:  # the reader stopped (`| head`): stop quietly, like other tools
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
     sys.exit(summary.exit_code)
@@ -213,15 +346,15 @@ def score(paths, model, runtime, batch, threshold, output, resume, workers, quie
               help="TensorRT timing cache, reused across builds. Default: RUN/trt_timing.cache")
 @click.option("--opset", default=18, type=click.IntRange(18, 23),
               help="ONNX opset; 18 parses in onnxruntime and TensorRT 10 and 11.")
-@click.option("--tol-fp32", default=1e-4, type=click.FloatRange(0), help="fp32 max |delta p|.")
-@click.option("--min-agreement-fp32", default=1.0, type=click.FloatRange(0, 1),
+@click.option("--tol-fp32", default=1e-4, type=Finite(0), help="fp32 max |delta p|.")
+@click.option("--min-agreement-fp32", default=1.0, type=Finite(0, 1),
               help="fp32 share of images with the torch label.")
-@click.option("--max-metric-delta-fp32", default=0.0, type=click.FloatRange(0),
+@click.option("--max-metric-delta-fp32", default=0.0, type=Finite(0),
               help="fp32 max |delta| of accuracy, precision, recall, F1.")
-@click.option("--tol-fp16", default=1e-2, type=click.FloatRange(0), help="fp16 max |delta p|.")
-@click.option("--min-agreement-fp16", default=0.995, type=click.FloatRange(0, 1),
+@click.option("--tol-fp16", default=1e-2, type=Finite(0), help="fp16 max |delta p|.")
+@click.option("--min-agreement-fp16", default=0.995, type=Finite(0, 1),
               help="fp16 share of images with the torch label.")
-@click.option("--max-metric-delta-fp16", default=0.005, type=click.FloatRange(0),
+@click.option("--max-metric-delta-fp16", default=0.005, type=Finite(0),
               help="fp16 max |delta| of accuracy, precision, recall, F1 (0.005 = 0.5 points).")
 @friendly
 def export(run, trt, parity_data, skip_parity, batch_min, batch_opt, batch_max, workspace,
