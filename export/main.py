@@ -12,13 +12,20 @@ import os
 import sys
 from pathlib import Path
 
-from pneumo_edge.errors import ModelError, PneumoError
 from pneumo_edge.export.onnx import DEFAULT_OPSET, export_onnx
-from pneumo_edge.export.parity import (ParityImages, default_tolerances, parity_images,
-                                       run_parity, smallest_passing, suggestion)
+from pneumo_edge.export.parity import (
+    ParityImages,
+    default_tolerances,
+    parity_images,
+    run_parity,
+    smallest_passing,
+    suggestion,
+)
 from pneumo_edge.export.report import format_table, write_report
 from pneumo_edge.export.tensorrt import BuildOptions, build_engine, trt_missing
-from pneumo_edge.runtimes.trt_rt import read_sidecar, stale_source
+
+from pneumo_edge import modeldir
+from pneumo_edge.errors import ModelError, PneumoError
 
 
 def _err(msg: str) -> None:
@@ -31,20 +38,21 @@ def run_export(run_dir, *, trt: bool = False, parity_data=None, build: BuildOpti
     """Export the model in ``run_dir`` and check parity; returns the exit code (0, 1 or 2)."""
     run = Path(run_dir)
     check_run_dir(run)
-    model, card = load_checkpoint(run)
+    model, card, weights_sha256 = load_checkpoint(run)
     build = build or BuildOptions()
     cannot_trt = ""
     if trt:
         build.validate()
         cannot_trt = trt_missing()
     images = None if skip_parity else parity_images(card, parity_data, warn=_warn)
-    for name, half in (("model.onnx", False), ("model.fp16.onnx", True)):
-        path = export_onnx(model, card, run / name, half=half, opset=opset)
+    for name, half in ((modeldir.ONNX_FP32, False), (modeldir.ONNX_FP16, True)):
+        path = export_onnx(model, card, run / name, half=half, opset=opset,
+                           weights_sha256=weights_sha256)
         _err(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, opset {opset})")
     if trt and not cannot_trt:
-        build_engine(run / "model.fp16.onnx", run / "model.fp16.engine", build, log=_err)
-        _err(f"wrote {run / 'model.fp16.engine'} and its .json")
-    elif (run / "model.fp16.engine").exists():
+        build_engine(run / modeldir.ONNX_FP16, run / modeldir.ENGINE, build, log=_err)
+        _err(f"wrote {run / modeldir.ENGINE} and {modeldir.SIDECAR}")
+    elif os.path.lexists(run / modeldir.ENGINE):
         _warn_stale_engine(run)
     skip = {"trt": f"--trt impossible here: {cannot_trt}"} if cannot_trt else {}
     code = 0 if images is None else check_parity(run, card, images, tolerances, skip=skip)
@@ -88,15 +96,18 @@ def check_run_dir(run: Path) -> None:
 
 
 def load_checkpoint(run: Path):
-    """(XrayNet in eval mode, Card) from run/model.pt; ModelError for anything unusable."""
+    """(XrayNet in eval mode, Card, sha256 of model.pt) from run/model.pt, checked against
+    run/card.json; ModelError for anything unusable."""
     try:
         import onnx  # noqa: F401
-
-        from pneumo_edge.train.checkpoint import load_model
+        import torch  # noqa: F401
     except ImportError as exc:
         raise PneumoError(f"export needs torch, torchvision and onnx ({exc.name} missing): "
                           "pip install 'pneumo-edge[train]'") from None
-    return load_model(run)
+    from pneumo_edge.torchload import load_checked
+
+    model, card, ckpt = load_checked(run / modeldir.MODEL_PT)
+    return model, card, ckpt.sha256
 
 
 def _warn(msg: str) -> None:
@@ -104,9 +115,9 @@ def _warn(msg: str) -> None:
 
 
 def _warn_stale_engine(run: Path) -> None:
-    engine = run / "model.fp16.engine"
+    engine = run / modeldir.ENGINE
     try:
-        stale = stale_source(engine, read_sidecar(engine))
+        stale = modeldir.stale_source(engine, modeldir.read_sidecar(engine))
     except ModelError as exc:
         stale = str(exc)
     if stale:

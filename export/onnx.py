@@ -2,7 +2,8 @@
 
 Both take ``image`` uint8 ``[N, 1, S, S]`` and return ``probs`` float32 ``[N, C]`` with a dynamic
 batch dimension ``N``; normalisation and softmax are inside the graph (XrayNet), and the model
-card travels in ``metadata_props`` under :data:`CARD_KEY`.
+card travels in ``metadata_props`` (with the sha256 of the model.pt it came from; the keys are
+:mod:`pneumo_edge.modeldir`'s).
 
 Exporter and opset: the torch.export-based exporter (``dynamo=True``) at opset 18.
 - torch 2.15 still accepts ``dynamo=False`` but warns that the TorchScript exporter will be
@@ -25,90 +26,100 @@ import sys
 import warnings
 from pathlib import Path
 
+from pneumo_edge import modeldir
 from pneumo_edge.card import Card
 from pneumo_edge.errors import ModelError
 
-CARD_KEY = "pneumo_edge.card"
+CARD_KEY = modeldir.ONNX_CARD_KEY
 DEFAULT_OPSET = 18
 INPUT_NAME = "image"
 OUTPUT_NAME = "probs"
 BATCH_DIM = "N"
 
 
-def export_onnx(model, card: Card, path: str | os.PathLike, *, half: bool = False,
-                opset: int = DEFAULT_OPSET) -> Path:
-    """Export ``model`` (an XrayNet) to ``path`` atomically and check the result."""
+def export_onnx(model, card: Card, path: str | os.PathLike, *, weights_sha256: str,
+                half: bool = False, opset: int = DEFAULT_OPSET) -> Path:
+    """Export ``model`` (an XrayNet) to ``path``, check the result, then write it atomically.
+    ``weights_sha256``: of the model.pt the weights came from (recorded in the metadata)."""
     import onnx
-    import torch
 
     path = Path(path)
+    scratch = path.with_name(f".{path.name}.export{os.getpid()}")
+    try:
+        _torch_export(model, card, scratch, half=half, opset=opset, shown=path)
+        proto = onnx.load(os.fspath(scratch))
+    finally:
+        scratch.unlink(missing_ok=True)
+    add_card(proto, card, weights_sha256)
+    check_onnx(proto, card, half=half, shown=path)
+    return modeldir.write_bytes_atomic(path, proto.SerializeToString())
+
+
+def _torch_export(model, card: Card, dest: Path, *, half: bool, opset: int, shown: Path) -> None:
+    """torch.onnx.export of a copy of ``model`` (fp16 when ``half``) to ``dest``."""
+    import torch
+
     net = copy.deepcopy(model).cpu().eval()
     net = net.half() if half else net.float()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     example = torch.zeros(2, 1, card.image_size, card.image_size, dtype=torch.uint8)
     batch = torch.export.Dim(BATCH_DIM, min=1, max=65536)
-    try:
-        # the exporter reports progress on stdout, which belongs to the parity table
-        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                torch.onnx.export(
-                    net, (example,), tmp, dynamo=True, opset_version=opset,
-                    external_data=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                    dynamic_shapes={"image": {0: batch}}, verbose=False)
-            except Exception as exc:  # the exporter raises many types; say it in one line
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise ModelError(f"{path}: torch.onnx.export (opset {opset}) failed: "
-                                 f"{first[:200]}") from None
-        proto = onnx.load(tmp)
-        add_card(proto, card)
-        onnx.save(proto, tmp, save_as_external_data=False)
-        check_onnx(tmp, card, half=half)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    # the exporter reports progress on stdout, which belongs to the parity table
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                net, (example,), dest, dynamo=True, opset_version=opset,
+                external_data=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes={"image": {0: batch}}, verbose=False)
+        except Exception as exc:  # the exporter raises many types; say it in one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"{shown}: torch.onnx.export (opset {opset}) failed: "
+                             f"{first[:200]}") from None
 
 
-def add_card(proto, card: Card) -> None:
-    """Put the card into ``metadata_props`` (replacing an older one) and name the producer."""
-    props = [p for p in proto.metadata_props if p.key != CARD_KEY]
+def add_card(proto, card: Card, weights_sha256: str) -> None:
+    """Put the card and the weights' sha256 into ``metadata_props`` (replacing older ones) and
+    name the producer."""
+    meta = modeldir.onnx_metadata(card, weights_sha256)
+    props = [p for p in proto.metadata_props if p.key not in meta]
     del proto.metadata_props[:]
     proto.metadata_props.extend(props)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = CARD_KEY, card.to_json()
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
     proto.doc_string = f"pneumo-edge {card.arch} {card.image_size}px, classes {card.classes}"
 
 
-def read_card(path: str | os.PathLike) -> Card:
-    """The card stored in an ONNX file's metadata (no weights are loaded)."""
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """An ONNX file's metadata_props (no weights are loaded)."""
     import onnx
 
     proto = onnx.load(os.fspath(path), load_external_data=False)
-    for p in proto.metadata_props:
-        if p.key == CARD_KEY:
-            return Card.from_json(p.value)
-    raise ModelError(f"{path}: no {CARD_KEY} in its metadata (not exported by pneumo-edge)")
+    return {p.key: p.value for p in proto.metadata_props}
 
 
-def check_onnx(path: str | os.PathLike, card: Card, *, half: bool) -> None:
+def read_card(path: str | os.PathLike) -> Card:
+    """The card stored in an ONNX file's metadata."""
+    return modeldir.onnx_card(path, read_metadata(path))
+
+
+def check_onnx(proto, card: Card, *, half: bool, shown: str | os.PathLike = "") -> None:
     """onnx.checker plus the contract: names, dtypes, dynamic batch, and (fp16) fp16 compute."""
     import onnx
 
     try:
-        onnx.checker.check_model(os.fspath(path), full_check=True)
+        onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise ModelError(f"{path}: onnx.checker rejects it: {str(exc).splitlines()[0]}") from None
-    proto = onnx.load(os.fspath(path))
+        raise ModelError(f"{shown}: onnx.checker rejects it: {str(exc).splitlines()[0]}") from None
     io = _io_spec(proto)
     want = {"inputs": [(INPUT_NAME, "UINT8", [BATCH_DIM, 1, card.image_size, card.image_size])],
             "outputs": [(OUTPUT_NAME, "FLOAT", [BATCH_DIM, len(card.classes)])]}
     if io != want:
-        raise ModelError(f"{path}: inputs/outputs are {io}, expected {want}")
+        raise ModelError(f"{shown}: inputs/outputs are {io}, expected {want}")
     if half:
         problems = fp16_problems(proto)
         if problems:
-            raise ModelError(f"{path}: not an fp16 graph: {problems[0]}")
+            raise ModelError(f"{shown}: not an fp16 graph: {problems[0]}")
 
 
 def _io_spec(proto) -> dict:

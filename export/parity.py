@@ -18,17 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumo_edge import modeldir
 from pneumo_edge.card import Card
 from pneumo_edge.errors import DataError, ModelError, RuntimeUnavailable
 from pneumo_edge.evaluate import decode_labelled, predict
-from pneumo_edge.versions import installed_versions
 from pneumo_edge.folders import scan_labelled
 from pneumo_edge.metrics import binary_metrics
+from pneumo_edge.versions import installed_versions
 
 CHECKED_METRICS = ("accuracy", "precision", "recall", "f1")
-#: (form name, file, precision) in the order they are checked
-FORMS = (("onnx", "model.onnx", "fp32"), ("onnx-fp16", "model.fp16.onnx", "fp16"),
-         ("trt", "model.fp16.engine", "fp16"))
+#: the forms checked, in order (modeldir.Form: runtime name, file, precision)
+FORMS = modeldir.EXPORTED_FORMS
 OPTION = {"max_abs": "--tol-{p}", "min_agreement": "--min-agreement-{p}",
           "max_metric_delta": "--max-metric-delta-{p}"}
 
@@ -136,23 +136,25 @@ def run_parity(run_dir, card: Card, images: ParityImages, tolerances: dict[str, 
     torch_rt = _open_torch(run_dir, card)
     ref = predict(torch_rt, images.pixels, batch)
     report = {"passed": True, "images": images.source,
-              "reference": {"form": "torch", "precision": "fp32", "device": torch_rt.device,
-                            "metrics": score(ref, images.labels, card)},
+              "reference": {"form": "torch", "file": torch_rt.path.name,
+                            "sha256": torch_rt.sha256, "precision": "fp32",
+                            "device": torch_rt.device, "metrics": score(ref, images.labels, card)},
               "threshold": card.threshold, "positive_class": card.positive_class,
               "tolerances": {k: asdict(v) for k, v in tolerances.items()}, "forms": {},
               "versions": versions(),
               "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    for name, filename, precision in FORMS:
-        entry = {"file": filename, "precision": precision}
+    for form in FORMS:
+        name, precision = form.runtime, form.precision
+        entry = {"file": form.file, "precision": precision}
         rt, why = (None, skip[name]) if name in (skip or {}) else \
-            _open_form(run_dir, card, name, filename)
+            _open_form(run_dir, card, form)
         if rt is None:
             entry.update(status="skipped" if name == "trt" or name in (skip or {}) else "fail",
                          reason=why)
         else:
             probs = predict(rt, images.pixels, batch)
-            entry.update(device=rt.device, **compare(ref, probs, images.labels, card,
-                                                     tolerances[precision]))
+            entry.update(device=rt.device, sha256=rt.sha256,
+                         **compare(ref, probs, images.labels, card, tolerances[precision]))
         report["passed"] &= entry["status"] != "fail"
         report["forms"][name] = entry
     return report
@@ -163,21 +165,21 @@ def _open_torch(run_dir: Path, card: Card):
     # exceed the fp32 tolerance
     from pneumo_edge.runtimes.torch_rt import TorchRuntime
 
-    return TorchRuntime(run_dir, card, device="cpu")
+    return TorchRuntime(run_dir / modeldir.MODEL_PT, card, device="cpu")
 
 
-def _open_form(run_dir: Path, card: Card, name: str, filename: str):
+def _open_form(run_dir: Path, card: Card, form: modeldir.Form):
     """(runtime, '') or (None, why not). ONNX forms run on the CPU (exact fp32 reference)."""
-    path = run_dir / filename
-    if not path.exists():
-        return None, ("not built (use pneumo-edge export RUN --trt)" if name == "trt"
-                      else f"{filename} not found")
+    path = run_dir / form.file
+    if not os.path.lexists(path):
+        return None, ("not built (" + modeldir.make_hint(run_dir, form) + ")"
+                      if form.runtime == "trt" else f"{form.file} not found")
     try:
-        if name == "trt":
+        if form.runtime == "trt":
             from pneumo_edge.runtimes.trt_rt import TensorRTRuntime
             return TensorRTRuntime(path, card), ""
         from pneumo_edge.runtimes.onnx_rt import OnnxRuntime
-        return OnnxRuntime(path, card, name=name, device="cpu"), ""
+        return OnnxRuntime(path, card, name=form.runtime, device="cpu"), ""
     except (RuntimeUnavailable, ModelError) as exc:
         return None, str(exc)
 

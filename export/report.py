@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
+from pathlib import Path
 
-from pneumo_edge.card import json_safe, write_atomic
+from pneumo_edge import modeldir
 
-PARITY_FILE = "parity.json"
+PARITY_FILE = modeldir.PARITY_JSON
 COLUMNS = ("accuracy", "precision", "recall", "f1")
 
 
-def write_report(run_dir, report: dict) -> str:
-    path = os.path.join(os.fspath(run_dir), PARITY_FILE)
-    write_atomic(path, json.dumps(json_safe(report), indent=2) + "\n")
-    return path
-
+def write_report(run_dir, report: dict) -> Path:
+    return modeldir.write_json_atomic(Path(run_dir) / PARITY_FILE, report)
 
 
 def format_table(report: dict) -> str:

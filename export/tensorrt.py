@@ -9,18 +9,17 @@ dimension, a workspace memory-pool limit, and a timing cache reused across build
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pneumo_edge.card import write_atomic
+from pneumo_edge import modeldir
 from pneumo_edge.errors import ModelError, PneumoError
 from pneumo_edge.runtimes import gpu_present, has_package
-from pneumo_edge.runtimes.trt_rt import INSTALL_HINT, sha256_file, sidecar_path
+from pneumo_edge.runtimes.trt_rt import INSTALL_HINT
 
-TIMING_CACHE = "trt_timing.cache"
+TIMING_CACHE = modeldir.TIMING_CACHE
 
 
 @dataclass
@@ -58,12 +57,16 @@ def _importable(module: str) -> bool:
 
 
 def build_engine(onnx_path, engine_path, opts: BuildOptions, log=print) -> dict:
-    """Build ``engine_path`` from ``onnx_path``; write the sidecar; return the sidecar dict."""
+    """Build ``engine_path`` from ``onnx_path``; write the sidecar (with the card and weights
+    sha256 from the ONNX file's metadata); return the sidecar dict."""
     import tensorrt as trt
+    from pneumo_edge.export.onnx import read_metadata
 
     from pneumo_edge.runtimes.trt_rt import current_platform
 
     opts.validate()
+    source = read_metadata(onnx_path)
+    card = modeldir.onnx_card(onnx_path, source)
     engine_path = Path(engine_path)
     here = current_platform()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -82,11 +85,12 @@ def build_engine(onnx_path, engine_path, opts: BuildOptions, log=print) -> dict:
     seconds = time.perf_counter() - t0
     if serialized is None:
         raise ModelError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
-    _write_bytes(engine_path, bytes(serialized))
-    _write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+    modeldir.write_bytes_atomic(engine_path, bytes(serialized))
+    modeldir.write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     del parser
-    meta = _sidecar(here, onnx_path, profile, opts, cache_path, seconds)
-    write_atomic(sidecar_path(engine_path), json.dumps(meta, indent=2) + "\n")
+    meta = modeldir.sidecar(here, onnx_path, card, source.get(modeldir.ONNX_WEIGHTS_KEY, ""),
+                            **_build_record(profile, opts, cache_path, seconds))
+    modeldir.write_json_atomic(modeldir.sidecar_path(engine_path), meta)
     return meta
 
 
@@ -120,20 +124,10 @@ def _use_timing_cache(config, cache_path: Path) -> None:
         config.set_timing_cache(config.create_timing_cache(b""), False)
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _sidecar(here, onnx_path, profile, opts, cache_path, seconds) -> dict:
+def _build_record(profile, opts, cache_path, seconds) -> dict:
     return {
-        "tensorrt": here["tensorrt"], "gpu": here["gpu"],
-        "compute_capability": here["compute_capability"],
         "profile": {k: profile[k] for k in ("input", "min", "opt", "max")},
         "workspace_mib": opts.workspace_mib, "strongly_typed": True,
-        "source_onnx": Path(onnx_path).name, "source_onnx_sha256": sha256_file(onnx_path),
         "timing_cache": os.fspath(cache_path), "build_seconds": round(seconds, 2),
         "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_edge.versions import installed_versions
 from pneumo_edge.errors import ModelError, PneumoError
+from pneumo_edge.versions import installed_versions
 
 DEFAULT_BATCHES = (1, 8, 32)
 DEFAULT_WARMUP = 5
@@ -323,11 +323,15 @@ def parse_batches(spec) -> list[int]:
 
 
 def open_for_bench(model, name: str, log=None):
-    """(runtime, None) or (None, reason it cannot run here)."""
+    """(runtime, None) or (None, reason it cannot run here). A model directory that
+    contradicts itself (modeldir.Refused) is an error, not a skipped runtime."""
+    from pneumo_edge.modeldir import Refused
     from pneumo_edge.runtimes import open_runtime
 
     try:
         return open_runtime(model, name, log=log), None
+    except Refused:
+        raise
     except PneumoError as exc:
         return None, str(exc)
     except ImportError as exc:  # a backend module or package that is not there
@@ -338,24 +342,23 @@ def run_bench(model, runtimes="auto", batches=DEFAULT_BATCHES, warmup: int = DEF
               iters: int = DEFAULT_ITERS, *, data=None, threads: int | None = None,
               max_time: float | None = None, data_batch: int | None = None,
               data_limit: int | None = None, log=None) -> dict:
-    """Benchmark ``model`` (a model directory) on each runtime in ``runtimes`` (a spec string
-    or list of names) and batch size. Returns ``{"machine", "model", "settings", "rows",
-    "skipped", "pipeline"}``; ``pipeline`` (end-to-end rows) is filled only with ``data``."""
-    from pneumo_edge.card import Card
-    from pneumo_edge.runtimes import model_dir
+    """Benchmark ``model`` (a model directory, or one model file in it) on each runtime in
+    ``runtimes`` (a spec string or list of names) and batch size. Returns ``{"machine",
+    "model", "settings", "rows", "skipped", "pipeline"}``; ``pipeline`` (end-to-end rows) is
+    filled only with ``data``."""
+    from pneumo_edge import modeldir
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     names = parse_runtimes(runtimes) if isinstance(runtimes, str) else list(runtimes)
     batches = parse_batches(batches)
-    d = model_dir(model)
-    card = Card.load(d)
+    target = modeldir.resolve(model, None)
+    d, card = target.dir, target.card  # no card.json: filled from the first runtime opened
     files = list_files(data, data_limit) if data else None
     threads = threads or decode_threads()
     data_batch = data_batch or max(batches)
     result = {
         "machine": machine_info(),
-        "model": {"dir": str(d), "arch": card.arch, "image_size": card.image_size,
-                  "classes": card.classes},
+        "model": _model_info(d, card),
         "settings": {"runtimes": names, "batches": batches, "warmup": warmup, "iters": iters,
                      "max_time_s": max_time, "data": str(data) if data else None,
                      "data_batch": data_batch if data else None,
@@ -380,6 +383,9 @@ def run_bench(model, runtimes="auto", batches=DEFAULT_BATCHES, warmup: int = DEF
         if rt.name in seen:
             continue
         seen.add(rt.name)
+        if card is None:
+            card = rt.card
+            result["model"] = _model_info(d, card)
         stage = ""
         try:
             for b in batches:
@@ -404,6 +410,13 @@ def run_bench(model, runtimes="auto", batches=DEFAULT_BATCHES, warmup: int = DEF
         reasons = "; ".join(f"{s['runtime']}: {s['reason']}" for s in result["skipped"])
         raise PneumoError(f"no runtime could run {d} here: {reasons}")
     return result
+
+
+def _model_info(d, card) -> dict:
+    if card is None:
+        return {"dir": str(d), "arch": "?", "image_size": "?", "classes": []}
+    return {"dir": str(d), "arch": card.arch, "image_size": card.image_size,
+            "classes": card.classes}
 
 
 # ----------------------------------------------------------------------------- output

@@ -1,7 +1,9 @@
 """The model card: what a model directory's model is, how it was made, and how to use it.
 
 It travels in three places and must round-trip exactly through each: ``card.json`` in the model
-directory, the ``card`` entry of ``model.pt``, and the ``metadata_props`` of the ONNX files.
+directory, the ``card`` entry of ``model.pt``, and the ``metadata_props`` of the ONNX files
+(and the TensorRT engine's sidecar). Reading and writing those files, and checking that the
+copies agree, is :mod:`pneumo_edge.modeldir`'s job; this module is the card itself.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from pneumo_edge.errors import ModelError
 
 #: Bump when a change makes older readers misread a card.
 CARD_VERSION = 1
-CARD_FILE = "card.json"
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Card:
                 "shape": ["N", 1, self.image_size, self.image_size],
                 "meaning": "8-bit grey pixels from pneumo_edge.images.load_image",
             }
-        if not self.output:
+        if not self.output and isinstance(self.classes, list):
             self.output = {"name": "probs", "dtype": "float32", "shape": ["N", len(self.classes)]}
         self.validate()
 
@@ -55,19 +56,43 @@ class Card:
         return self.classes.index(self.positive_class)
 
     def validate(self) -> None:
+        """Refuse (ModelError) a card whose fields have the wrong type or value."""
+        if not _is_int(self.card_version):
+            raise ModelError(f"model card card_version {self.card_version!r} is not a whole number")
         if self.card_version > CARD_VERSION:
             raise ModelError(
                 f"model card version {self.card_version} is newer than this pneumo-edge "
                 f"understands ({CARD_VERSION}); upgrade pneumo-edge"
             )
-        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
-            raise ModelError(f"model card needs two or more distinct classes, has {self.classes}")
-        if self.positive_class not in self.classes:
-            raise ModelError(f"positive class {self.positive_class!r} is not one of {self.classes}")
-        if not (isinstance(self.image_size, int) and 16 <= self.image_size <= 4096):
-            raise ModelError(f"model card image_size {self.image_size!r} is not a usable size")
-        if not (0.0 <= float(self.threshold) <= 1.0):
-            raise ModelError(f"model card threshold {self.threshold!r} is not in [0, 1]")
+        self._validate_classes()
+        if not (_is_int(self.image_size) and 16 <= self.image_size <= 4096):
+            raise ModelError(f"model card image_size {self.image_size!r} is not a usable size "
+                             f"(a whole number of pixels, 16 to 4096)")
+        if not (_is_real(self.threshold) and 0.0 <= self.threshold <= 1.0):
+            raise ModelError(f"model card threshold {self.threshold!r} is not a number in [0, 1]")
+        if not (isinstance(self.arch, str) and self.arch):
+            raise ModelError(f"model card arch {self.arch!r} is not a name")
+        self._validate_dicts()
+
+    def _validate_classes(self) -> None:
+        c = self.classes
+        if not (isinstance(c, list) and all(isinstance(x, str) and x for x in c)):
+            raise ModelError(f"model card classes {c!r} is not a list of class names")
+        if len(c) < 2 or len(set(c)) != len(c):
+            raise ModelError(f"model card needs two or more distinct classes, has {c}")
+        if not isinstance(self.positive_class, str) or self.positive_class not in c:
+            raise ModelError(f"positive class {self.positive_class!r} is not one of {c}")
+
+    def _validate_dicts(self) -> None:
+        for name in ("net", "input", "output", "train_config", "split", "metrics", "data",
+                     "versions"):
+            if not isinstance(getattr(self, name), dict):
+                raise ModelError(f"model card {name} is not a JSON object")
+        if not all(isinstance(k, str) and isinstance(v, (str, int, float, bool))
+                   for k, v in self.net.items()):
+            raise ModelError(f"model card net {self.net!r} is not a set of named options")
+        if not isinstance(self.created, str):
+            raise ModelError(f"model card created {self.created!r} is not text")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,29 +115,21 @@ class Card:
     def from_json(cls, text: str) -> Card:
         try:
             return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise ModelError(f"model card is not valid JSON: {exc}") from None
 
     def save(self, run_dir: str | os.PathLike) -> Path:
-        path = Path(run_dir) / CARD_FILE
-        write_atomic(path, self.to_json() + "\n")
-        return path
+        """Write ``run_dir/card.json`` (see :func:`pneumo_edge.modeldir.write_card`)."""
+        from pneumo_edge.modeldir import write_card
+
+        return write_card(run_dir, self)
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> Card:
-        path = Path(run_dir)
-        if path.is_dir():
-            path = path / CARD_FILE
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ModelError(f"{path}: no model card (is this a pneumo-edge model directory?)") from None
-        except OSError as exc:
-            raise ModelError(f"{path}: cannot read model card: {exc.strerror or exc}") from None
-        try:
-            return cls.from_json(text)
-        except ModelError as exc:
-            raise ModelError(f"{path}: {exc}") from None
+        """``card.json`` of a model directory (see :func:`pneumo_edge.modeldir.read_card`)."""
+        from pneumo_edge.modeldir import read_card
+
+        return read_card(run_dir)
 
     def label_for(self, probs_row) -> str:
         """The label for one row of probabilities: the positive class when its probability
@@ -141,11 +158,16 @@ def json_safe(x):
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never half of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a text file atomically (kept for callers outside the model directory code; the
+    one implementation is :func:`pneumo_edge.modeldir.write_text_atomic`)."""
+    from pneumo_edge.modeldir import write_text_atomic
+
+    write_text_atomic(path, text)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -11,12 +11,17 @@ Imports no torch, onnx, onnxruntime or tensorrt at module level.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import secrets
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from pneumo_edge.errors import ModelError
+from pneumo_edge.card import Card, json_safe
+from pneumo_edge.errors import ModelError, PneumoError
 
 # ----------------------------------------------------------------------------- file names
 
@@ -50,7 +55,7 @@ class Form:
     precision: str
 
 
-#: every runnable form, in the order ``auto`` prefers nothing in particular (see runtimes)
+#: every runnable form (``auto``'s order of preference lives in pneumo_edge.runtimes)
 FORMS = (Form("torch", MODEL_PT, "fp32"), Form("onnx", ONNX_FP32, "fp32"),
          Form("onnx-fp16", ONNX_FP16, "fp16"), Form("onnx-int8", ONNX_INT8, "int8"),
          Form("trt", ENGINE, "fp16"))
@@ -98,7 +103,7 @@ def open_regular(path: str | os.PathLike):
         raise ModelError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ModelError(f"{path}: not a regular file")
+            raise Refused(f"{path}: not a regular file")
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -114,7 +119,7 @@ def check_regular(path: str | os.PathLike) -> os.stat_result:
     except OSError as exc:
         raise ModelError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not stat.S_ISREG(st.st_mode):
-        raise ModelError(f"{path}: not a regular file ({_kind(st.st_mode)})")
+        raise Refused(f"{path}: not a regular file ({_kind(st.st_mode)})")
     return st
 
 
@@ -125,3 +130,321 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a plain file"
+
+
+class Refused(ModelError):
+    """A model directory whose files contradict each other or are not what they claim to be
+    (a copy of the card that disagrees, a FIFO in place of a model file). ``auto`` never
+    skips past this to another runtime: it is an error, never a guess."""
+
+
+#: the card fields every copy of the card must agree on (what changes the answers)
+AGREED_FIELDS = ("classes", "positive_class", "image_size", "threshold", "arch", "net")
+#: largest JSON file read (card.json, the sidecar): a card is a few KiB
+JSON_CAP = 1 << 20
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def write_atomic(path: str | os.PathLike, writer: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` so that readers see the old or the new file, never half of one, and the
+    new one survives a crash: ``writer(f)`` fills a new temporary file in the same folder, which
+    is flushed, fsynced and renamed over ``path``; then the folder is fsynced. A symlink at
+    ``path`` is replaced, never written through. OSError -> PneumoError (exit 2)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        with os.fdopen(os.open(tmp, flags, 0o666), "wb") as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise PneumoError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: some filesystems refuse)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    return write_atomic(path, lambda f: f.write(data))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> Path:
+    """``obj`` as indented JSON, non-finite floats as null (valid JSON for any reader)."""
+    return write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def torch_save_atomic(path: str | os.PathLike, obj) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (model.pt, last.pt)."""
+    import torch
+
+    return write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_card(run_dir: str | os.PathLike, card: Card) -> Path:
+    return write_text_atomic(Path(run_dir) / CARD_JSON, card.to_json() + "\n")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_regular(path: str | os.PathLike, cap: int | None = None) -> bytes:
+    """The bytes of a regular file, refusing anything over ``cap`` bytes."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if cap is not None and size > cap:
+            raise Refused(f"{path}: {size} bytes, more than the {cap} a model file of this "
+                          f"kind can be")
+        data = f.read(cap + 1 if cap is not None else -1)
+    if cap is not None and len(data) > cap:
+        raise Refused(f"{path}: more than {cap} bytes")
+    return data
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file"):
+    """A size-capped, UTF-8, JSON file (regular files only)."""
+    data = read_regular(path, JSON_CAP)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Refused(f"{path}: {what} is not UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise Refused(f"{path}: {what} is not valid JSON ({exc})") from None
+
+
+def card_from(obj, source: str | os.PathLike) -> Card:
+    """A Card from a parsed copy of the card; errors name ``source``."""
+    try:
+        return Card.from_dict(obj)
+    except ModelError as exc:
+        raise Refused(f"{source}: {exc}") from None
+
+
+def read_card(path: str | os.PathLike) -> Card:
+    """``card.json`` of a model directory (or the card file itself), validated."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CARD_JSON
+    if not os.path.lexists(path):
+        raise ModelError(f"{path}: no model card (is this a pneumo-edge model directory?)")
+    return card_from(read_json(path, "model card"), path)
+
+
+def directory_card(model_file: str | os.PathLike) -> Card | None:
+    """The card.json next to ``model_file``, or None when there is none."""
+    path = Path(model_file).parent / CARD_JSON
+    return read_card(path) if os.path.lexists(path) else None
+
+
+# ----------------------------------------------------------------------------- which file runs
+
+
+@dataclass(frozen=True)
+class Target:
+    """What ``--model`` (and ``--runtime``) name: the model directory, the form to run (None
+    when ``auto`` on a directory leaves the choice to the runtimes) and card.json's card (None
+    when the directory has no card.json: the runtime then uses the card in the file it runs)."""
+
+    dir: Path
+    form: Form | None
+    card: Card | None
+
+    @property
+    def file(self) -> Path | None:
+        return None if self.form is None else self.dir / self.form.file
+
+
+def resolve(model: str | os.PathLike, runtime: str | None = "auto") -> Target:
+    """``model`` is a model directory or one model file in it; a file fixes the form, and an
+    explicit ``runtime`` that contradicts it is an error."""
+    p = Path(model)
+    if not os.path.lexists(p):
+        raise ModelError(f"{model}: no such model directory or model file")
+    d, form = (p, None) if p.is_dir() else (p.parent, _form_of_file(p))
+    if runtime not in (None, "auto"):
+        want = form_for_runtime(runtime)
+        if form is not None and want != form:
+            raise ModelError(f"{p} is run by --runtime {form.runtime}, not --runtime {runtime} "
+                             f"(pass the directory {d} to choose the runtime)")
+        form = want
+    card = read_card(d) if os.path.lexists(d / CARD_JSON) else None
+    return Target(d, form, card)
+
+
+def _form_of_file(p: Path) -> Form | None:
+    if p.name in BY_FILE:
+        return BY_FILE[p.name]
+    if p.name == SIDECAR:
+        return BY_RUNTIME["trt"]
+    if p.name == CARD_JSON:
+        return None
+    raise ModelError(f"{p}: not a model file; pass the model directory or one of "
+                     f"{', '.join(BY_FILE)}")
+
+
+def model_file(d: str | os.PathLike, form: Form) -> Path:
+    """``d``'s file for ``form``: present and a regular file, or ModelError with the command
+    that makes it."""
+    path = Path(d) / form.file
+    if not os.path.lexists(path):
+        raise ModelError(f"{path}: not found ({make_hint(d, form)})")
+    check_regular(path)
+    return path
+
+
+def _form_named(file: Path) -> Form:
+    """The form of a model file by its name (an ONNX file under another name: onnx)."""
+    if file.name == SIDECAR:
+        return BY_RUNTIME["trt"]
+    return BY_FILE.get(file.name, BY_RUNTIME["onnx"])
+
+
+def make_hint(d: str | os.PathLike, form: Form) -> str:
+    """The command that (re)makes ``form``'s file in ``d``."""
+    if form.runtime == "torch":
+        return f"train a model: pneumo-edge train --data DATA --out {d}"
+    if form.runtime == "trt":
+        return f"run: pneumo-edge export {d} --trt"
+    if form.runtime == "onnx-int8":
+        return "this pneumo-edge does not export model.int8.onnx"
+    return f"run: pneumo-edge export {d}"
+
+
+def fix_hint(d: str | os.PathLike, form: Form) -> str:
+    """What to do when ``form``'s file contradicts the rest of ``d``."""
+    if form.runtime == "torch":
+        return f"mismatched files: {CARD_JSON} must be the one training wrote with {MODEL_PT}"
+    if form.runtime == "trt":
+        return f"rebuild: pneumo-edge export {d} --trt"
+    return f"re-export: pneumo-edge export {d}"
+
+
+# ----------------------------------------------------------------------------- consistency
+
+
+def agreed_card(file: str | os.PathLike, embedded: Card, card: Card | None,
+                embedded_in: str | os.PathLike | None = None) -> Card:
+    """The card to run ``file`` with: card.json's ``card`` when it agrees on every
+    AGREED_FIELDS with the card ``embedded`` in ``file`` (or in ``embedded_in``, e.g. the
+    engine's sidecar), the embedded one when there is no card.json; Refused otherwise."""
+    file = Path(file)
+    if card is None:
+        return embedded
+    for name in AGREED_FIELDS:
+        ours, theirs = getattr(card, name), getattr(embedded, name)
+        if ours != theirs:
+            raise Refused(f"{file.parent / CARD_JSON} and {embedded_in or file} disagree on "
+                          f"{name}: {ours!r} vs {theirs!r} "
+                          f"({fix_hint(file.parent, _form_named(file))})")
+    return card
+
+
+def check_weights(file: str | os.PathLike, recorded: str | None,
+                  recorded_in: str | os.PathLike | None = None) -> None:
+    """An exported ``file`` records the sha256 of the model.pt it came from; when that model.pt
+    is in the same directory it must be the same one (otherwise the export is stale and the
+    card's threshold was chosen for other weights). Refused when it differs or is unrecorded."""
+    file = Path(file)
+    pt = file.parent / MODEL_PT
+    if not os.path.lexists(pt):
+        return  # an edge copy without model.pt: the file's own card is the reference
+    hint = fix_hint(file.parent, _form_named(file))
+    if not recorded:
+        raise Refused(f"{recorded_in or file} records no weights sha256, so it cannot be "
+                      f"checked against {pt} ({hint})")
+    actual = sha256_file(pt)
+    if actual != recorded:
+        raise Refused(f"{pt} and {recorded_in or file} disagree on weights_sha256: "
+                      f"{actual[:16]} vs {str(recorded)[:16]} ({hint})")
+
+
+# ----------------------------------------------------------------------------- ONNX metadata
+
+
+def onnx_metadata(card: Card, weights_sha256: str) -> dict[str, str]:
+    """The metadata_props an exported ONNX file carries."""
+    return {ONNX_CARD_KEY: card.to_json(), ONNX_WEIGHTS_KEY: weights_sha256}
+
+
+def onnx_card(path: str | os.PathLike, metadata: dict) -> Card:
+    """The card in an ONNX file's metadata (from onnxruntime's custom_metadata_map or onnx's
+    metadata_props); Refused when it has none."""
+    if ONNX_CARD_KEY not in metadata:
+        raise Refused(f"{path}: no model card in its metadata (not exported by pneumo-edge; "
+                      f"{fix_hint(Path(path).parent, BY_RUNTIME['onnx'])})")
+    try:
+        obj = json.loads(metadata[ONNX_CARD_KEY])
+    except (ValueError, RecursionError) as exc:
+        raise Refused(f"{path}: the model card in its metadata is not valid JSON ({exc})") from None
+    return card_from(obj, path)
+
+
+# ----------------------------------------------------------------------------- engine sidecar
+
+
+def sidecar_path(engine_path: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(engine_path)}.json")
+
+
+def read_sidecar(engine_path: str | os.PathLike) -> dict:
+    """The sidecar of an engine: what built it, from which ONNX and weights, and the card."""
+    path, rebuild = sidecar_path(engine_path), fix_hint(Path(engine_path).parent, BY_RUNTIME["trt"])
+    if not os.path.lexists(path):
+        raise ModelError(f"{path}: missing, so nothing says what built "
+                         f"{Path(engine_path).name} ({rebuild})")
+    try:
+        meta = read_json(path, "engine sidecar")
+    except Refused as exc:
+        raise Refused(f"{exc} ({rebuild})") from None
+    if not isinstance(meta, dict):
+        raise Refused(f"{path}: not a JSON object ({rebuild})")
+    return meta
+
+
+def sidecar_card(engine_path: str | os.PathLike, meta: dict) -> Card:
+    if not isinstance(meta.get("card"), dict):
+        raise Refused(f"{sidecar_path(engine_path)}: records no model card "
+                      f"({fix_hint(Path(engine_path).parent, BY_RUNTIME['trt'])})")
+    return card_from(meta["card"], sidecar_path(engine_path))
+
+
+def sidecar(platform: dict, onnx_path, card: Card, weights_sha256: str, **build) -> dict:
+    """The sidecar dict for an engine built on ``platform`` (tensorrt, gpu,
+    compute_capability) from ``onnx_path``; ``build``: profile, timing cache, timings."""
+    return {"tensorrt": platform["tensorrt"], "gpu": platform["gpu"],
+            "compute_capability": platform["compute_capability"], **build,
+            "source_onnx": Path(onnx_path).name, "source_onnx_sha256": sha256_file(onnx_path),
+            "weights_sha256": weights_sha256, "card": card.to_dict()}
+
+
+def stale_source(engine_path: str | os.PathLike, meta: dict) -> str:
+    """'' unless the ONNX the engine was built from is in the directory and has changed."""
+    name = Path(str(meta.get("source_onnx", ONNX_FP16))).name
+    src, want = Path(engine_path).parent / name, meta.get("source_onnx_sha256")
+    if not want or not os.path.lexists(src):
+        return ""
+    return "" if sha256_file(src) == want else f"built from an older {src.name}"

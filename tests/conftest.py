@@ -2,6 +2,10 @@
 
 Both are session-scoped and built once per pytest run (a few seconds on 2 CPU cores). Tests must
 treat them as read-only: copy ``tiny_run`` (``copy_run``) before writing into a model directory.
+
+Disk footprint: ``copy_run`` copies only the files a model directory needs to run (never
+last.pt, which holds the optimizer state and is four times model.pt), and pyproject.toml keeps
+the temporary folders of failed tests only.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from pneumo_edge import modeldir
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 PER_CLASS = 16
@@ -86,15 +92,32 @@ def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
     return out
 
 
+#: what a copied model directory holds by default: the card, every runnable form, the engine's
+#: sidecar and the parity report (not last.pt, the training history or the plots)
+RUN_FILES = (modeldir.CARD_JSON, *(f.file for f in modeldir.FORMS), modeldir.SIDECAR,
+             modeldir.PARITY_JSON)
+
+
+def copy_model_dir(src: Path, dst: Path, files=RUN_FILES) -> Path:
+    """Copy those of ``files`` that ``src`` has into a new folder ``dst``."""
+    dst.mkdir(parents=True)
+    for name in files:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+    return dst
+
+
 @pytest.fixture
 def copy_run(tiny_run, tmp_path):
-    """A function that copies the tiny model directory (and any exported files) to a fresh
-    writable folder and returns its path."""
+    """A function that copies the tiny model directory (default ``tiny_run``; any exported
+    files it has come along) to a fresh writable folder and returns its path. ``files``: the
+    file names to copy (default RUN_FILES); a second call returns a second folder."""
+    count = iter(range(1000))
 
-    def copy(src: Path | None = None) -> Path:
-        dst = tmp_path / "run"
-        shutil.copytree(src or tiny_run, dst)
-        return dst
+    def copy(src: Path | None = None, files=RUN_FILES) -> Path:
+        n = next(count)
+        return copy_model_dir(src or tiny_run, tmp_path / ("run" if n == 0 else f"run{n}"),
+                              files)
 
     return copy
 
@@ -107,8 +130,7 @@ def tiny_exported(tiny_run, tmp_path_factory) -> Path:
     pytest.importorskip("onnxruntime", reason="parity needs onnxruntime")
     from pneumo_edge.export.main import run_export
 
-    out = tmp_path_factory.mktemp("tiny_exported") / "run"
-    shutil.copytree(tiny_run, out)
+    out = copy_model_dir(tiny_run, tmp_path_factory.mktemp("tiny_exported") / "run")
     code = run_export(out)
     assert code == 0, "export of the tiny model failed parity"
     return out

@@ -17,6 +17,8 @@ from pneumo_edge.cli import main
 from pneumo_edge.errors import PneumoError
 from pneumo_edge.runtimes import RUNTIMES
 
+from conftest import copy_model_dir
+
 ROW_KEYS = {"runtime", "batch", "p50_ms", "p90_ms", "p99_ms", "images_per_s", "mean_ms",
             "iters", "device"}
 FAST = dict(warmup=1, iters=4)
@@ -60,8 +62,7 @@ def exported_run(tiny_run, tmp_path_factory):
     pytest.importorskip("onnxruntime", reason="the onnx runtimes need onnxruntime")
     from pneumo_edge.export.main import run_export
 
-    d = tmp_path_factory.mktemp("bench_run") / "run"
-    shutil.copytree(tiny_run, d)
+    d = copy_model_dir(tiny_run, tmp_path_factory.mktemp("bench_run") / "run")
     assert run_export(d, skip_parity=True) == 0
     return d
 

@@ -32,16 +32,47 @@ def test_unknown_keys_ignored_and_required_keys_enforced():
         Card.from_dict({k: v for k, v in d.items() if k != "threshold"})
 
 
-@pytest.mark.parametrize("kw,msg", [
+BAD_FIELDS = [
     ({"card_version": CARD_VERSION + 1}, "newer"),
+    ({"card_version": "1"}, "card_version '1' is not a whole number"),
     ({"positive_class": "COVID"}, "not one of"),
     ({"classes": ["ONLY"], "positive_class": "ONLY"}, "two or more"),
-    ({"threshold": 1.5}, r"not in \[0, 1\]"),
+    ({"classes": ["NORMAL", "NORMAL"], "positive_class": "NORMAL"}, "two or more distinct"),
+    ({"classes": "NORMAL,PNEUMONIA"}, "not a list of class names"),
+    ({"classes": ["NORMAL", 1]}, "not a list of class names"),
+    ({"threshold": 1.5}, r"threshold 1.5 is not a number in \[0, 1\]"),
+    ({"threshold": -0.1}, r"not a number in \[0, 1\]"),
+    ({"threshold": "abc"}, r"threshold 'abc' is not a number"),
+    ({"threshold": "0.5"}, r"threshold '0.5' is not a number"),
+    ({"threshold": None}, r"threshold None is not a number"),
+    ({"threshold": float("nan")}, r"threshold nan is not a number"),
+    ({"threshold": float("inf")}, r"threshold inf is not a number"),
+    ({"threshold": True}, r"threshold True is not a number"),
     ({"image_size": 3}, "not a usable size"),
-])
+    ({"image_size": 0}, "image_size 0 is not a usable size"),
+    ({"image_size": -1}, "image_size -1 is not a usable size"),
+    ({"image_size": "224"}, "image_size '224' is not a usable size"),
+    ({"image_size": 224.0}, "image_size 224.0 is not a usable size"),
+    ({"image_size": True}, "image_size True is not a usable size"),
+    ({"arch": None}, "arch None is not a name"),
+    ({"net": ["norm"]}, "net is not a JSON object"),
+    ({"split": "all"}, "split is not a JSON object"),
+]
+
+
+@pytest.mark.parametrize("kw,msg", BAD_FIELDS)
 def test_invalid_cards_refused(kw, msg):
     with pytest.raises(ModelError, match=msg):
         make(**kw)
+
+
+@pytest.mark.parametrize("kw,msg", BAD_FIELDS)
+def test_invalid_card_files_name_the_file(tmp_path, kw, msg):
+    d = make().to_dict() | kw
+    (tmp_path / "card.json").write_text(json.dumps(d))  # NaN/inf go in as JSON's NaN/Infinity
+    with pytest.raises(ModelError, match=msg) as err:
+        Card.load(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'card.json'}: ")
 
 
 def test_missing_and_corrupt_card_files(tmp_path):
@@ -49,6 +80,33 @@ def test_missing_and_corrupt_card_files(tmp_path):
         Card.load(tmp_path)
     (tmp_path / "card.json").write_text("{not json")
     with pytest.raises(ModelError, match="not valid JSON"):
+        Card.load(tmp_path)
+    (tmp_path / "card.json").write_bytes(make().to_json().replace("NORMAL", "NORM\xc9L")
+                                         .encode("latin-1"))
+    with pytest.raises(ModelError, match="card.json: model card is not UTF-8 text"):
+        Card.load(tmp_path)
+    (tmp_path / "card.json").write_text("[1, 2]")
+    with pytest.raises(ModelError, match="not a JSON object"):
+        Card.load(tmp_path)
+    (tmp_path / "card.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ModelError, match="not valid JSON"):
+        Card.load(tmp_path)
+
+
+def test_oversized_card_is_refused_without_reading_it(tmp_path):
+    with open(tmp_path / "card.json", "wb") as f:
+        f.truncate(2 << 30)  # sparse: 2 GiB that are never read
+    with pytest.raises(ModelError, match="more than the 1048576"):
+        Card.load(tmp_path)
+
+
+def test_card_that_is_not_a_regular_file(tmp_path):
+    (tmp_path / "card.json").mkdir()
+    with pytest.raises(ModelError, match="card.json: not a regular file \\(a directory\\)"):
+        Card.load(tmp_path)
+    (tmp_path / "card.json").rmdir()
+    (tmp_path / "card.json").symlink_to("/dev/zero")
+    with pytest.raises(ModelError, match="not a regular file \\(a character device\\)"):
         Card.load(tmp_path)
 
 

@@ -9,11 +9,12 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import copy_model_dir
 from pneumo_edge.card import Card
 from pneumo_edge.errors import ModelError, RuntimeUnavailable
+from pneumo_edge.modeldir import Refused, read_sidecar, sha256_file, sidecar_path
 from pneumo_edge.runtimes import gpu_present, has_package, open_runtime
-from pneumo_edge.runtimes.trt_rt import (check_sidecar, read_sidecar, sha256_file,
-                                         sidecar_mismatch, sidecar_path)
+from pneumo_edge.runtimes.trt_rt import check_sidecar, sidecar_mismatch
 
 HERE = {"tensorrt": "10.3.0", "gpu": "Orin (nvgpu)", "compute_capability": "8.7"}
 
@@ -70,7 +71,7 @@ def test_sidecar_mismatch_is_refused(tmp_path, key, value, words):
     with pytest.raises(ModelError) as err:
         check_sidecar(engine, dict(HERE), {**HERE, key: value})
     msg = str(err.value)
-    assert words in msg and value in msg and "pneumo-edge export RUN --trt" in msg
+    assert words in msg and value in msg and f"pneumo-edge export {tmp_path} --trt" in msg
     assert len(msg.splitlines()) == 1
 
 
@@ -89,15 +90,48 @@ def test_missing_or_broken_sidecar(tmp_path):
     with pytest.raises(ModelError, match="--trt"):
         read_sidecar(engine)
     sidecar_path(engine).write_text("{not json")
-    with pytest.raises(ModelError, match="unreadable"):
+    with pytest.raises(Refused, match=f"not valid JSON.*pneumo-edge export {tmp_path} --trt"):
         read_sidecar(engine)
+    sidecar_path(engine).write_bytes(b'{"gpu": "\xff"}')
+    with pytest.raises(Refused, match="not UTF-8"):
+        read_sidecar(engine)
+
+
+def _fake_engine(run, **sidecar):
+    """A model directory with a (fake) engine and a sidecar that describes it correctly
+    (card, weights sha256 of model.pt) unless ``sidecar`` overrides a key."""
+    (run / "model.fp16.engine").write_bytes(b"engine")
+    meta = {**HERE, "card": Card.load(run).to_dict(),
+            "weights_sha256": sha256_file(run / "model.pt"), **sidecar}
+    sidecar_path(run / "model.fp16.engine").write_text(json.dumps(meta))
+
+
+def test_engine_whose_sidecar_card_disagrees_is_refused_before_any_gpu_work(copy_run):
+    run = copy_run()
+    card = Card.load(run).to_dict()
+    _fake_engine(run, card={**card, "classes": card["classes"][::-1]})
+    with pytest.raises(Refused) as err:
+        open_runtime(run, "trt")
+    assert str(err.value).startswith(f"{run}/card.json and {run}/model.fp16.engine.json "
+                                     f"disagree on classes: ")
+    assert f"pneumo-edge export {run} --trt" in str(err.value)
+
+
+def test_engine_built_from_other_weights_or_without_a_card_is_refused(copy_run):
+    run = copy_run()
+    _fake_engine(run, weights_sha256="0" * 64)
+    with pytest.raises(Refused, match="model.pt and .*model.fp16.engine.json disagree on "
+                                      "weights_sha256"):
+        open_runtime(run, "trt")
+    _fake_engine(run, card=None)
+    with pytest.raises(Refused, match="records no model card"):
+        open_runtime(run, "trt")
 
 
 @pytest.mark.skipif(has_package("tensorrt"), reason="tensorrt is installed here")
 def test_trt_runtime_without_tensorrt_says_how_to_install(copy_run, tiny_run):
     run = copy_run()
-    (run / "model.fp16.engine").write_bytes(b"engine")
-    sidecar_path(run / "model.fp16.engine").write_text(json.dumps(HERE))
+    _fake_engine(run)
     with pytest.raises(RuntimeUnavailable, match=r"pip install 'pneumo-edge\[gpu\]'"):
         open_runtime(run, "trt")
 
@@ -110,13 +144,10 @@ def trt_run(tiny_exported, tmp_path_factory):
     pytest.importorskip("cuda.bindings", reason="cuda-python is not installed (pneumo-edge[gpu])")
     if not gpu_present():
         pytest.skip("no NVIDIA GPU")
-    import shutil
-
     from pneumo_edge.export.main import run_export
     from pneumo_edge.export.tensorrt import BuildOptions
 
-    run = tmp_path_factory.mktemp("trt") / "run"
-    shutil.copytree(tiny_exported, run)
+    run = copy_model_dir(tiny_exported, tmp_path_factory.mktemp("trt") / "run")
     code = run_export(run, trt=True, build=BuildOptions(1, 4, 8, workspace_mib=512))
     assert code == 0
     return run
@@ -128,6 +159,8 @@ def test_trt_export_writes_engine_sidecar_and_passes_parity(trt_run):
     meta = read_sidecar(trt_run / "model.fp16.engine")
     assert meta["profile"]["min"] == [1, 1, 64, 64] and meta["profile"]["max"] == [8, 1, 64, 64]
     assert meta["source_onnx_sha256"] == sha256_file(trt_run / "model.fp16.onnx")
+    assert meta["weights_sha256"] == sha256_file(trt_run / "model.pt")
+    assert Card.from_dict(meta["card"]) == Card.load(trt_run)
     assert (trt_run / "trt_timing.cache").stat().st_size > 0
     report = json.loads((trt_run / "parity.json").read_text())
     assert report["forms"]["trt"]["status"] == "pass"
@@ -140,6 +173,8 @@ def test_trt_runtime_matches_torch_and_splits_big_batches(trt_run):
 
     rt = open_runtime(trt_run, "trt")
     assert rt.name == "trt" and rt.device.startswith("cuda") and rt.max_batch == 8
+    assert rt.path == trt_run / "model.fp16.engine" and rt.precision == "fp16"
+    assert rt.sha256 == sha256_file(rt.path)
     ref = TorchRuntime(trt_run, rt.card, device="cpu")
     for n in (1, 5, 19):  # 19 > profile max 8: three engine calls
         x = _pixels(n, seed=n)
@@ -150,11 +185,8 @@ def test_trt_runtime_matches_torch_and_splits_big_batches(trt_run):
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
-def test_trt_runtime_refuses_an_engine_from_another_gpu(trt_run, tmp_path):
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(trt_run, run)
+def test_trt_runtime_refuses_an_engine_from_another_gpu(trt_run, copy_run):
+    run = copy_run(trt_run)
     side = sidecar_path(run / "model.fp16.engine")
     meta = json.loads(side.read_text())
     side.write_text(json.dumps({**meta, "gpu": "Some Other GPU"}))

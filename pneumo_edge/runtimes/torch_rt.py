@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from pneumo_edge.errors import RuntimeUnavailable
@@ -11,13 +9,16 @@ from pneumo_edge.errors import RuntimeUnavailable
 
 class TorchRuntime:
     name = "torch"
+    precision = "fp32"
 
-    def __init__(self, d, card, device: str | None = None):
+    def __init__(self, path, card=None, device: str | None = None):
+        """``path``: model.pt or its directory; ``card``: card.json's card (None: read it
+        from the directory), which must agree with the card inside model.pt."""
         try:
             import torch
         except ImportError:
             raise RuntimeUnavailable("torch is not installed (pip install 'pneumo-edge[train]')") from None
-        from pneumo_edge.train.checkpoint import load_model
+        from pneumo_edge.torchload import load_checked
 
         if device in (None, "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,13 +26,9 @@ class TorchRuntime:
             raise RuntimeUnavailable("torch sees no CUDA GPU")
         self._torch = torch
         self._dev = torch.device(device)
-        model, ckpt_card = load_model(d, device=device)
+        model, self.card, ckpt = load_checked(path, device=device, card=card)
+        self.path, self.sha256 = ckpt.path, ckpt.sha256
         self.model = model.to(memory_format=torch.channels_last)
-        self.card = card
-        from pneumo_edge.modeldir import MODEL_PT, sha256_file
-
-        self.path = Path(d) / MODEL_PT if Path(d).is_dir() else Path(d)
-        self.sha256, self.precision = sha256_file(self.path), "fp32"
         self.device = device if device == "cpu" else \
             f"{device} ({torch.cuda.get_device_name(self._dev)})"
 

@@ -11,34 +11,18 @@ the same in TensorRT 10 and 11.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from pneumo_edge import modeldir
 from pneumo_edge.errors import ModelError, RuntimeUnavailable
 
 INSTALL_HINT = "on an NVIDIA machine: pip install 'pneumo-edge[gpu]'"
-REBUILD = "rebuild it here with: pneumo-edge export RUN --trt"
 
 
-def sidecar_path(engine_path: str | os.PathLike) -> Path:
-    return Path(f"{os.fspath(engine_path)}.json")
-
-
-def read_sidecar(engine_path: str | os.PathLike) -> dict:
-    path = sidecar_path(engine_path)
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{path}: missing, so nothing says what built {Path(engine_path).name}; "
-                         f"{REBUILD}") from None
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: unreadable ({exc}); {REBUILD}") from None
-    if not isinstance(meta, dict):
-        raise ModelError(f"{path}: not a JSON object; {REBUILD}")
-    return meta
+def rebuild(engine_path) -> str:
+    return f"rebuild it here with: pneumo-edge export {Path(engine_path).parent} --trt"
 
 
 def sidecar_mismatch(meta: dict, here: dict) -> str:
@@ -55,26 +39,9 @@ def check_sidecar(engine_path, meta: dict, here: dict) -> None:
     """Refuse (ModelError) an engine built elsewhere or from an older model.fp16.onnx."""
     why = sidecar_mismatch(meta, here)
     if not why:
-        why = stale_source(engine_path, meta)
+        why = modeldir.stale_source(engine_path, meta)
     if why:
-        raise ModelError(f"{engine_path}: {why}; {REBUILD}")
-
-
-def stale_source(engine_path, meta: dict) -> str:
-    """'' unless the ONNX the engine was built from exists and has changed since."""
-    src = Path(engine_path).parent / str(meta.get("source_onnx", "model.fp16.onnx"))
-    want = meta.get("source_onnx_sha256")
-    if not want or not src.is_file():
-        return ""
-    return "" if sha256_file(src) == want else f"built from an older {src.name}"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        raise ModelError(f"{engine_path}: {why}; {rebuild(engine_path)}")
 
 
 def import_gpu_packages():
@@ -117,26 +84,28 @@ def current_platform() -> dict:
 class TensorRTRuntime:
     name = "trt"
 
-    def __init__(self, engine_path, card):
-        meta = read_sidecar(engine_path)  # no sidecar: refuse before touching the GPU
+    def __init__(self, engine_path, card=None):
+        """``card``: card.json's card (None: read it from the engine's directory; without
+        card.json the card in the sidecar is used). Everything that can be checked without a
+        GPU is checked first: the sidecar, its card against card.json, the weights."""
+        self.path, self.precision = Path(engine_path), "fp16"
+        meta = modeldir.read_sidecar(engine_path)  # no sidecar: refuse before touching the GPU
+        self.card = checked_card(engine_path, meta, card)
         trt, cudart = import_gpu_packages()
         self._cudart = cudart
-        self.card = card
-        self.path, self.precision = Path(engine_path), "fp16"
         here = current_platform()
         check_sidecar(engine_path, meta, here)
+        data = modeldir.read_regular(engine_path)  # one read: what runs is what is hashed
+        self.sha256 = hashlib.sha256(data).hexdigest()
         # the TensorRT runtime must outlive the engine it deserialised: keep both
-        self._trt_runtime, self.engine = _deserialize(trt, engine_path)
-        from pneumo_edge.modeldir import sha256_file as _sha
-
-        self.sha256 = _sha(engine_path)
+        self._trt_runtime, self.engine = _deserialize(trt, engine_path, data)
         self.context = self.engine.create_execution_context()
         self.input, self.output = _io_names(trt, self.engine, engine_path)
         shapes = self.engine.get_tensor_profile_shape(self.input, 0)  # (min, opt, max)
         self.min_batch, self.max_batch = int(shapes[0][0]), int(shapes[2][0])
         self.device = f"cuda:{here['device']} ({here['gpu']})"
         self._stream = cuda_call(cudart.cudaStreamCreate())
-        s = card.image_size
+        s, card = self.card.image_size, self.card
         self._d_in = cuda_call(cudart.cudaMalloc(self.max_batch * s * s))
         self._d_out = cuda_call(cudart.cudaMalloc(self.max_batch * len(card.classes) * 4))
 
@@ -180,16 +149,24 @@ class TensorRTRuntime:
             pass
 
 
-def _deserialize(trt, engine_path):
+def checked_card(engine_path, meta: dict, card):
+    """card.json's card (``card``, or read from the directory) after checking it against the
+    card in the sidecar, and the sidecar's weights sha256 against the model.pt beside it."""
+    side = modeldir.sidecar_path(engine_path)
+    embedded = modeldir.sidecar_card(engine_path, meta)
+    if card is None:
+        card = modeldir.directory_card(engine_path)
+    card = modeldir.agreed_card(engine_path, embedded, card, embedded_in=side)
+    modeldir.check_weights(engine_path, meta.get("weights_sha256"), recorded_in=side)
+    return card
+
+
+def _deserialize(trt, engine_path, data: bytes):
     logger = trt.Logger(trt.Logger.ERROR)
     runtime = trt.Runtime(logger)
-    try:
-        data = Path(engine_path).read_bytes()
-    except OSError as exc:
-        raise ModelError(f"{engine_path}: cannot read ({exc.strerror or exc})") from None
     engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
-        raise ModelError(f"{engine_path}: TensorRT cannot load this engine; {REBUILD}")
+        raise ModelError(f"{engine_path}: TensorRT cannot load this engine; {rebuild(engine_path)}")
     return runtime, engine
 
 
@@ -202,5 +179,6 @@ def _io_names(trt, engine, engine_path) -> tuple[str, str]:
         raise ModelError(f"{engine_path}: expected one input and one output, has {names}")
     if engine.get_tensor_dtype(ins[0]) != trt.DataType.UINT8 or \
             engine.get_tensor_dtype(outs[0]) != trt.DataType.FLOAT:
-        raise ModelError(f"{engine_path}: expected uint8 input and float32 output; {REBUILD}")
+        raise ModelError(f"{engine_path}: expected uint8 input and float32 output; "
+                         f"{rebuild(engine_path)}")
     return ins[0], outs[0]
