@@ -14,6 +14,7 @@ import csv
 import io
 import os
 import shutil
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +46,24 @@ def _writer(f) -> csv.writer:
     return csv.writer(f, lineterminator="\n")
 
 
+class WriteError(PneumoError):
+    """Writing the CSV failed (disk full, stdout closed, I/O error): exit 2, one line. The rows
+    written before it stay valid (whole records; a torn last one is cut by ``--resume``)."""
+
+
+def _write_failed(name, exc: OSError, hint: str) -> WriteError:
+    return WriteError(f"cannot write {name}: {exc.strerror or exc} ({hint})")
+
+
+STDOUT_HINT = "the rows before it are complete; use -o FILE to get a run --resume can continue"
+RESUME_HINT = "use --resume to continue"
+
+
 class StdoutSink:
-    """CSV rows to stdout (as UTF-8 whatever the locale), flushed after every batch."""
+    """CSV rows to stdout (as UTF-8 whatever the locale), flushed after every batch.
+
+    A write that fails raises :class:`WriteError`, except a closed pipe (``| head``), which
+    stays a :class:`BrokenPipeError` for the caller to end quietly."""
 
     partial = None
 
@@ -57,8 +74,14 @@ class StdoutSink:
         self.write([head])
 
     def write(self, rows) -> None:
-        self._csv.writerows(rows)
-        self._text.flush()
+        try:
+            self._csv.writerows(rows)
+            self._text.flush()
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as exc:  # ValueError: the stream was closed
+            raise _write_failed("stdout", exc if isinstance(exc, OSError) else
+                                OSError(0, "it is closed"), STDOUT_HINT) from None
 
     def finish(self) -> None:
         self.close()
@@ -68,13 +91,26 @@ class StdoutSink:
             text, self._text = self._text, None
             try:
                 text.flush()
+            except (OSError, ValueError):
+                pass  # already reported by write()
             finally:
-                text.detach()  # leave stdout itself open
+                try:
+                    text.detach()  # leave stdout itself open
+                except (OSError, ValueError):
+                    pass
 
 
 def _stdout_binary():
-    sys.stdout.flush()
-    return sys.stdout.buffer
+    out = sys.stdout
+    if out is None or getattr(out, "buffer", None) is None:
+        raise WriteError(f"cannot write stdout: it is closed ({STDOUT_HINT})")
+    try:
+        out.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise _write_failed("stdout", exc, STDOUT_HINT) from None
+    return out.buffer
 
 
 @dataclass
@@ -87,24 +123,90 @@ class Resumed:
     labels: dict = field(default_factory=dict)  # label -> count
 
 
+def partial_path(output) -> Path:
+    final = Path(output)
+    return final.with_name(final.name + ".partial")
+
+
+def check_output(output) -> None:
+    """Refuse (exit 2) an ``-o FILE`` whose FILE or FILE.partial exists and is not a regular
+    file (a symlink, device, FIFO, socket, directory) or whose folder is missing: -o only ever
+    replaces regular files, and never writes through a link."""
+    final = Path(output)
+    if not final.parent.is_dir():
+        raise PneumoError(f"{final.parent}: no such folder for -o")
+    for path in (final, partial_path(final)):
+        regular_or_absent(path)
+
+
+def regular_or_absent(path: Path) -> os.stat_result | None:
+    """lstat of ``path`` when it is a regular file with one link, None when it is absent;
+    :class:`PneumoError` for anything else (nothing is followed, nothing is touched)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PneumoError(f"{path}: cannot check it: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise PneumoError(f"{path}: is {_kind(st.st_mode)}, not a regular file; -o writes "
+                          "only regular files (remove it or choose another name)")
+    if st.st_nlink > 1:
+        raise PneumoError(f"{path}: has {st.st_nlink} hard links; -o will not write into a "
+                          "file shared with another name (remove it or choose another name)")
+    return st
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def open_new_or_regular(path: Path, *, create_only: bool = False) -> int:
+    """A read-write fd for ``path``: created (O_EXCL) when absent, else the regular file there.
+    Never follows a symlink (O_NOFOLLOW), never opens a device, FIFO or hard-linked file."""
+    base = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
+        | getattr(os, "O_CLOEXEC", 0)
+    existing = regular_or_absent(path)
+    flags = base | (os.O_CREAT | os.O_EXCL if existing is None or create_only else 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        raise PneumoError(f"{path}: cannot open it for writing: {exc.strerror or exc} "
+                          "(replaced while starting?)") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        os.close(fd)
+        raise PneumoError(f"{path}: not a regular file with one name; -o will not write it")
+    os.set_blocking(fd, True)
+    return fd
+
+
 class PartialSink:
     """CSV rows appended to ``FILE.partial`` and fsynced after every batch; :meth:`finish`
-    renames it to ``FILE`` (readers of ``FILE`` see the old file or the complete new one)."""
+    renames it to ``FILE`` (readers of ``FILE`` see the old file or the complete new one).
+
+    FILE and FILE.partial must be regular files or absent (:func:`check_output`); a write
+    that fails raises :class:`WriteError` and leaves the whole rows for ``--resume``."""
 
     def __init__(self, output, head: list[str], files: list[str], *, resume: bool, log=None):
         log = log or (lambda m: print(m, file=sys.stderr))
         self.final = Path(output)
-        self.partial = self.final.with_name(self.final.name + ".partial")
-        if self.final.is_dir():
+        self.partial = partial_path(self.final)
+        if self.final.is_dir() and not self.final.is_symlink():
             raise PneumoError(f"{self.final}: is a directory (-o takes a file name)")
-        if not self.final.parent.is_dir():
-            raise PneumoError(f"{self.final.parent}: no such folder for -o")
-        copied = resume and not self.partial.exists() and self.final.exists()
-        if copied:
-            shutil.copyfile(self.final, self.partial)  # re-check a finished output, add new rows
-        self._f = open(self.partial, "a+b")  # noqa: SIM115 -- kept open; created, not truncated
+        check_output(self.final)
+        copied = resume and not os.path.lexists(self.partial) and self.final.exists()
+        fd = open_new_or_regular(self.partial, create_only=copied)
+        self._f = os.fdopen(fd, "r+b")
         try:
             _lock(self._f, self.partial)
+            if copied:  # re-check a finished output, add new rows
+                self._copy_from_final()
             self._f.seek(0)
             self.resumed, keep = Resumed(), 0
             if resume:
@@ -112,31 +214,52 @@ class PartialSink:
             elif os.fstat(self._f.fileno()).st_size:
                 log(f"note: starting over; replacing {self.partial} from an earlier run "
                     "(use --resume to continue it)")
+            self._f.truncate(keep)
+            self._f.seek(keep)
         except BaseException:
             self._f.close()
             if copied:
                 self.partial.unlink(missing_ok=True)
             raise
-        self._f.truncate(keep)
-        self._f.seek(keep)
         self._text = io.TextIOWrapper(self._f, encoding="utf-8", newline="")
         self._csv = _writer(self._text)
         if keep == 0:
             self.write([head])
 
+    def _copy_from_final(self) -> None:
+        regular_or_absent(self.final)
+        with open(self.final, "rb") as src:
+            shutil.copyfileobj(src, self._f)
+        self._f.flush()
+
     def write(self, rows) -> None:
-        self._csv.writerows(rows)
-        self._text.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._csv.writerows(rows)
+            self._text.flush()
+            os.fsync(self._f.fileno())
+        except OSError as exc:
+            raise _write_failed(self.partial, exc, RESUME_HINT) from None
 
     def finish(self) -> None:
+        try:
+            self._text.flush()
+            os.fsync(self._f.fileno())
+        except OSError as exc:
+            raise _write_failed(self.partial, exc, RESUME_HINT) from None
         self.close()
+        regular_or_absent(self.final)  # nothing non-regular slipped in while scoring
         os.replace(self.partial, self.final)
         _fsync_dir(self.final.parent)
 
     def close(self) -> None:
         if not self._text.closed:
-            self._text.close()
+            try:
+                self._text.close()
+            except OSError:  # a failed flush (disk full): drop what could not be written
+                try:
+                    self._f.raw.close()
+                except OSError:
+                    pass
 
 
 def read_partial(f, head: list[str], files: list[str], name) -> tuple[Resumed, int]:

@@ -1,11 +1,22 @@
 """Finding image files: labelled ImageFolder splits (training, eval, parity) and plain folders
-(scoring). Sorted, deterministic, symlink-loop safe, nothing listed twice."""
+(scoring). Sorted, deterministic, symlink-loop safe.
+
+Rules for plain folders (:func:`walk_images`), so that nothing vanishes silently:
+
+- one entry per path given: a file named twice is listed once, but a file symlink and its
+  target are two paths and each gets its row;
+- a folder that cannot be listed (permission denied, path too long, I/O error) is listed
+  itself, with the reason in :attr:`Walk.errors`, so it gets an error row;
+- a symlink to a folder is not followed (counted in :attr:`Walk.links_skipped`) unless
+  ``follow_links``; then only links that lead outside the folders being scanned are
+  followed (the ones inside are listed under their own paths already) and loops end.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pneumo_edge.errors import DataError
@@ -18,47 +29,65 @@ class Walk:
 
     files: list[str]
     ignored: int = 0  # non-image files
+    errors: dict[str, str] = field(default_factory=dict)  # unlistable folder -> reason
+    links_skipped: int = 0  # folder symlinks not followed
 
 
-def walk_images(paths) -> Walk:
+def walk_images(paths, *, follow_links: bool = False) -> Walk:
     """Image files under ``paths`` (folders recursively, sorted by name; files as given).
 
     Directories named like images (``x.png/``) are descended, not listed. Broken symlinks with
-    an image extension are listed (so they get an error row); a file reached twice, through a
-    symlink or by naming it twice, is listed once; symlink loops end.
+    an image extension are listed (so they get an error row); a folder that cannot be listed
+    is listed with its reason in ``errors``. See the module docstring for symlinks.
     """
-    out: list[str] = []
+    walk = Walk([])
+    roots = [os.path.realpath(p) for p in paths if os.path.isdir(p)]
     seen: set[str] = set()
-    walk = Walk(out)
     for root in paths:
         root = os.fspath(root)
         if os.path.isdir(root):
-            _walk_dir(root, walk, seen, set())
+            _walk_dir(root, walk, seen, set(), _Links(follow_links, roots))
         else:
             _add(root, walk, seen)
     return walk
 
 
-def _add(path: str, walk: Walk, seen: set[str]) -> None:
-    key = os.path.realpath(path)
+@dataclass
+class _Links:
+    follow: bool
+    roots: list[str]
+
+    def should_follow(self, link: str) -> bool:
+        if not self.follow:
+            return False
+        target = os.path.realpath(link)
+        return not any(target == r or target.startswith(r.rstrip(os.sep) + os.sep)
+                       for r in self.roots)
+
+
+def _add(path: str, walk: Walk, seen: set[str], reason: str | None = None) -> None:
+    key = os.path.abspath(path)
     if key in seen:
         return
     seen.add(key)
-    if is_image_path(path):
+    if reason is not None:
+        walk.files.append(path)
+        walk.errors[path] = reason
+    elif is_image_path(path):
         walk.files.append(path)
     else:
         walk.ignored += 1
 
 
-def _walk_dir(folder: str, walk: Walk, seen: set[str], active: set[str]) -> None:
+def _walk_dir(folder: str, walk: Walk, seen: set[str], active: set[str], links: _Links) -> None:
     real = os.path.realpath(folder)
     if real in active:  # a symlink loop back into a folder being walked
         return
     active.add(real)
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError:
-        walk.ignored += 1
+    except OSError as exc:
+        _add(folder, walk, seen, f"cannot list folder: {exc.strerror or exc}")
         active.discard(real)
         return
     for e in entries:
@@ -66,8 +95,10 @@ def _walk_dir(folder: str, walk: Walk, seen: set[str], active: set[str]) -> None
             is_dir = e.is_dir()  # follows symlinks; False for broken ones
         except OSError:
             is_dir = False
-        if is_dir:
-            _walk_dir(e.path, walk, seen, active)
+        if is_dir and e.is_symlink() and not links.should_follow(e.path):
+            walk.links_skipped += 1
+        elif is_dir:
+            _walk_dir(e.path, walk, seen, active, links)
         else:
             _add(e.path, walk, seen)
     active.discard(real)
@@ -84,12 +115,17 @@ def scan_labelled(root: str | os.PathLike, classes: list[str] | None = None) -> 
     """An ImageFolder split ``root/{CLASS}/**/*.{jpg,png,...}``.
 
     With ``classes`` (a model's), the folder must have exactly those class folders. Raises
-    :class:`DataError` for a missing folder, no class folders, one class or an empty class.
+    :class:`DataError` for a missing folder, no class folders, one class, an empty class or a
+    folder that cannot be listed (a labelled split never silently loses images).
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise DataError(f"{root}: no such folder")
-    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    try:
+        found = sorted(e.name for e in os.scandir(root)
+                       if e.is_dir() and not e.name.startswith("."))
+    except OSError as exc:
+        raise DataError(f"{root}: cannot list folder: {exc.strerror or exc}") from None
     if not found:
         raise DataError(f"{root}: no class folders (expected {root}/CLASS/image files)")
     if classes is not None and sorted(classes) != found:
@@ -99,7 +135,10 @@ def scan_labelled(root: str | os.PathLike, classes: list[str] | None = None) -> 
         raise DataError(f"{root}: only one class folder ({classes[0]}); need at least two")
     samples = []
     for idx, name in enumerate(classes):
-        files = walk_images([os.path.join(root, name)]).files
+        walk = walk_images([os.path.join(root, name)])
+        for folder, reason in walk.errors.items():
+            raise DataError(f"{folder}: {reason}")
+        files = walk.files
         if not files:
             raise DataError(f"{root}/{name}: class folder has no image files")
         samples += [(f, idx) for f in files]

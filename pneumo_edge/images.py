@@ -9,6 +9,23 @@ JPEGs are decoded with ``Image.draft('L', (size, size))``: libjpeg decodes only 
 the smallest DCT scale (1/2, 1/4, 1/8) that is still at least ``size`` pixels on each side. On
 multi-megapixel X-rays that is several times faster, and because every caller goes through this
 function the reduced-scale pixels are what the model was trained on too.
+
+How each pixel type becomes 8-bit grey (one rule per type, never a silent clip):
+
+- ``L`` (8-bit grey): as stored.
+- ``1`` (bilevel): 0 and 255.
+- ``I;16`` and ``I`` holding only values 0..65535 (16-bit PNG/TIFF; Pillow reads 16-bit PNGs
+  as ``I``): scaled over the full 16-bit range, ``round(v * 255 / 65535)``. A 12-bit image in
+  a 16-bit file therefore looks dark, exactly as it is stored; nothing is stretched.
+- ``I`` (32-bit integer) with negative values or values above 65535, and ``F`` (32-bit float,
+  e.g. float TIFFs) always: scaled over the image's own range,
+  ``round((v - min) * 255 / (max - min))``, so min is 0 and max is 255 (a 0..4080 float TIFF
+  uses all 256 levels instead of being clipped white). Such an image with a NaN or infinite
+  pixel, or a constant one (max == min, nothing to scale), is refused with the reason: it
+  gets an error row, never a label.
+- colour and palette (``RGB``, ``RGBA``, ``P``, ``CMYK``, ``YCbCr``, ...): through RGB to
+  ITU-R 601 luma; alpha is dropped (``LA``: its grey channel).
+- anything else: refused (unsupported pixel mode).
 """
 
 from __future__ import annotations
@@ -105,19 +122,12 @@ def _check_file(path: str | os.PathLike) -> None:
 
 
 def _to_grey(im: Image.Image, path) -> Image.Image:
-    """Any Pillow mode to 8-bit grey. 16-bit and 32-bit grey are scaled over their full range
-    (never clipped at 255); colour goes through RGB to ITU-R 601 luma; alpha is dropped."""
+    """Any Pillow mode to 8-bit grey by the rules in the module docstring."""
     mode = im.mode
     if mode == "L":
         return im
     if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(im)
-        if mode == "F":
-            scaled = np.clip(arr, 0.0, 1.0) * 255.0 if arr.max(initial=0) <= 1.0 else arr
-        else:
-            full = 65535.0 if (mode.startswith("I;16") or arr.max(initial=0) <= 65535) else 2**32 - 1
-            scaled = arr.astype(np.float64) * (255.0 / full)
-        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(_wide_to_8bit(np.asarray(im), mode, path), mode="L")
     if mode in ("LA", "La"):
         return im.getchannel(0)
     if mode == "1":
@@ -125,6 +135,22 @@ def _to_grey(im: Image.Image, path) -> Image.Image:
     if mode in ("RGB", "RGBA", "RGBX", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
         return im.convert("RGB").convert("L")
     raise ImageError(path, f"unsupported pixel mode {mode!r}")
+
+
+def _wide_to_8bit(arr: np.ndarray, mode: str, path) -> np.ndarray:
+    """16-bit, 32-bit integer and float grey to uint8 (see the module docstring)."""
+    arr = arr.astype(np.float64)
+    if mode != "F" and arr.size and arr.min() >= 0 and arr.max() <= 65535:
+        lo, hi = 0.0, 65535.0  # 16-bit grey (Pillow reads 16-bit PNGs as I or I;16)
+    else:
+        if not np.isfinite(arr).all():
+            raise ImageError(path, f"mode {mode} image has NaN or infinite pixels")
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if not hi > lo:
+            raise ImageError(path, f"mode {mode} image is constant (every pixel {lo:g}): "
+                                   "no range to scale to 8 bits")
+    scaled = (arr - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def _short(exc: BaseException) -> str:

@@ -57,8 +57,13 @@ def decode_one(path: str, size: int) -> tuple[np.ndarray | None, str | None, flo
 
 
 def decode_batches(files: Sequence[str], size: int, batch: int = 32, workers: int | None = None,
-                   start: int = 0, ahead: int = 2) -> Iterator[Batch]:
-    """Yield ``files[start:]`` as decoded batches, in order, decoding ahead in threads."""
+                   start: int = 0, ahead: int = 2,
+                   known: dict[str, str] | None = None) -> Iterator[Batch]:
+    """Yield ``files[start:]`` as decoded batches, in order, decoding ahead in threads.
+
+    ``known`` maps paths that already failed (a folder that cannot be listed) to their reason:
+    they come back as failures without being opened."""
+    known = known or {}
     if batch < 1:
         raise ValueError("batch must be at least 1")
     pool = ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="decode")
@@ -71,7 +76,12 @@ def decode_batches(files: Sequence[str], size: int, batch: int = 32, workers: in
             i = next(todo, None)
             if i is None:
                 return
-            pending.append(pool.submit(decode_one, files[i], size))
+            if files[i] in known:
+                done: Future = Future()
+                done.set_result((None, known[files[i]], 0.0))
+                pending.append(done)
+            else:
+                pending.append(pool.submit(decode_one, files[i], size))
 
     try:
         fill()

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pneumo_edge.csvout import PROB_DIGITS, PartialSink, StdoutSink, csv_text, header, one_line
+from pneumo_edge import provenance
+from pneumo_edge.csvout import (PROB_DIGITS, PartialSink, StdoutSink, WriteError, check_output,
+                                csv_text, header, one_line, partial_path)
 from pneumo_edge.errors import ModelError, PneumoError
 from pneumo_edge.folders import walk_images
 from pneumo_edge.pipeline import Batch, decode_batches, default_workers
@@ -29,6 +31,7 @@ class Summary:
     failed: int = 0
     ignored: int = 0  # other files passed over
     resumed: int = 0  # rows taken from an interrupted run
+    links_skipped: int = 0  # folder symlinks not followed
     labels: dict = field(default_factory=dict)
     seconds: float = 0.0  # wall time of this run's scoring
     decode_cpu_s: float = 0.0  # CPU seconds in decode threads
@@ -50,6 +53,9 @@ class Summary:
         out = [f"files {self.files}, scored {self.scored}, failed {self.failed}, "
                f"ignored {self.ignored} (not images)"
                + (f", {self.resumed} rows resumed from the earlier run" if self.resumed else "")]
+        if self.links_skipped:
+            out.append(f"{self.links_skipped} symbolic links to folders not followed "
+                       "(--follow-links follows those leading outside the scanned folders)")
         out.append("labels: " + ", ".join(f"{c} {self.labels.get(c, 0)}" for c in classes))
         out.append(f"{self.done_now} images in {self.seconds:.2f} s: {rate:.1f} images/s; "
                    f"decode {self.decode_cpu_s:.2f} s CPU on {self.workers} threads, "
@@ -57,13 +63,21 @@ class Summary:
         return out
 
 
+NON_FINITE = "model produced non-finite probabilities"
+
+
 def score_rows(batch: Batch, probs: np.ndarray, card, threshold: float | None) -> list[list[str]]:
-    """CSV rows for one batch, in input order; failed files get an empty label and the reason."""
+    """CSV rows for one batch, in input order; failed files get an empty label and the reason.
+    A NaN or infinite probability is a failure too: such a row never gets a label."""
     blank = [""] * len(card.classes)
     rows = [[csv_text(p), "", *blank, one_line(batch.errors.get(j, ""))]
             for j, p in enumerate(batch.paths)]
+    finite = np.isfinite(probs).all(axis=1) if len(probs) else np.ones(0, bool)
     for k, j in enumerate(batch.ok):
         row = probs[k]
+        if not finite[k]:
+            rows[j][-1] = NON_FINITE
+            continue
         rows[j][1] = card.classes[card.label_index(row, threshold)]
         rows[j][2:-1] = [f"{float(p):.{PROB_DIGITS}f}" for p in row]
     return rows
@@ -71,12 +85,14 @@ def score_rows(batch: Batch, probs: np.ndarray, card, threshold: float | None) -
 
 def score_files(files, runtime, sink, *, batch: int = 32, workers: int | None = None,
                 threshold: float | None = None, summary: Summary | None = None,
-                progress=None) -> Summary:
-    """Score ``files[summary.resumed:]`` with ``runtime``, writing rows to ``sink`` per batch."""
+                progress=None, known: dict[str, str] | None = None) -> Summary:
+    """Score ``files[summary.resumed:]`` with ``runtime``, writing rows to ``sink`` per batch.
+    ``known``: paths that failed already (folders that cannot be listed) -> reason."""
     s = summary or Summary(files=len(files))
     s.workers = workers or default_workers()
     card = runtime.card
-    stream = decode_batches(files, card.image_size, batch, s.workers, start=s.resumed)
+    stream = decode_batches(files, card.image_size, batch, s.workers, start=s.resumed,
+                            known=known)
     t_start = time.perf_counter()
     try:
         while True:
@@ -129,10 +145,12 @@ def _count(s: Summary, rows, b: Batch) -> None:
 
 def run_score(paths, model, *, runtime: str = "auto", batch: int = 32,
               threshold: float | None = None, output=None, resume: bool = False,
-              workers: int | None = None, quiet: bool = False, stdout=None, log=None) -> Summary:
+              workers: int | None = None, quiet: bool = False, follow_links: bool = False,
+              stdout=None, log=None) -> Summary:
     """What the ``score`` command does; returns the summary (its ``exit_code`` is 0 or 1).
 
-    Raises :class:`PneumoError` (exit 2) for usage errors, before writing anything.
+    Raises :class:`PneumoError` (exit 2) for usage errors, before writing anything, and
+    :class:`WriteError` (exit 2) when the CSV cannot be written.
     """
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     say = (lambda m: None) if quiet else log
@@ -141,32 +159,77 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32,
         raise PneumoError(f"{missing[0]}: no such file or folder")
     if resume and not output:
         raise PneumoError("--resume needs -o FILE (stdout cannot be continued)")
-    walk = walk_images(paths)
+    if output:
+        check_output(output)
+    walk = walk_images(paths, follow_links=follow_links)
     rt = _open(model, runtime, say)
     _run(rt, np.zeros((1, 1, rt.card.image_size, rt.card.image_size), np.uint8),
          len(rt.card.classes))  # a model that does not fit its card fails here, before any row
-    head = header(rt.card.classes)
-    s = Summary(files=len(walk.files), ignored=walk.ignored)
+    used = rt.card.threshold if threshold is None else threshold
+    s = Summary(files=len(walk.files), ignored=walk.ignored, links_skipped=walk.links_skipped)
+    record = None
     if output:
-        sink = PartialSink(output, head, walk.files, resume=resume, log=say)
+        earlier = provenance.check_resume(output, rt, used, _has_rows(output)) if resume else None
+        record = provenance.start_record(
+            output=output, inputs=paths, model=model, runtime=rt, threshold=used,
+            threshold_from="card" if threshold is None else "--threshold",
+            follow_links=follow_links, earlier=earlier)
+        sink = PartialSink(output, header(rt.card.classes), walk.files, resume=resume, log=say)
         _take_resumed(s, sink.resumed, say, sink.partial)
+        provenance.write(output, record)
     else:
-        sink = StdoutSink(head, stdout)
+        sink = StdoutSink(header(rt.card.classes), stdout)
     if not walk.files:
         say("note: no image files found (.jpg .jpeg .png .bmp .tif .tiff)")
-    with _progress(len(walk.files), s.resumed, quiet) as bar:
-        try:
-            score_files(walk.files, rt, sink, batch=batch, workers=workers,
-                        threshold=threshold, summary=s, progress=bar)
-        except BaseException:
-            sink.close()
-            if sink.partial is not None:
-                log(f"{sink.partial}: kept the rows written so far; "
-                    "rerun with --resume to continue")
-            raise
-    sink.finish()
+    _score_into(sink, walk, rt, s, batch=batch, workers=workers, threshold=threshold,
+                quiet=quiet, log=log, output=output, record=record)
     _report(s, rt.card.classes, output, say)
     return s
+
+
+def _score_into(sink, walk, rt, s: Summary, *, batch, workers, threshold, quiet, log, output,
+                record) -> None:
+    """Score every file into ``sink`` and finish it; on any failure keep what was written,
+    record the outcome in the provenance file, and say how to continue."""
+    status = "interrupted"
+    with _progress(len(walk.files), s.resumed, quiet) as bar:
+        try:
+            score_files(walk.files, rt, sink, batch=batch, workers=workers, threshold=threshold,
+                        summary=s, progress=bar, known=walk.errors)
+            sink.finish()
+            status = "finished"
+        except BaseException as exc:
+            sink.close()
+            if sink.partial is not None and not isinstance(exc, WriteError):
+                log(f"{sink.partial}: kept the rows written so far; "
+                    "rerun with --resume to continue")
+            status = "write failed" if isinstance(exc, WriteError) else status
+            raise
+        finally:
+            if record is not None:
+                _record_end(output, record, s, status, log)
+
+
+def _record_end(output, record, s: Summary, status: str, log) -> None:
+    code = s.exit_code if status == "finished" else (2 if status == "write failed" else None)
+    try:
+        provenance.write(output, provenance.end_record(record, s, status, code))
+    except PneumoError as exc:
+        if status == "finished":
+            raise
+        if status == "interrupted":  # after a write failure the error line says it all
+            log(f"warning: {exc}")
+
+
+def _has_rows(output) -> bool:
+    """Whether an earlier run left anything that --resume would keep."""
+    for path in (partial_path(output), output):
+        try:
+            if os.lstat(path).st_size:
+                return True
+        except OSError:
+            pass
+    return False
 
 
 def _open(model, runtime: str, say):

@@ -1,0 +1,131 @@
+"""``FILE.json`` beside a ``score -o FILE`` CSV: what produced it, for auditors.
+
+Written atomically (temporary file, fsync, rename; never through a symlink) when the run
+starts (``"status": "running"``) and again when it ends, with the end time, the counts and the
+exit code. ``--resume`` reads it back and refuses to continue a CSV that another model file,
+another precision or another threshold started (:func:`check_resume`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pneumo_edge.errors import PneumoError
+
+FORMAT = 1
+#: size cap for reading a provenance file back (it is a few kB)
+MAX_BYTES = 1 << 20
+#: libraries whose versions are recorded (those installed)
+LIBRARIES = ("numpy", "pillow", "click", "onnxruntime", "onnxruntime-gpu", "torch", "tensorrt")
+#: what must match for --resume, as (key in "model", what to call it)
+RESUME_KEYS = (("sha256", "model file sha256"), ("precision", "runtime precision"))
+
+
+def provenance_path(output) -> Path:
+    final = Path(output)
+    return final.with_name(final.name + ".json")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def start_record(*, output, inputs, model, runtime, threshold: float, threshold_from: str,
+                 follow_links: bool, earlier: dict | None = None) -> dict:
+    """The record of a run that is starting (no end time, counts or exit code yet);
+    ``earlier``: the record of the interrupted run it continues (``--resume``)."""
+    from pneumo_edge.versions import installed_versions
+
+    card = runtime.card
+    return {
+        "format": FORMAT, "csv": str(Path(output).resolve()),
+        "inputs": [str(p) for p in inputs], "follow_links": follow_links,
+        "model": {"directory": str(Path(runtime.path).resolve().parent), "given": str(model),
+                  "file": str(Path(runtime.path).resolve()), "sha256": runtime.sha256,
+                  "runtime": runtime.name, "device": runtime.device,
+                  "precision": runtime.precision},
+        "threshold": float(threshold), "threshold_from": threshold_from,
+        "classes": list(card.classes), "positive_class": card.positive_class,
+        "image_size": card.image_size,
+        "versions": installed_versions(LIBRARIES),
+        "started": utc_now(), "finished": None, "status": "running",
+        "first_started": (earlier or {}).get("first_started") or (earlier or {}).get("started"),
+        "counts": None, "exit_code": None,
+    }
+
+
+def end_record(record: dict, summary, status: str, exit_code: int | None) -> dict:
+    return {**record, "finished": utc_now(), "status": status, "exit_code": exit_code,
+            "counts": {"files": summary.files, "scored": summary.scored,
+                       "failed": summary.failed, "ignored": summary.ignored,
+                       "resumed": summary.resumed}}
+
+
+def write(output, record: dict) -> None:
+    """Write ``record`` to ``FILE.json`` atomically; :class:`PneumoError` when it cannot be."""
+    from pneumo_edge.csvout import open_new_or_regular, regular_or_absent
+
+    path = provenance_path(output)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = open_new_or_regular(tmp, create_only=True)
+        with os.fdopen(fd, "wb") as f:
+            f.write((json.dumps(record, indent=2) + "\n").encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        regular_or_absent(path)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise PneumoError(f"cannot write {path}: {exc.strerror or exc} "
+                          "(use --resume to continue)") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read(output) -> dict | None:
+    """The record in ``FILE.json``, None when there is none; PneumoError when unreadable."""
+    from pneumo_edge.csvout import regular_or_absent
+
+    path = provenance_path(output)
+    if regular_or_absent(path) is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
+        if len(data) > MAX_BYTES:
+            raise ValueError("too large")
+        record = json.loads(data.decode("utf-8"))
+        if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
+            raise ValueError("not a provenance record")
+    except (OSError, ValueError) as exc:
+        raise PneumoError(f"{path}: cannot resume: unreadable provenance ({exc}); "
+                          "delete the partial output or drop --resume") from None
+    return record
+
+
+def check_resume(output, runtime, threshold: float, has_rows: bool) -> dict | None:
+    """Refuse (exit 2) to continue an interrupted ``-o FILE`` run with another model file,
+    precision or threshold than the one that wrote its rows (read from ``FILE.json``)."""
+    path = provenance_path(output)
+    record = read(output)
+    if record is None:
+        if has_rows:
+            raise PneumoError(f"{path}: cannot resume: no record of the model that wrote the "
+                              "earlier rows; delete the partial output or drop --resume")
+        return None
+    now = {"sha256": runtime.sha256, "precision": runtime.precision}
+    for key, what in RESUME_KEYS:
+        if record["model"].get(key) != now[key]:
+            raise PneumoError(f"{path}: cannot resume: {what} was {record['model'].get(key)} "
+                              f"in the interrupted run, now {now[key]} ({runtime.path}); "
+                              "use the same model or drop --resume")
+    if record.get("threshold") != float(threshold):
+        raise PneumoError(f"{path}: cannot resume: threshold was {record.get('threshold')} in "
+                          f"the interrupted run, now {float(threshold)}; use the same "
+                          "--threshold or drop --resume")
+    return record
