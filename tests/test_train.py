@@ -200,7 +200,7 @@ def test_ctrl_c_leaves_best_checkpoint_usable_and_resume_continues(tiny_dataset,
                              "--epochs", "200"],
                             stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_enabled)
     for line in proc.stderr:
-        if line.startswith("epoch 1:"):
+        if line.startswith("epoch 1/"):
             proc.send_signal(getattr(signal, sig))
             break
     err = proc.stderr.read()
@@ -214,3 +214,70 @@ def test_ctrl_c_leaves_best_checkpoint_usable_and_resume_continues(tiny_dataset,
     assert res.exit_code == 0, res.output
     rows = (out / "history.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, done + 2))
+
+
+def _listing(folder):
+    return {p.relative_to(folder): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+def test_force_replaces_only_training_outputs(tiny_dataset, tmp_path):
+    """--force used to delete every file in --out; now only what training and export write."""
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(tiny_dataset), out=str(out), epochs=1, **QUICK))
+    (out / "notes.txt").write_text("the radiologist's notes")
+    (out / "model.onnx").write_bytes(b"stale export of the old model")
+    (out / "sub").mkdir()
+    (out / "sub" / "keep.png").write_bytes(b"x")
+    res = cli("train", "--data", tiny_dataset, "--out", out, "--force", "--epochs", "1",
+              "--arch", "resnet18", "--image-size", "64", "--workers", "0", "--no-amp",
+              "--min-epochs", "1", "--batch-size", "16")
+    assert res.exit_code == 0, res.output
+    assert (out / "notes.txt").read_text() == "the radiologist's notes"
+    assert (out / "sub" / "keep.png").exists() and not (out / "model.onnx").exists()
+    assert (out / "model.pt").exists()
+
+
+@pytest.mark.parametrize("bad", [
+    ["--class-weights", "1,2,3"], ["--device", "foo"], ["--lr", "nan"], ["--lr", "inf"],
+    ["--weight-decay", "-1"], ["--val-fraction", "nan"], ["--label-smoothing", "0.9"],
+    ["--batch-size", "1"], ["--threshold-for", "median"], ["--time-budget", "soon"],
+    ["--val-fraction", "0.6", "--test-fraction", "0.5"],
+])
+def test_bad_options_exit_2_before_out_is_touched(tiny_run, tmp_path, bad):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out, ignore=shutil.ignore_patterns("last.pt"))
+    before = _listing(out)
+    res = cli("train", "--data", tiny_run, "--out", out, "--force", *bad)
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert lines[-1].startswith("error:") and "Traceback" not in res.output
+    assert _listing(out) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_gpu_exits_2_and_writes_nothing(tiny_dataset, tmp_path):
+    res = cli("train", "--data", tiny_dataset, "--out", tmp_path / "run", "--device", "cuda")
+    assert res.exit_code == 2 and "no CUDA GPU" in res.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_loss_stops_with_exit_2_and_saves_no_model(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    res = cli("train", "--data", tiny_dataset, "--out", out, "--lr", "1e30", "--epochs", "2",
+              "--arch", "resnet18", "--image-size", "64", "--workers", "0", "--no-amp",
+              "--batch-size", "4", "--min-epochs", "1", "--augment", "none")
+    assert res.exit_code == 2, res.output
+    assert "training loss became" in res.output and "--lr" in res.output
+    assert not (out / "model.pt").exists() and not (out / "card.json").exists()
+
+
+def test_a_last_batch_of_one_image_does_not_crash_batchnorm(tmp_path):
+    """16 training images in batches of 5 leave one image over; at 32 px ResNet's last stage
+    is 1x1, where BatchNorm in training mode cannot take a batch of one."""
+    data = tmp_path / "d"
+    write_labelled(data / "train", per_class=8, seed=1)
+    write_labelled(data / "val", per_class=3, seed=2)
+    write_labelled(data / "test", per_class=3, seed=3)
+    result = train(TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1,
+                               **{**QUICK, "image_size": 32, "batch_size": 5}))
+    assert result["time"]["epochs_trained"] == 1

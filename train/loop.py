@@ -141,8 +141,12 @@ def train_one_epoch(model, criterion, optimizer, loader, device, *, amp=False, s
             loss = criterion(model.logits(x).float(), target)
         value = loss.item()
         if not math.isfinite(value):
-            raise NonFiniteLoss(f"the training loss became {value} after {n} images of this "
-                                "epoch; nothing from this epoch was saved")
+            group = optimizer.param_groups[0]
+            raise NonFiniteLoss(
+                f"the training loss became {value} after {n} images of this epoch, so this "
+                f"epoch was not saved; the learning rate (--lr "
+                f"{group.get('initial_lr', group['lr']):g}) is the likely cause, then "
+                "--class-weights, --mixup or --amp")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -253,8 +257,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         state = _resume(out, s, cfg)
     plan = s["plan"]
-    if state["planned_epochs"]:
-        plan.epochs, plan.measured = state["planned_epochs"], True
+    if state["planned_epochs"]:  # resumed: keep the plan, unless --epochs now says otherwise
+        plan.epochs, plan.measured = cfg.epochs or state["planned_epochs"], True
     _log_start(cfg, data, device, amp, state, plan)
     _stop_on_sigterm()
     try:
