@@ -83,8 +83,8 @@ def friendly(fn):
     return wrapper
 
 
-@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"],
-                                        "show_default": True})
+@click.group("pneumo-edge", cls=Cli,
+             context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="pneumo-edge")
 def main():
     """Train, export and run a chest X-ray pneumonia detector on edge devices."""

@@ -61,3 +61,80 @@ def test_scan_labelled_errors(tmp_path):
 ])
 def test_patient_id(name, pid):
     assert patient_id(f"/x/{name}") == pid
+
+
+def test_folder_symlinks_not_followed_unless_asked_file_links_listed_per_path(tmp_path):
+    scan, outside = tmp_path / "scan", tmp_path / "outside"
+    touch(scan / "a.png")
+    touch(scan / "sub" / "c.png")
+    touch(outside / "b.png")
+    (scan / "away").symlink_to(outside)  # leads outside the scan
+    (scan / "inside").symlink_to(scan / "sub")  # leads back into it
+    (scan / "link.png").symlink_to(scan / "a.png")  # a file link and its target: two paths
+    w = walk_images([scan])
+    rel = [os.path.relpath(f, scan) for f in w.files]
+    assert rel == ["a.png", "link.png", "sub/c.png"] and w.links_skipped == 2
+    w = walk_images([scan], follow_links=True)
+    rel = [os.path.relpath(f, scan) for f in w.files]
+    assert rel == ["a.png", "away/b.png", "link.png", "sub/c.png"] and w.links_skipped == 1
+    assert not w.errors
+
+
+LIST_AS_NOBODY = """
+import json, os, sys
+from pneumo_edge.folders import walk_images
+if os.geteuid() == 0:  # root lists anything: drop to nobody once the imports are done
+    os.setgid(65534)
+    os.setuid(65534)
+w = walk_images([sys.argv[1]])
+print(json.dumps({"files": w.files, "errors": w.errors}))
+"""
+
+
+def test_folder_that_cannot_be_listed_is_listed_with_its_reason():
+    """Permission denied for real: root cannot be denied, so the walk runs as nobody."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="unlistable_")
+    try:
+        os.chmod(root, 0o755)
+        from pathlib import Path
+
+        r = Path(root)
+        touch(r / "open" / "a.png").chmod(0o644)
+        touch(r / "shut" / "b.png")
+        for d in (r / "open", r / "shut"):
+            d.chmod(0o755)
+        (r / "shut").chmod(0o700 if os.geteuid() == 0 else 0o000)
+        res = subprocess.run([sys.executable, "-c", LIST_AS_NOBODY, root], capture_output=True,
+                             text=True, cwd=Path(__file__).resolve().parents[1])
+        assert res.returncode == 0, res.stderr
+        got = json.loads(res.stdout)
+        shut = str(r / "shut")
+        assert got["files"] == [str(r / "open" / "a.png"), shut]
+        assert got["errors"] == {shut: "cannot list folder: Permission denied"}
+    finally:
+        (Path(root) / "shut").chmod(0o700)
+        import shutil
+
+        shutil.rmtree(root)
+
+
+def test_labelled_folder_with_an_unlistable_subfolder_is_refused(tmp_path):
+    touch(tmp_path / "A" / "1.png")
+    touch(tmp_path / "B" / "2.png")
+    fd = os.open(tmp_path / "B", os.O_RDONLY)
+    try:  # nest folders until the path is longer than PATH_MAX: nobody can list that one
+        for i in range(24):
+            name = f"{i:02d}" + "y" * 198
+            os.mkdir(name, dir_fd=fd)
+            fd2 = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = fd2
+    finally:
+        os.close(fd)
+    with pytest.raises(DataError, match="cannot list folder: File name too long"):
+        scan_labelled(tmp_path)

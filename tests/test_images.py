@@ -127,3 +127,39 @@ def test_non_square_input_is_squashed_to_square(tmp_path):
     out = load_image(save(tmp_path, "wide.png", Image.fromarray(arr)), 30)[0]
     assert out.shape == (30, 30)
     assert out[:, :13].max() == 0 and out[:, 17:].min() == 255
+
+
+def test_float_tiff_is_scaled_over_its_own_range_not_clipped(tmp_path):
+    """A 0..4080 float TIFF (mode F): its darkest pixel is 0, its brightest 255, and it looks
+    like the same image stored as 8-bit (today it came out 89 % saturated white)."""
+    g = gradient()
+    p = save(tmp_path, "f.tif", Image.fromarray(g.astype(np.float32) * 16.0, mode="F"))
+    assert Image.open(p).mode == "F"
+    out = load_image(p, 64)
+    ref = load_image(save(tmp_path, "g8.png", Image.fromarray(g)), 64)
+    assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+    assert (out == 255).mean() < 0.05 and (out < 128).mean() > 0.3
+
+
+def test_float_offset_range_and_32bit_int_use_their_own_range(tmp_path):
+    g = gradient().astype(np.float64)
+    ref = load_image(save(tmp_path, "g8.png", Image.fromarray(gradient())), 64).astype(int)
+    shifted = Image.fromarray((g / 255.0 * 2.0 - 1.0).astype(np.float32), mode="F")  # -1..1
+    wide = Image.fromarray((g * 1000 - 70000).astype(np.int32), mode="I")  # negative 32-bit
+    for name, im in [("s.tif", shifted), ("w.tif", wide)]:
+        out = load_image(save(tmp_path, name, im), 64).astype(int)
+        assert np.abs(out - ref).max() <= 1, name
+
+
+@pytest.mark.parametrize("fill,reason", [(np.nan, "NaN or infinite"),
+                                         (np.inf, "NaN or infinite"),
+                                         (None, "constant")])
+def test_float_image_with_nan_inf_or_no_range_is_refused(tmp_path, fill, reason):
+    arr = np.full((50, 60), 7.5, np.float32)
+    if fill is not None:
+        arr[:5] = np.linspace(0, 100, 60)
+        arr[10, 10] = fill
+    p = save(tmp_path, "bad.tif", Image.fromarray(arr, mode="F"))
+    with pytest.raises(ImageError, match=reason) as info:
+        load_image(p, 32)
+    assert str(p) in str(info.value) and "\n" not in str(info.value)

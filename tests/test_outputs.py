@@ -278,7 +278,7 @@ def test_failed_write_to_output_exits_2_and_resume_completes_it(tiny_exported, t
     assert json.loads((tmp_path / "out.csv.json").read_text())["status"] == "write failed"
     code, _, err = cli(*args[:-1], "--resume")
     assert code == 0, err
-    _, ref, _ = cli(*args[:7], "--batch", "4")
+    _, ref, _ = cli(*args[:6], "--batch", "4")
     assert [r[:2] for r in rows_of(out.read_text())] == [r[:2] for r in rows_of(ref)]
 
 
