@@ -1,7 +1,8 @@
 # Two commands on a fresh machine (Python 3.10+ and the package registries):
 #   make demo   train, evaluate, export, score and bench on the bundled sample X-rays
 #   make test   the test suite
-# Each creates .venv first if it is missing (torch + torchvision from PyPI, ~2.6 GB).
+# Each creates .venv first if it is missing (torch + torchvision from PyPI: about 5.7 GB,
+# since PyPI's torch wheel brings the CUDA libraries).
 
 PYTHON ?= python3
 VENV   ?= .venv
