@@ -52,7 +52,10 @@ def open_runtime(model: str | os.PathLike, runtime: str = "auto", *, device: str
         rt, why = _auto(target)
         log(f"runtime: {rt.name} on {rt.device} ({why})")
         return rt
-    return _open(target, target.form.runtime, device)
+    rt = _open(target, target.form.runtime, device)
+    if runtime == "auto":
+        log(f"runtime: {rt.name} on {rt.device} (the file named: {rt.path})")
+    return rt
 
 
 def _open(t: modeldir.Target, runtime: str, device: str | None) -> Runtime:
