@@ -135,13 +135,13 @@ def check_output(output) -> None:
     final = Path(output)
     if not final.parent.is_dir():
         raise PneumoError(f"{final.parent}: no such folder for -o")
-    for path in (final, partial_path(final)):
-        regular_or_absent(path)
+    regular_or_absent(final, one_link=False)  # replaced by a rename: other links keep theirs
+    regular_or_absent(partial_path(final))  # written into
 
 
-def regular_or_absent(path: Path) -> os.stat_result | None:
-    """lstat of ``path`` when it is a regular file with one link, None when it is absent;
-    :class:`PneumoError` for anything else (nothing is followed, nothing is touched)."""
+def regular_or_absent(path: Path, one_link: bool = True) -> os.stat_result | None:
+    """lstat of ``path`` when it is a regular file (with one link if ``one_link``), None when
+    it is absent; :class:`PneumoError` for anything else (nothing followed, nothing touched)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -151,7 +151,7 @@ def regular_or_absent(path: Path) -> os.stat_result | None:
     if not stat.S_ISREG(st.st_mode):
         raise PneumoError(f"{path}: is {_kind(st.st_mode)}, not a regular file; -o writes "
                           "only regular files (remove it or choose another name)")
-    if st.st_nlink > 1:
+    if one_link and st.st_nlink > 1:
         raise PneumoError(f"{path}: has {st.st_nlink} hard links; -o will not write into a "
                           "file shared with another name (remove it or choose another name)")
     return st
@@ -227,7 +227,7 @@ class PartialSink:
             self.write([head])
 
     def _copy_from_final(self) -> None:
-        regular_or_absent(self.final)
+        regular_or_absent(self.final, one_link=False)
         with open(self.final, "rb") as src:
             shutil.copyfileobj(src, self._f)
         self._f.flush()
@@ -247,7 +247,7 @@ class PartialSink:
         except OSError as exc:
             raise _write_failed(self.partial, exc, RESUME_HINT) from None
         self.close()
-        regular_or_absent(self.final)  # nothing non-regular slipped in while scoring
+        regular_or_absent(self.final, one_link=False)  # nothing non-regular slipped in
         os.replace(self.partial, self.final)
         _fsync_dir(self.final.parent)
 

@@ -76,7 +76,7 @@ def write(output, record: dict) -> None:
             f.write((json.dumps(record, indent=2) + "\n").encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
-        regular_or_absent(path)
+        regular_or_absent(path, one_link=False)  # replaced by the rename, never written into
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -92,7 +92,7 @@ def read(output) -> dict | None:
     from pneumo_edge.csvout import regular_or_absent
 
     path = provenance_path(output)
-    if regular_or_absent(path) is None:
+    if regular_or_absent(path, one_link=False) is None:
         return None
     try:
         with open(path, "rb") as f:

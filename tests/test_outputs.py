@@ -252,6 +252,18 @@ def test_closed_stdout_is_one_line_and_exit_2(tiny_exported, tmp_path):
     assert "cannot write stdout" in one_error_line(res.stderr)
 
 
+def test_reader_that_stops_early_ends_the_run_quietly(tiny_exported, tmp_path):
+    """`score ... | head -1`: a closed pipe is not a write failure: exit 141, nothing said."""
+    write_images(tmp_path / "d", 30)
+    proc = subprocess.Popen([sys.executable, "-m", "pneumo_edge", "score", str(tmp_path / "d"),
+                             "--model", str(tiny_exported), "--batch", "1", "-q"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().decode().rstrip("\n") == ",".join(HEADER)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and err == "", err
+
+
 def _limit_file_size(limit: int):
     def apply():
         import resource

@@ -296,7 +296,7 @@ def test_usage_errors_exit_2_with_one_line(tiny_exported, tmp_path):
     cases = [
         ((tmp_path / "nope", "--model", tiny_exported), "no such file or folder"),
         ((tmp_path / "d", "--model", tmp_path / "nomodel"), "no such model directory"),
-        ((tmp_path / "d", "--model", tmp_path / "d"), "no model card"),
+        ((tmp_path / "d", "--model", tmp_path / "d"), "no runtime can run this model"),
         ((tmp_path / "d", "--model", tiny_exported, "--resume"), "--resume needs -o"),
         ((tmp_path / "d", "--model", tiny_exported, "--runtime", "trt"),
          "model.fp16.engine: not found"),
@@ -347,7 +347,9 @@ import pneumo_edge.runtimes as r
 _open = r.open_runtime
 class Slow:  # the real runtime, slowed down so the test can interrupt it mid-run
     def __init__(self, rt):
-        self.rt, self.name, self.device, self.card = rt, rt.name, rt.device, rt.card
+        self.rt = rt
+    def __getattr__(self, name):  # name, device, card, path, sha256, precision
+        return getattr(self.rt, name)
     def __call__(self, x):
         time.sleep(0.15)
         return self.rt(x)
