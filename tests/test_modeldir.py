@@ -388,3 +388,25 @@ def test_the_edge_package_never_imports_train_or_export():
            for mod, line in _imports(p)
            if mod.startswith(("pneumo_edge.train", "pneumo_edge.export"))]
     assert bad == []
+
+
+def _named_files(path: Path) -> list[str]:
+    """Model-directory file names written as string literals in ``path`` (not docstrings)."""
+    names = {*modeldir.TRAINING_OUTPUTS, *modeldir.EXPORT_OUTPUTS}
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
+            and ast.get_docstring(n, clean=False) is not None}
+    return [f"{path.relative_to(REPO)}:{n.lineno} {n.value!r}" for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs
+            and any(name in n.value for name in names)]
+
+
+def test_only_modeldir_names_model_files():
+    """The edge package and export take every file name from pneumo_edge.modeldir (the CLI's
+    help texts may mention them)."""
+    files = [*(REPO / "pneumo_edge").rglob("*.py"), *(REPO / "export").glob("*.py"),
+             REPO / "train" / "checkpoint.py"]
+    found = [hit for p in sorted(files) if p.name not in ("modeldir.py", "cli.py")
+             for hit in _named_files(p)]
+    assert found == []
