@@ -129,13 +129,14 @@ def partial_path(output) -> Path:
 
 
 def check_output(output) -> None:
-    """Refuse (exit 2) an ``-o FILE`` whose FILE or FILE.partial exists and is not a regular
-    file (a symlink, device, FIFO, socket, directory) or whose folder is missing: -o only ever
-    replaces regular files, and never writes through a link."""
+    """Refuse (exit 2) an ``-o FILE`` whose FILE, FILE.json or FILE.partial exists and is not
+    a regular file (a symlink, device, FIFO, socket, directory) or whose folder is missing:
+    -o only ever replaces regular files, and never writes through a link."""
     final = Path(output)
     if not final.parent.is_dir():
         raise PneumoError(f"{final.parent}: no such folder for -o")
     regular_or_absent(final, one_link=False)  # replaced by a rename: other links keep theirs
+    regular_or_absent(final.with_name(final.name + ".json"), one_link=False)  # provenance
     regular_or_absent(partial_path(final))  # written into
 
 

@@ -146,8 +146,8 @@ def scan_labelled(root: str | os.PathLike, classes: list[str] | None = None) -> 
 
 
 _PATIENT_PATTERNS = (
-    re.compile(r"^(person\d+)_", re.I),            # person123_bacteria_456.jpeg
-    re.compile(r"^((?:[A-Z]+\d*-)?IM-\d+)-", re.I),  # IM-0123-0001, NORMAL2-IM-0123-0001
+    re.compile(r"^(person\d+)_", re.IGNORECASE),            # person123_bacteria_456.jpeg
+    re.compile(r"^((?:[A-Z]+\d*-)?IM-\d+)-", re.IGNORECASE),  # IM-0123-0001, NORMAL2-IM-0123-0001
 )
 
 

@@ -101,8 +101,8 @@ def read(output) -> dict | None:
             raise ValueError("too large")
         record = json.loads(data.decode("utf-8"))
         if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
-            raise ValueError("not a provenance record")
-    except (OSError, ValueError) as exc:
+            raise TypeError("not a provenance record")
+    except (OSError, ValueError, TypeError) as exc:
         raise PneumoError(f"{path}: cannot resume: unreadable provenance ({exc}); "
                           "delete the partial output or drop --resume") from None
     return record

@@ -17,8 +17,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pneumo_edge import provenance
-from pneumo_edge.csvout import (PROB_DIGITS, PartialSink, StdoutSink, WriteError, check_output,
-                                csv_text, header, one_line, partial_path)
+from pneumo_edge.csvout import (
+    PROB_DIGITS,
+    PartialSink,
+    StdoutSink,
+    WriteError,
+    check_output,
+    csv_text,
+    header,
+    one_line,
+    partial_path,
+)
 from pneumo_edge.errors import ModelError, PneumoError
 from pneumo_edge.folders import walk_images
 from pneumo_edge.pipeline import Batch, decode_batches, default_workers

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo_edge.images import ImageError, MAX_PIXELS, load_image
+from pneumo_edge.images import MAX_PIXELS, ImageError, load_image
 
 
 def gradient(w=300, h=200):

@@ -62,7 +62,7 @@ def one_error_line(err: str) -> str:
 def run_cli_process(args, **kw) -> subprocess.CompletedProcess:
     """``pneumo-edge ARGS`` in a fresh interpreter (for real file descriptors and limits)."""
     return subprocess.run([sys.executable, "-m", "pneumo_edge", *map(str, args)], cwd=REPO,
-                          stderr=subprocess.PIPE, text=True, **kw)
+                          stderr=subprocess.PIPE, text=True, check=False, **kw)
 
 
 # --------------------------------------------------------------------------- a NaN model

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import ctrl_c_enabled
 from PIL import Image
 
-from conftest import ctrl_c_enabled
 from pneumo_edge import pipeline
 from pneumo_edge.card import Card
 from pneumo_edge.cli import main
@@ -362,7 +362,7 @@ main(sys.argv[1:], prog_name="pneumo-edge")
 def start_slow(args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", SLOW_CLI, "score", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
-                            preexec_fn=ctrl_c_enabled)
+                            preexec_fn=ctrl_c_enabled)  # noqa: PLW1509 -- signals only
 
 
 
