@@ -129,7 +129,7 @@ class Duration(click.ParamType):
 @click.option("--clip-grad", default=0.0, type=Finite(0), help="Max grad norm; 0 = off.")
 @click.option("--scheduler", default="cosine",
               type=click.Choice(["none", "step", "onecycle", "cosine"]))
-@click.option("--warmup-epochs", default=1.0, type=float,
+@click.option("--warmup-epochs", default=1.0, type=Finite(0),
               help="Linear learning-rate warm-up (cosine).")
 @click.option("--class-weights", default="auto", help="auto (inverse frequency), none, or w1,w2.")
 @click.option("--augment", default="strong", type=click.Choice(["none", "basic", "strong"]),
@@ -140,12 +140,15 @@ class Duration(click.ParamType):
                    "or fixed ImageNet statistics.")
 @click.option("--tta", default="none", type=click.Choice(["none", "flip"]),
               help="Average the image and its mirror inside the network (every export too).")
-@click.option("--label-smoothing", default=0.0, type=float)
-@click.option("--ema", default=0.0, type=float, help="Weight EMA decay, e.g. 0.998; 0 = off.")
-@click.option("--mixup", default=0.0, type=float, help="Mixup Beta(a, a); 0 = off.")
+@click.option("--label-smoothing", default=0.1, type=Finite(0, 0.5),
+              help="Soft targets: 1-e on the true class.")
+@click.option("--ema", default=0.998, type=Finite(0, 1, max_open=True),
+              help="Decay of the weights' moving average, which is what gets evaluated and "
+                   "saved; 0 = off.")
+@click.option("--mixup", default=0.0, type=Finite(0), help="Mixup Beta(a, a); 0 = off.")
 @click.option("--val-fraction", default=0.15, type=Finite(0, 1, min_open=True, max_open=True),
               help="Share of train held out for validation when DATA/val is absent.")
-@click.option("--test-fraction", default=0.15, type=float,
+@click.option("--test-fraction", default=0.15, type=Finite(0, 1, max_open=True),
               help="Share of train held out as an internal test split when DATA/test is absent "
                    "(never used for selection).")
 @click.option("--seed", default=42, type=int)

@@ -15,7 +15,7 @@ from pneumo_edge.cli import main  # noqa: E402
 from pneumo_edge.train.data import class_weights, grouped_stratified_split  # noqa: E402
 from pneumo_edge.train.loop import TrainConfig, train  # noqa: E402
 
-QUICK = dict(arch="resnet18", image_size=64, batch_size=16, workers=0, device="cpu",
+QUICK = dict(arch="resnet18", image_size=64, batch_size=16, workers=0, device="cpu", ema=0.0,
              amp=False, min_epochs=1)
 
 

@@ -57,8 +57,8 @@ class TrainConfig:
     augment: str | bool = "strong"  # none | basic | strong (True = basic, False = none)
     norm: str = "image"  # the network's input normalisation (pneumo_edge.net)
     tta: str = "none"  # test-time augmentation inside the network (pneumo_edge.net)
-    label_smoothing: float = 0.0
-    ema: float = 0.0  # decay of the weights' moving average; 0 = off
+    label_smoothing: float = 0.1
+    ema: float = 0.998  # decay of the weights' moving average; 0 = off
     mixup: float = 0.0  # Beta(a, a) mixup; 0 = off
     val_fraction: float = 0.15
     test_fraction: float = 0.15  # internal test split when DATA/test is absent
