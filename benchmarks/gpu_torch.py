@@ -127,7 +127,7 @@ def run(args) -> dict:
     import torch
 
     from pneumo_edge.bench import machine_info, run_bench
-    from pneumo_edge.train.checkpoint import load_model
+    from pneumo_edge.torchload import load_model
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gpu_torch.py: torch sees no CUDA GPU (use --device cpu for a smoke "

@@ -129,13 +129,13 @@ torch_needed = pytest.mark.skipif(
 
 @torch_needed
 def test_tiny_run_stops_within_its_time_budget_with_a_completed_schedule(tmp_path):
-    """A budget of 25 s on the tiny data: the plan is fitted after the first epoch, the run
+    """A budget of 40 s on the tiny data: the plan is fitted after the first epoch, the run
     trains fewer epochs than its cap and ends with the learning rate at the schedule's end."""
     from conftest import write_labelled
     from pneumo_edge.train.loop import TrainConfig, train
 
     write_labelled(tmp_path / "data" / "train", per_class=24, seed=7)
-    budget = 25.0
+    budget = 40.0
     result = train(TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"),
                                arch="resnet18", image_size=64, batch_size=8, workers=0,
                                device="cpu", amp=False, min_epochs=1, time_budget=budget,

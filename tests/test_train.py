@@ -128,7 +128,7 @@ def test_resume_continues_from_last_epoch(tiny_dataset, tmp_path):
 
 def test_unreadable_images_are_skipped_named_and_counted(tmp_path, capsys):
     data = tmp_path / "d"
-    write_labelled(data / "train", per_class=8)
+    write_labelled(data / "train", per_class=16)
     (data / "train" / "NORMAL" / "broken.png").write_bytes(b"not a png")
     (data / "train" / "PNEUMONIA" / "empty.jpeg").write_bytes(b"")
     train(TrainConfig(data=str(data), out=str(tmp_path / "r"), epochs=1, **QUICK))

@@ -82,9 +82,20 @@ class Plan:
         if new == self.epochs:
             return ""
         old, self.epochs = self.epochs, max(1, new)
-        return (f"time budget {self.budget_s / 60:.0f} min: {epoch_s:.0f} s per epoch, "
+        return (f"time budget {self.budget_s / 60:.1f} min: {epoch_s:.0f} s per epoch, "
                 f"{reserve_s:.0f} s kept for the final evaluation -> {self.epochs} epochs "
                 f"(was {old})")
+
+    def estimate(self, elapsed_s: float, epoch_s: float, reserve_s: float) -> str:
+        """The first plan, from the step time measured early in the first epoch
+        (``elapsed_s``: spent before that epoch began). The end of the first epoch replaces it
+        with a measured plan."""
+        if self.budget_s is None or self.measured:
+            return ""
+        fits = math.floor((self.budget_s - elapsed_s - reserve_s) / max(epoch_s, 1e-6))
+        self.epochs = max(1, min(self.cap, fits))
+        return (f"time budget {self.budget_s / 60:.1f} min: about {epoch_s:.0f} s per epoch "
+                f"-> {self.epochs} epochs (measured again after the first)")
 
     def should_stop(self, done: int) -> bool:
         return done >= self.epochs

@@ -13,12 +13,12 @@ shifted validation; test is reported, never used to choose.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 
 import numpy as np
 
-from pneumo_edge.card import Card, json_safe, write_atomic
+from pneumo_edge import modeldir
+from pneumo_edge.card import Card
 from pneumo_edge.metrics import METRIC_KEYS, binary_metrics, choose_threshold
 
 #: rules compared in metrics.json (the configured one is always included)
@@ -64,7 +64,7 @@ def final_evaluation(out, state, cfg, data, device, t_start, log) -> dict:
                        "final_evaluation_s": round(time.monotonic() - t0, 1),
                        "total_s": round(time.monotonic() - t_start, 1)},
               "history": state["history"]}
-    write_atomic(out / "metrics.json", json.dumps(json_safe(result), indent=2) + "\n")
+    modeldir.write_json_atomic(out / modeldir.METRICS_JSON, result)
     _plots(out, state, card, best)
     log(_summary(result, card, out))
     return result
@@ -83,8 +83,8 @@ def _compare_rules(truth, probs, configured) -> dict:
 def _plots(out, state, card, best) -> None:
     from pneumo_edge.train.plots import plot_confusion, plot_curves
 
-    plot_curves(state["history"], out / "curves.png")
-    plot_confusion(card.metrics["val"]["confusion_matrix"], card, out / "confusion.png",
+    plot_curves(state["history"], out / modeldir.CURVES_PNG)
+    plot_confusion(card.metrics["val"]["confusion_matrix"], card, out / modeldir.CONFUSION_PNG,
                    title=f"validation, epoch {best['epoch']}, threshold {card.threshold:.3f}")
 
 
@@ -97,6 +97,6 @@ def _summary(result, card, out) -> str:
             m = result[k]
             lines.append(f"{k:>11} ({m['n']}): " + ", ".join(
                 f"{key} {m[key]:.3f}" for key in METRIC_KEYS))
-    lines.append(f"wrote {out}/: model.pt card.json metrics.json history.csv curves.png "
-                 "confusion.png")
+    lines.append(f"wrote {out}/: " + " ".join(n for n in modeldir.TRAINING_OUTPUTS
+                                                if n != modeldir.LAST_PT))
     return "\n".join(lines)

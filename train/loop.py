@@ -18,14 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from pneumo_edge.card import Card, json_safe, write_atomic
+from pneumo_edge import modeldir
+from pneumo_edge.card import Card
 from pneumo_edge.errors import DataError, PneumoError, UsageError
 from pneumo_edge.folders import scan_labelled
 from pneumo_edge.metrics import (METRIC_KEYS, binary_metrics, choose_threshold,
                                  validate_threshold_rule)
 from pneumo_edge.net import build_model
 from pneumo_edge.train.budget import SCHEDULES, Plan, lr_factor
-from pneumo_edge.train.checkpoint import LAST_FILE, MODEL_FILE, save_atomic, save_model
+from pneumo_edge.modeldir import CARD_JSON, HISTORY_CSV, LAST_PT, MODEL_PT
+from pneumo_edge.train.checkpoint import save_model
 from pneumo_edge.train.data import (AUGMENTS, Augment, PixelDataset, class_weights,
                                     grouped_stratified_split, preload)
 from pneumo_edge.versions import installed_versions
@@ -130,7 +132,7 @@ class NonFiniteLoss(PneumoError):
 
 def train_one_epoch(model, criterion, optimizer, loader, device, *, amp=False, scaler=None,
                     clip_grad=0.0, scheduler_step=None, progress=None, ema=None, mixup=0.0,
-                    num_classes=2) -> float:
+                    num_classes=2, on_step=None) -> float:
     model.train()
     total, n = 0.0, 0
     for x, y in loader:
@@ -169,6 +171,8 @@ def train_one_epoch(model, criterion, optimizer, loader, device, *, amp=False, s
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{total / n:.4f}")
+        if on_step is not None:
+            on_step()
     return total / max(n, 1)
 
 
@@ -265,7 +269,7 @@ def train(cfg: TrainConfig) -> dict:
         _epochs(cfg, out, s, state, data, device, amp, t_start)
     except KeyboardInterrupt:
         log(f"interrupted after epoch {state['epoch']}: "
-            + (f"best checkpoint so far (epoch {state['best']['epoch']}) is in {out / MODEL_FILE}; "
+            + (f"best checkpoint so far (epoch {state['best']['epoch']}) is in {out / MODEL_PT}; "
                if state["best"] else "no checkpoint saved yet; ")
             + f"continue with: pneumo-edge train --data {cfg.data} --out {cfg.out} --resume")
         if state["best"]:
@@ -311,12 +315,13 @@ def _log_start(cfg, data, device, amp, state, plan) -> None:
 def _epochs(cfg, out, s, state, data, device, amp, t_start) -> None:
     key, sign = SELECT[cfg.select]
     eligible_from = min(cfg.min_epochs, s["plan"].epochs)
-    slowest = 0.0
+    recent: list[float] = []  # the last two epochs' seconds
     card_base = _card_base(cfg, data, amp, device, s["weights"])
     while not s["plan"].should_stop(state["epoch"]):
         epoch = state["epoch"] + 1
         t0 = time.perf_counter()
-        row = _one_epoch(cfg, s, epoch, device, amp, data["pos"])
+        on_step = _early_plan(cfg, s, t_start) if not s["plan"].measured else None
+        row = _one_epoch(cfg, s, epoch, device, amp, data["pos"], on_step)
         state["history"].append(row)
         score = row[f"{key}"]
         improved = epoch >= min(eligible_from, s["plan"].epochs) and (
@@ -326,9 +331,10 @@ def _epochs(cfg, out, s, state, data, device, amp, t_start) -> None:
                                        card_base, epoch, score, row.pop("_probs"), cfg)
         row.pop("_probs", None)
         state["epoch"] = epoch
-        slowest = max(slowest, time.perf_counter() - t0)
+        recent = (recent + [time.perf_counter() - t0])[-2:]
         elapsed = time.monotonic() - t_start
-        msg = s["plan"].replan(epoch, elapsed, slowest, _final_reserve(row, cfg))
+        msg = s["plan"].replan(epoch, elapsed, max(recent),
+                               _final_reserve(row["eval_seconds"], cfg))
         state["planned_epochs"] = s["plan"].epochs
         _save_last(out, s, state, cfg)
         _write_history(out, state["history"])
@@ -337,13 +343,34 @@ def _epochs(cfg, out, s, state, data, device, amp, t_start) -> None:
             log(msg)
 
 
-def _one_epoch(cfg, s, epoch, device, amp, pos) -> dict:
+def _early_plan(cfg, s, t_start):
+    """A step callback for the first epoch: after a few steps (the first one, with its warm-up
+    costs, not counted) estimate an epoch and plan the schedule, so the learning rate follows a
+    plan that completes from the first epoch on."""
+    k = max(2, min(10, len(s["train"]) // 4))
+    t_epoch, marks = time.monotonic(), []
+
+    def on_step():
+        marks.append(time.perf_counter())
+        if len(marks) == k + 1:
+            step_s = (marks[-1] - marks[0]) / k
+            eval_s = step_s * 2 * len(s["val"].dataset) / cfg.batch_size / 3  # forward only
+            msg = s["plan"].estimate(t_epoch - t_start, step_s * len(s["train"]) + eval_s,
+                                     _final_reserve(eval_s, cfg))
+            if msg:
+                log(msg)
+
+    return on_step
+
+
+def _one_epoch(cfg, s, epoch, device, amp, pos, on_step=None) -> dict:
     t0 = time.perf_counter()
     bar = _bar(len(s["train"]), f"epoch {epoch}/{s['plan'].epochs}")
     train_loss = train_one_epoch(
         s["model"], s["criterion"], s["optimizer"], s["train"], device, amp=amp,
         scaler=s["scaler"], clip_grad=cfg.clip_grad, scheduler_step=s["scheduler"].step,
-        progress=bar, ema=s["ema"], mixup=cfg.mixup, num_classes=len(s["weights"] or [0, 0]))
+        progress=bar, ema=s["ema"], mixup=cfg.mixup, num_classes=len(s["weights"] or [0, 0]),
+        on_step=on_step)
     bar.close()
     t1 = time.perf_counter()
     judged = s["ema"].model if s["ema"] else s["model"]
@@ -358,11 +385,11 @@ def _one_epoch(cfg, s, epoch, device, amp, pos) -> dict:
             "eval_seconds": t2 - t1, "_probs": (vprobs, vlabels, pos)}
 
 
-def _final_reserve(row, cfg) -> float:
+def _final_reserve(eval_seconds: float, cfg) -> float:
     """Seconds to keep for the final evaluation: val, shifted val and test through the deployed
     network in fp32 (about 3x the mixed-precision per-epoch evaluation of val + shifted val),
     twice over with flip averaging, plus plots and writes."""
-    return row["eval_seconds"] * 1.5 * 3 * (2 if cfg.tta == "flip" else 1) + 30.0
+    return eval_seconds * 1.5 * 3 * (2 if cfg.tta == "flip" else 1) + 10.0
 
 
 def _stop_on_sigterm() -> None:
@@ -377,14 +404,6 @@ def _stop_on_sigterm() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
-
-
-#: the files a training run writes into --out; --force replaces these (and the exports of the
-#: model they held, which would be stale), nothing else
-TRAINING_FILES = (MODEL_FILE, LAST_FILE, "card.json", "metrics.json", "history.csv",
-                  "curves.png", "confusion.png")
-STALE_EXPORTS = ("model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.fp16.engine",
-                 "model.fp16.engine.json", "parity.json")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -431,10 +450,10 @@ def _check_out(out: Path, cfg: TrainConfig) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder")
     if cfg.resume:
-        if not (out / LAST_FILE).is_file():
-            raise UsageError(f"{out}: nothing to resume (no {LAST_FILE})")
+        if not (out / LAST_PT).is_file():
+            raise UsageError(f"{out}: nothing to resume (no {LAST_PT})")
         return
-    has_model = any((out / n).exists() for n in (MODEL_FILE, "card.json", LAST_FILE))
+    has_model = any((out / n).exists() for n in (MODEL_PT, CARD_JSON, LAST_PT))
     if has_model and not cfg.force:
         raise UsageError(f"{out}: already holds a model; use --force to replace it or "
                          f"--resume to continue it")
@@ -449,7 +468,8 @@ def _prepare_out(out: Path, cfg: TrainConfig) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.force and not cfg.resume:
-            for name in TRAINING_FILES + STALE_EXPORTS:
+            # only what a training run writes, and the exports of the model it replaces
+            for name in modeldir.TRAINING_OUTPUTS + modeldir.EXPORT_OUTPUTS:
                 p = out / name
                 if p.is_file() or p.is_symlink():
                     p.unlink()
@@ -575,7 +595,7 @@ def _save_best(out, model, card_base, epoch, score, probs, cfg) -> dict:
 
 def _save_last(out, s, state, cfg) -> None:
     best = dict(state["best"]) if state["best"] else None
-    save_atomic({
+    modeldir.torch_save_atomic(out / LAST_PT, {
         "model": s["model"].state_dict(), "optimizer": s["optimizer"].state_dict(),
         "scheduler": s["scheduler"].state_dict(),
         "ema": s["ema"].model.state_dict() if s["ema"] else {},
@@ -585,11 +605,16 @@ def _save_last(out, s, state, cfg) -> None:
         "best": json.dumps({k: v for k, v in best.items() if k != "state_dict"}) if best else "",
         "best_state_dict": best["state_dict"] if best else {},
         "config": json.dumps(asdict(cfg)), "rng": torch.get_rng_state(),
-    }, out / LAST_FILE)
+    })
 
 
 def _resume(out, s, cfg) -> dict:
-    last = torch.load(out / LAST_FILE, map_location="cpu", weights_only=True)
+    raw = modeldir.read_regular(out / LAST_PT)  # a FIFO or device there cannot hang us
+    try:
+        last = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise UsageError(f"{out / LAST_PT}: not a readable training state "
+                         f"({str(exc).splitlines()[0][:120]})") from None
     old = json.loads(last["config"])
     for k in ("arch", "image_size", "data", "norm", "tta"):
         if old.get(k, getattr(TrainConfig, k, None)) != getattr(cfg, k):
@@ -617,7 +642,7 @@ def _write_history(out, history) -> None:
     w = csv.DictWriter(buf, fieldnames=list(history[0]))
     w.writeheader()
     w.writerows(history)
-    write_atomic(out / "history.csv", buf.getvalue())
+    modeldir.write_text_atomic(out / HISTORY_CSV, buf.getvalue())
 
 
 def _epoch_line(row, improved, planned, elapsed, budget) -> str:

@@ -18,11 +18,16 @@ def plot_curves(history: list[dict], path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.plot(ep, [r["train_loss"] for r in history], "o-", label="train")
     a.plot(ep, [r["val_loss"] for r in history], "o-", label="validation")
+    if history and "shifted_val_loss" in history[0]:
+        a.plot(ep, [r["shifted_val_loss"] for r in history], "o--", label="shifted validation")
     a.set(xlabel="epoch", ylabel="weighted cross-entropy", title="loss")
     a.legend()
     for key in ("accuracy", "recall", "specificity", "f1", "roc_auc"):
-        b.plot(ep, [r[f"val_{key}"] for r in history], "o-", label=key)
-    b.set(xlabel="epoch", ylim=(0, 1.02), title="validation metrics (threshold 0.5)")
+        line, = b.plot(ep, [r[f"val_{key}"] for r in history], "o-", label=key)
+        if history and f"shifted_val_{key}" in history[0]:
+            b.plot(ep, [r[f"shifted_val_{key}"] for r in history], "--",
+                   color=line.get_color(), alpha=0.6)
+    b.set(xlabel="epoch", ylim=(0, 1.02), title="validation (solid) and shifted validation (dashed), threshold 0.5")
     b.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
