@@ -4,6 +4,7 @@ available. Imports no torch."""
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,9 @@ class OnnxRuntime:
 
 def _session(path, data: bytes, device: str | None, threads: int | None):
     """(onnxruntime.InferenceSession, whether CUDA was asked for)."""
+    # onnxruntime writes a device id and a telemetry database under ~/.cache unless this is set
+    # before its first import (the CLI sets it too, for every command; this covers library use)
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
         import onnxruntime as ort
     except ImportError:
