@@ -24,6 +24,7 @@ def load_split(card, root: Path, key: str):
 
 
 def main() -> None:
+    import numpy as np
     import torch
 
     from pneumo_edge.card import Card
@@ -52,6 +53,8 @@ def main() -> None:
         t = choose_threshold(sets["val"][1] == pos, probs["val"], rule)
         out[tta] = {"threshold": t, "seconds": round(seconds, 1), **{
             k: binary_metrics(y == pos, probs[k], t) for k, (_, y) in sets.items()}}
+        np.savez(a.run / f"probs_tta_{tta}.npz", **{k: probs[k] for k in probs},
+                 **{f"{k}_labels": y == pos for k, (_, y) in sets.items()})
         print(tta, json.dumps({k: (v if not isinstance(v, dict) else {
             m: round(v[m], 4) for m in ("accuracy", "recall", "specificity", "roc_auc")})
             for k, v in out[tta].items()}), flush=True)

@@ -159,8 +159,11 @@ class Duration(click.ParamType):
 @click.option("--min-epochs", default=3, type=click.IntRange(1),
               help="Epochs before one can be selected.")
 @click.option("--threshold-for", default="youden",
-              help="Decision threshold chosen on validation: youden, f1, recall:0.95 or "
-                   "fixed:0.5.")
+              help="Decision threshold rule: youden (best sensitivity + specificity), f1, "
+                   "recall:0.95 or fixed:0.5.")
+@click.option("--threshold-on", default="val+shifted", type=click.Choice(["val+shifted", "val"]),
+              help="Choose the threshold on validation pooled with shifted validation, or on "
+                   "validation alone.")
 @click.option("--positive-class", default="", help="Default: PNEUMONIA, else the last class.")
 @click.option("--amp/--no-amp", default=None,
               help="Mixed precision. Default: on for CUDA and for CPUs with bf16 instructions "

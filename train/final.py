@@ -3,8 +3,10 @@
 shifted validation (:mod:`pneumo_edge.train.shift`) and the test split (DATA/test, or the
 internal patient-grouped split that selection never saw).
 
-The decision threshold is chosen here, once, on the deployed network's validation
-probabilities with ``--threshold-for``. So the card's threshold, its metrics and every exported
+The decision threshold is chosen here, once, on the deployed network's probabilities with
+``--threshold-for``, on the validation images pooled with their shifted copies (``--threshold-on
+val+shifted``, default: a threshold that still balances sensitivity and specificity when the
+images change) or on validation alone (``val``). So the card's threshold, its metrics and every exported
 form agree. For the ablation table, every threshold rule is also applied to the same
 probabilities (``threshold_rules`` in metrics.json): the rule is chosen on validation and
 shifted validation; test is reported, never used to choose.
@@ -43,13 +45,15 @@ def final_evaluation(out, state, cfg, data, device, t_start, log) -> dict:
         sets["test"] = data["test"]
     probs = {k: predict(model, px, device)[:, pos] for k, (px, _) in sets.items()}
     truth = {k: labels == pos for k, (_, labels) in sets.items()}
-    threshold = choose_threshold(truth["val"], probs["val"], cfg.threshold_for)
+    threshold = choose_threshold(*_threshold_data(truth, probs, cfg.threshold_on),
+                                 cfg.threshold_for)
     metrics = {k: binary_metrics(truth[k], probs[k], threshold) for k in sets}
     per = {name: binary_metrics(truth["shifted_val"][which == i],
                                 probs["shifted_val"][which == i], threshold)
            for i, name in enumerate(PERTURBATIONS)}
     card.threshold = threshold
     card.metrics = {**metrics, "best_epoch": best["epoch"], "threshold_rule": cfg.threshold_for,
+                    "threshold_on": cfg.threshold_on,
                     "test_source": card.split.get("test_source", "folder")}
     card.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     card.validate()
@@ -58,7 +62,9 @@ def final_evaluation(out, state, cfg, data, device, t_start, log) -> dict:
     result = {"best_epoch": best["epoch"], "select": cfg.select, "threshold": threshold,
               "threshold_rule": cfg.threshold_for, **metrics,
               "shifted_val_per_perturbation": per,
-              "threshold_rules": _compare_rules(truth, probs, cfg.threshold_for),
+              "threshold_on": cfg.threshold_on,
+              "threshold_rules": _compare_rules(truth, probs, cfg.threshold_for,
+                                                cfg.threshold_on),
               "time": {"budget_s": cfg.time_budget, "planned_epochs": state["planned_epochs"],
                        "epochs_trained": state["epoch"],
                        "final_evaluation_s": round(time.monotonic() - t0, 1),
@@ -70,13 +76,23 @@ def final_evaluation(out, state, cfg, data, device, t_start, log) -> dict:
     return result
 
 
-def _compare_rules(truth, probs, configured) -> dict:
-    rules = dict.fromkeys((configured, *COMPARED_RULES))
+def _threshold_data(truth, probs, on: str):
+    """(truth, probabilities) the threshold is chosen on: ``val``, or ``val+shifted`` (the
+    validation images as they are and under the perturbations, pooled)."""
+    if on == "val":
+        return truth["val"], probs["val"]
+    return (np.concatenate([truth["val"], truth["shifted_val"]]),
+            np.concatenate([probs["val"], probs["shifted_val"]]))
+
+
+def _compare_rules(truth, probs, configured, on) -> dict:
     out = {}
-    for rule in rules:
-        t = choose_threshold(truth["val"], probs["val"], rule)
-        out[rule] = {"threshold": t, **{k: {m: v for m, v in binary_metrics(
-            truth[k], probs[k], t).items() if m in METRIC_KEYS} for k in truth}}
+    for source in dict.fromkeys((on, "val", "val+shifted")):
+        for rule in dict.fromkeys((configured, *COMPARED_RULES)):
+            t = choose_threshold(*_threshold_data(truth, probs, source), rule)
+            out[f"{rule} on {source}"] = {"threshold": t, **{k: {
+                m: v for m, v in binary_metrics(truth[k], probs[k], t).items()
+                if m in METRIC_KEYS} for k in truth}}
     return out
 
 
@@ -91,7 +107,7 @@ def _plots(out, state, card, best) -> None:
 def _summary(result, card, out) -> str:
     lines = [f"best epoch {result['best_epoch']} of {result['time']['epochs_trained']} "
              f"({result['select']}); threshold {card.threshold:.3f} ({result['threshold_rule']}"
-             f" on validation); {result['time']['total_s'] / 60:.1f} min in all"]
+             f" on {result['threshold_on']}); {result['time']['total_s'] / 60:.1f} min in all"]
     for k in ("val", "shifted_val", "test"):
         if k in result:
             m = result[k]

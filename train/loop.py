@@ -68,6 +68,7 @@ class TrainConfig:
     select: str = "val_loss"
     min_epochs: int = 3
     threshold_for: str = "youden"
+    threshold_on: str = "val+shifted"  # or "val"
     positive_class: str = ""
     amp: bool | None = None
     workers: int = 2
@@ -432,6 +433,8 @@ def check_config(cfg: TrainConfig) -> None:
         bad("scheduler", f"choose one of {', '.join(SCHEDULES)}")
     if cfg.select not in SELECT:
         bad("select", f"choose one of {', '.join(SELECT)}")
+    if cfg.threshold_on not in ("val", "val+shifted"):
+        bad("threshold_on", "choose val or val+shifted")
     if cfg.optimizer not in ("adamw", "sgd"):
         bad("optimizer", "choose adamw or sgd")
     try:
