@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pneumo_edge.atomic import fsync_dir
 from pneumo_edge.errors import PneumoError
 
 PROB_DIGITS = 6
@@ -250,7 +251,7 @@ class PartialSink:
         self.close()
         regular_or_absent(self.final, one_link=False)  # nothing non-regular slipped in
         os.replace(self.partial, self.final)
-        _fsync_dir(self.final.parent)
+        fsync_dir(self.final.parent)
 
     def close(self) -> None:
         if not self._text.closed:
@@ -344,14 +345,3 @@ def _lock(f, name) -> None:
         raise PneumoError(f"{name}: another pneumo-edge score is writing it") from None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

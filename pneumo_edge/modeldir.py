@@ -13,15 +13,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-from pneumo_edge.card import Card, json_safe
-from pneumo_edge.errors import ModelError, PneumoError
+# atomic writes have their own home; model-directory code reaches them through this module
+from pneumo_edge.atomic import (  # noqa: F401
+    fsync_dir,
+    torch_save_atomic,
+    write_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+from pneumo_edge.card import Card
+from pneumo_edge.errors import ModelError
 
 # ----------------------------------------------------------------------------- file names
 
@@ -142,65 +148,6 @@ class Refused(ModelError):
 AGREED_FIELDS = ("classes", "positive_class", "image_size", "threshold", "arch", "net")
 #: largest JSON file read (card.json, the sidecar): a card is a few KiB
 JSON_CAP = 1 << 20
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def write_atomic(path: str | os.PathLike, writer: Callable[[BinaryIO], None]) -> Path:
-    """Write ``path`` so that readers see the old or the new file, never half of one, and the
-    new one survives a crash: ``writer(f)`` fills a new temporary file in the same folder, which
-    is flushed, fsynced and renamed over ``path``; then the folder is fsynced. A symlink at
-    ``path`` is replaced, never written through. OSError -> PneumoError (exit 2)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        with os.fdopen(os.open(tmp, flags, 0o666), "wb") as f:
-            writer(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise PneumoError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-    return path
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (best effort: some filesystems refuse)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    return write_atomic(path, lambda f: f.write(data))
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    return write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> Path:
-    """``obj`` as indented JSON, non-finite floats as null (valid JSON for any reader)."""
-    return write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
-
-
-def torch_save_atomic(path: str | os.PathLike, obj) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (model.pt, last.pt)."""
-    import torch
-
-    return write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def write_card(run_dir: str | os.PathLike, card: Card) -> Path:

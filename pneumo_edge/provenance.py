@@ -9,7 +9,6 @@ another precision or another threshold started (:func:`check_resume`).
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -66,25 +65,18 @@ def end_record(record: dict, summary, status: str, exit_code: int | None) -> dic
 
 def write(output, record: dict) -> None:
     """Write ``record`` to ``FILE.json`` atomically; :class:`PneumoError` when it cannot be."""
-    from pneumo_edge.csvout import open_new_or_regular, regular_or_absent
+    from pneumo_edge.atomic import write_text_atomic
+    from pneumo_edge.csvout import regular_or_absent
 
     path = provenance_path(output)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = open_new_or_regular(tmp, create_only=True)
-        with os.fdopen(fd, "wb") as f:
-            f.write((json.dumps(record, indent=2) + "\n").encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
         regular_or_absent(path, one_link=False)  # replaced by the rename, never written into
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise PneumoError(f"cannot write {path}: {exc.strerror or exc} "
                           "(use --resume to continue)") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except PneumoError as exc:
+        raise PneumoError(f"{exc} (use --resume to continue)") from None
 
 
 def read(output) -> dict | None:
