@@ -181,7 +181,8 @@ def train(**opts):
     Every option, the device and the data are checked before --out is touched.
     """
     try:
-        from pneumo_edge.train.loop import TrainConfig, check_config, train as run_train
+        from pneumo_edge.train.config import TrainConfig, check_config
+        from pneumo_edge.train.loop import train as run_train
     except ImportError as exc:
         raise PneumoError(f"training needs torch and torchvision ({exc.name} missing): "
                           "pip install 'pneumo-edge[train]'") from None

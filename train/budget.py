@@ -20,7 +20,8 @@ SCHEDULES = ("none", "step", "onecycle", "cosine")
 
 
 def parse_duration(text: str) -> float | None:
-    """Seconds for ``55m``, ``1h``, ``1h30m``, ``900s``, ``90`` (minutes); None for ``none``/``0``."""
+    """Seconds for ``55m``, ``1h``, ``1h30m``, ``900s``, ``90`` (minutes); None for ``none``
+    or ``0``."""
     t = str(text).strip().lower()
     if t in ("none", "off", "0"):
         return None

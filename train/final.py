@@ -6,10 +6,10 @@ internal patient-grouped split that selection never saw).
 The decision threshold is chosen here, once, on the deployed network's probabilities with
 ``--threshold-for``, on the validation images pooled with their shifted copies (``--threshold-on
 val+shifted``, default: a threshold that still balances sensitivity and specificity when the
-images change) or on validation alone (``val``). So the card's threshold, its metrics and every exported
-form agree. For the ablation table, every threshold rule is also applied to the same
-probabilities (``threshold_rules`` in metrics.json): the rule is chosen on validation and
-shifted validation; test is reported, never used to choose.
+images change) or on validation alone (``val``), so the card's threshold, its metrics and
+every exported form agree. Every rule is also applied to the same probabilities, on both
+sources (``threshold_rules`` in metrics.json): rules are compared on validation and shifted
+validation; test is reported, never used to choose.
 """
 
 from __future__ import annotations

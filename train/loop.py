@@ -1,17 +1,14 @@
 """The training loop, after torchvision's references/classification/train.py:
-``train_one_epoch``, ``evaluate`` and ``train`` (the main function the CLI calls)."""
+``train_one_epoch``, ``evaluate`` and ``train`` (the main function the CLI calls). Options and
+their checks are :mod:`pneumo_edge.train.config`; what is written to the output folder,
+:mod:`pneumo_edge.train.rundir`; the time plan, :mod:`pneumo_edge.train.budget`."""
 
 from __future__ import annotations
 
-import csv
-import datetime as dt
-import io
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -19,106 +16,20 @@ import torch
 from torch import nn
 
 from pneumo_edge import modeldir
-from pneumo_edge.card import Card
 from pneumo_edge.errors import DataError, PneumoError, UsageError
 from pneumo_edge.folders import scan_labelled
-from pneumo_edge.metrics import (METRIC_KEYS, binary_metrics, choose_threshold,
-                                 validate_threshold_rule)
+from pneumo_edge.metrics import METRIC_KEYS, binary_metrics
 from pneumo_edge.net import build_model
-from pneumo_edge.train.budget import SCHEDULES, Plan, lr_factor
-from pneumo_edge.modeldir import CARD_JSON, HISTORY_CSV, LAST_PT, MODEL_PT
-from pneumo_edge.train.checkpoint import save_model
-from pneumo_edge.train.data import (AUGMENTS, Augment, PixelDataset, class_weights,
+from pneumo_edge.train import rundir
+from pneumo_edge.train.budget import Plan, lr_factor
+from pneumo_edge.train.config import (  # noqa: F401  (TrainConfig and check_config: the API)
+    SELECT, TrainConfig, check_config, default_amp, pick_device)
+from pneumo_edge.train.data import (Augment, PixelDataset, class_weights,
                                     grouped_stratified_split, preload)
-from pneumo_edge.versions import installed_versions
-
-#: --select: the history column and its sign (higher is better)
-SELECT = {"val_loss": ("val_loss", -1), "val_f1": ("val_f1", 1),
-          "val_auroc": ("val_roc_auc", 1), "shifted_val_loss": ("shifted_val_loss", -1),
-          "shifted_val_auroc": ("shifted_val_roc_auc", 1)}
-DEFAULT_BUDGET_S = 55 * 60.0
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    out: str
-    arch: str = "resnet50"
-    weights: str = "none"
-    image_size: int = 224
-    epochs: int | None = None  # None: as many as the time budget allows (else 10)
-    time_budget: float | None = DEFAULT_BUDGET_S  # seconds for the whole run; None = no budget
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-4
-    clip_grad: float = 0.0
-    scheduler: str = "cosine"
-    warmup_epochs: float = 1.0
-    class_weights: str = "auto"
-    augment: str | bool = "strong"  # none | basic | strong (True = basic, False = none)
-    norm: str = "image"  # the network's input normalisation (pneumo_edge.net)
-    tta: str = "none"  # test-time augmentation inside the network (pneumo_edge.net)
-    label_smoothing: float = 0.1
-    ema: float = 0.998  # decay of the weights' moving average; 0 = off
-    mixup: float = 0.0  # Beta(a, a) mixup; 0 = off
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15  # internal test split when DATA/test is absent
-    seed: int = 42
-    select: str = "val_loss"
-    min_epochs: int = 3
-    threshold_for: str = "youden"
-    threshold_on: str = "val+shifted"  # or "val"
-    positive_class: str = ""
-    amp: bool | None = None
-    workers: int = 2
-    device: str = "auto"
-    resume: bool = False
-    force: bool = False
-
-    @property
-    def augment_preset(self) -> str:
-        if isinstance(self.augment, bool):
-            return "basic" if self.augment else "none"
-        return self.augment
-
-    @property
-    def net(self) -> dict:
-        return {"norm": self.norm, "tta": self.tta}
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA GPU is visible to torch")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s)")
-    elif device.type != "cpu":
-        raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
-    return device
-
-
-def default_amp(device: torch.device) -> bool:
-    """Mixed precision where the hardware runs it natively: any CUDA GPU, and CPUs with bf16
-    instructions (AMX or AVX-512 BF16), where a ResNet50 step is 2.3x faster than fp32."""
-    if device.type == "cuda":
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read(1 << 16)
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -253,14 +164,16 @@ def train(cfg: TrainConfig) -> dict:
     check_config(cfg)
     device = pick_device(cfg.device)
     amp = default_amp(device) if cfg.amp is None else cfg.amp
-    _check_out(out, cfg)
+    rundir.check_out(out, cfg)
     data = _load_data(cfg)
-    _prepare_out(out, cfg)
+    rundir.prepare_out(out, cfg)
     torch.manual_seed(cfg.seed)
     s = _setup(cfg, data, device, amp)
     state = {"epoch": 0, "history": [], "best": None, "planned_epochs": None}
     if cfg.resume:
-        state = _resume(out, s, cfg)
+        state = rundir.resume_state(out, s, cfg)
+        log(f"resuming {out} after epoch {state['epoch']} (plan: "
+            f"{state['planned_epochs'] or 'not measured yet'} epochs)")
     plan = s["plan"]
     if state["planned_epochs"]:  # resumed: keep the plan, unless --epochs now says otherwise
         plan.epochs, plan.measured = cfg.epochs or state["planned_epochs"], True
@@ -270,7 +183,8 @@ def train(cfg: TrainConfig) -> dict:
         _epochs(cfg, out, s, state, data, device, amp, t_start)
     except KeyboardInterrupt:
         log(f"interrupted after epoch {state['epoch']}: "
-            + (f"best checkpoint so far (epoch {state['best']['epoch']}) is in {out / MODEL_PT}; "
+            + (f"best checkpoint so far (epoch {state['best']['epoch']}) is in "
+               f"{out / modeldir.MODEL_PT}; "
                if state["best"] else "no checkpoint saved yet; ")
             + f"continue with: pneumo-edge train --data {cfg.data} --out {cfg.out} --resume")
         if state["best"]:
@@ -317,7 +231,7 @@ def _epochs(cfg, out, s, state, data, device, amp, t_start) -> None:
     key, sign = SELECT[cfg.select]
     eligible_from = min(cfg.min_epochs, s["plan"].epochs)
     recent: list[float] = []  # the last two epochs' seconds
-    card_base = _card_base(cfg, data, amp, device, s["weights"])
+    card_base = rundir.card_base(cfg, data, amp, device, s["weights"])
     while not s["plan"].should_stop(state["epoch"]):
         epoch = state["epoch"] + 1
         t0 = time.perf_counter()
@@ -328,7 +242,7 @@ def _epochs(cfg, out, s, state, data, device, amp, t_start) -> None:
         improved = epoch >= min(eligible_from, s["plan"].epochs) and (
             state["best"] is None or sign * score > sign * state["best"]["score"])
         if improved:
-            state["best"] = _save_best(out, s["ema"].model if s["ema"] else s["model"],
+            state["best"] = rundir.save_best(out, s["ema"].model if s["ema"] else s["model"],
                                        card_base, epoch, score, row.pop("_probs"), cfg)
         row.pop("_probs", None)
         state["epoch"] = epoch
@@ -337,8 +251,8 @@ def _epochs(cfg, out, s, state, data, device, amp, t_start) -> None:
         msg = s["plan"].replan(epoch, elapsed, max(recent),
                                _final_reserve(row["eval_seconds"], cfg))
         state["planned_epochs"] = s["plan"].epochs
-        _save_last(out, s, state, cfg)
-        _write_history(out, state["history"])
+        rundir.save_last(out, s, state, cfg)
+        rundir.write_history(out, state["history"])
         log(_epoch_line(row, improved, s["plan"].epochs, elapsed, cfg.time_budget))
         if msg:
             log(msg)
@@ -405,79 +319,6 @@ def _stop_on_sigterm() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Every option that can be checked without the data: exit 2 before anything is read or
-    written. (The CLI checks most of these too; plain-function callers get the same rules.)"""
-    def bad(opt, why):
-        raise UsageError(f"--{opt.replace('_', '-')} {getattr(cfg, opt)!r}: {why}")
-
-    for opt, lo, hi in (("lr", 0, None), ("weight_decay", 0, None), ("clip_grad", 0, None),
-                        ("label_smoothing", 0, 0.5), ("ema", 0, 0.99999), ("mixup", 0, None),
-                        ("val_fraction", 0, 1), ("test_fraction", 0, 1), ("warmup_epochs", 0, None)):
-        v = getattr(cfg, opt)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            bad(opt, "not a finite number")
-        if v < lo or (hi is not None and v > hi) or (opt in ("lr", "val_fraction") and v == 0):
-            bad(opt, f"out of range ({lo}..{hi if hi is not None else 'inf'})")
-    if cfg.val_fraction + cfg.test_fraction >= 1:
-        bad("val_fraction", f"with --test-fraction {cfg.test_fraction} leaves nothing to train on")
-    if cfg.time_budget is not None and not (math.isfinite(cfg.time_budget) and cfg.time_budget > 0):
-        bad("time_budget", "not a positive duration")
-    if cfg.batch_size < 2:
-        bad("batch_size", "must be at least 2 (BatchNorm needs two images per batch)")
-    if cfg.augment_preset not in AUGMENTS:
-        bad("augment", f"choose one of {', '.join(AUGMENTS)}")
-    if cfg.scheduler not in SCHEDULES:
-        bad("scheduler", f"choose one of {', '.join(SCHEDULES)}")
-    if cfg.select not in SELECT:
-        bad("select", f"choose one of {', '.join(SELECT)}")
-    if cfg.threshold_on not in ("val", "val+shifted"):
-        bad("threshold_on", "choose val or val+shifted")
-    if cfg.optimizer not in ("adamw", "sgd"):
-        bad("optimizer", "choose adamw or sgd")
-    try:
-        validate_threshold_rule(cfg.threshold_for)
-    except ValueError as exc:
-        raise UsageError(f"--threshold-for: {exc}") from None
-    if cfg.class_weights not in ("auto", "none"):
-        try:
-            class_weights(None, len(cfg.class_weights.split(",")), cfg.class_weights)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-
-
-def _check_out(out: Path, cfg: TrainConfig) -> None:
-    """What --out holds allows this run (read-only: nothing is written here)."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: exists and is not a folder")
-    if cfg.resume:
-        if not (out / LAST_PT).is_file():
-            raise UsageError(f"{out}: nothing to resume (no {LAST_PT})")
-        return
-    has_model = any((out / n).exists() for n in (MODEL_PT, CARD_JSON, LAST_PT))
-    if has_model and not cfg.force:
-        raise UsageError(f"{out}: already holds a model; use --force to replace it or "
-                         f"--resume to continue it")
-    parent = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{out}: cannot write there (permission denied)")
-
-
-def _prepare_out(out: Path, cfg: TrainConfig) -> None:
-    """Create --out; with --force, remove only the files an earlier training run wrote there
-    (and that model's exports). Runs after every option, the device and the data are checked."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.force and not cfg.resume:
-            # only what a training run writes, and the exports of the model it replaces
-            for name in modeldir.TRAINING_OUTPUTS + modeldir.EXPORT_OUTPUTS:
-                p = out / name
-                if p.is_file() or p.is_symlink():
-                    p.unlink()
-    except OSError as exc:
-        raise PneumoError(f"{out}: cannot write there ({exc.strerror or exc})") from None
 
 
 def _load_data(cfg: TrainConfig) -> dict:
@@ -572,82 +413,6 @@ def _optimizer(cfg, model):
                            nesterov=True)
 
 
-def _card_base(cfg, data, amp, device, weights) -> dict:
-    classes = data["classes"]
-    return dict(classes=classes, positive_class=classes[data["pos"]], image_size=cfg.image_size,
-                arch=cfg.arch, net=cfg.net, train_config=_config_dict(cfg, amp, device, weights),
-                split=data["split"], data=data["data_info"], versions=versions())
-
-
-def _save_best(out, model, card_base, epoch, score, probs, cfg) -> dict:
-    """model.pt and card.json for the best epoch so far, so an interrupted run leaves a usable
-    model; the final threshold and metrics are set by the final evaluation."""
-    vprobs, vlabels, pos = probs
-    threshold = choose_threshold(vlabels == pos, vprobs[:, pos], cfg.threshold_for)
-    m = binary_metrics(vlabels == pos, vprobs[:, pos], threshold)
-    card = Card(threshold=threshold, metrics={"val": m, "best_epoch": epoch,
-                                              "threshold_rule": cfg.threshold_for,
-                                              "provisional": True},
-                created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                **card_base)
-    save_model(out, model, card)
-    card.save(out)
-    return {"epoch": epoch, "score": score, "card": card.to_dict(),
-            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-
-
-def _save_last(out, s, state, cfg) -> None:
-    best = dict(state["best"]) if state["best"] else None
-    modeldir.torch_save_atomic(out / LAST_PT, {
-        "model": s["model"].state_dict(), "optimizer": s["optimizer"].state_dict(),
-        "scheduler": s["scheduler"].state_dict(),
-        "ema": s["ema"].model.state_dict() if s["ema"] else {},
-        "ema_updates": s["ema"].updates if s["ema"] else 0,
-        "epoch": state["epoch"], "planned_epochs": state["planned_epochs"] or 0,
-        "history": json.dumps(state["history"]),
-        "best": json.dumps({k: v for k, v in best.items() if k != "state_dict"}) if best else "",
-        "best_state_dict": best["state_dict"] if best else {},
-        "config": json.dumps(asdict(cfg)), "rng": torch.get_rng_state(),
-    })
-
-
-def _resume(out, s, cfg) -> dict:
-    raw = modeldir.read_regular(out / LAST_PT)  # a FIFO or device there cannot hang us
-    try:
-        last = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise UsageError(f"{out / LAST_PT}: not a readable training state "
-                         f"({str(exc).splitlines()[0][:120]})") from None
-    old = json.loads(last["config"])
-    for k in ("arch", "image_size", "data", "norm", "tta"):
-        if old.get(k, getattr(TrainConfig, k, None)) != getattr(cfg, k):
-            raise UsageError(f"--resume: {k} was {old.get(k)!r} in {out}, now {getattr(cfg, k)!r}")
-    s["model"].load_state_dict(last["model"])
-    s["optimizer"].load_state_dict(last["optimizer"])
-    s["scheduler"].load_state_dict(last["scheduler"])
-    if s["ema"] is not None and last.get("ema"):
-        s["ema"].model.load_state_dict(last["ema"])
-        s["ema"].updates = int(last["ema_updates"])
-    torch.set_rng_state(last["rng"])
-    best = json.loads(last["best"]) if last["best"] else None
-    if best:
-        best["state_dict"] = last["best_state_dict"]
-    log(f"resuming {out} after epoch {last['epoch']} (plan: "
-        f"{last.get('planned_epochs') or 'not measured yet'} epochs)")
-    return {"epoch": last["epoch"], "history": json.loads(last["history"]), "best": best,
-            "planned_epochs": int(last.get("planned_epochs") or 0) or None}
-
-
-def _write_history(out, history) -> None:
-    if not history:
-        return
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(history[0]))
-    w.writeheader()
-    w.writerows(history)
-    modeldir.write_text_atomic(out / HISTORY_CSV, buf.getvalue())
-
-
 def _epoch_line(row, improved, planned, elapsed, budget) -> str:
     clock = f"{elapsed / 60:.1f}/{budget / 60:.0f} min" if budget else f"{elapsed / 60:.1f} min"
     return (f"epoch {row['epoch']}/{planned}: train loss {row['train_loss']:.4f}  val loss "
@@ -669,13 +434,3 @@ def _finish(out, state, cfg, data, device, t_start) -> dict:
     from pneumo_edge.train.final import final_evaluation
 
     return final_evaluation(out, state, cfg, data, device, t_start, log)
-
-
-def _config_dict(cfg, amp, device, weights) -> dict:
-    d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("resume", "force")}
-    d.update(amp=amp, device=str(device), class_weight_values=weights)
-    return d
-
-
-def versions() -> dict:
-    return installed_versions(("torch", "torchvision", "numpy", "pillow"))

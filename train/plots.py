@@ -27,7 +27,8 @@ def plot_curves(history: list[dict], path) -> None:
         if history and f"shifted_val_{key}" in history[0]:
             b.plot(ep, [r[f"shifted_val_{key}"] for r in history], "--",
                    color=line.get_color(), alpha=0.6)
-    b.set(xlabel="epoch", ylim=(0, 1.02), title="validation (solid) and shifted validation (dashed), threshold 0.5")
+    b.set(xlabel="epoch", ylim=(0, 1.02),
+          title="validation (solid), shifted validation (dashed); threshold 0.5")
     b.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -1,0 +1,143 @@
+"""What training writes into and reads back from its output folder: the checks before it is
+touched, --force, model.pt and card.json for the best epoch so far, last.pt for --resume, and
+history.csv. File names and the atomic writer belong to :mod:`pneumo_edge.modeldir`."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import os
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from pneumo_edge import modeldir
+from pneumo_edge.card import Card
+from pneumo_edge.errors import PneumoError, UsageError
+from pneumo_edge.metrics import binary_metrics, choose_threshold
+from pneumo_edge.modeldir import CARD_JSON, HISTORY_CSV, LAST_PT, MODEL_PT
+from pneumo_edge.train.checkpoint import save_model
+from pneumo_edge.train.config import TrainConfig
+from pneumo_edge.versions import installed_versions
+
+
+def check_out(out: Path, cfg: TrainConfig) -> None:
+    """What --out holds allows this run (read-only: nothing is written here)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder")
+    if cfg.resume:
+        if not (out / LAST_PT).is_file():
+            raise UsageError(f"{out}: nothing to resume (no {LAST_PT})")
+        return
+    has_model = any((out / n).exists() for n in (MODEL_PT, CARD_JSON, LAST_PT))
+    if has_model and not cfg.force:
+        raise UsageError(f"{out}: already holds a model; use --force to replace it or "
+                         f"--resume to continue it")
+    parent = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{out}: cannot write there (permission denied)")
+
+
+def prepare_out(out: Path, cfg: TrainConfig) -> None:
+    """Create --out; with --force, remove only the files an earlier training run wrote there
+    (and that model's exports). Runs after every option, the device and the data are checked."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.force and not cfg.resume:
+            # only what a training run writes, and the exports of the model it replaces
+            for name in modeldir.TRAINING_OUTPUTS + modeldir.EXPORT_OUTPUTS:
+                p = out / name
+                if p.is_file() or p.is_symlink():
+                    p.unlink()
+    except OSError as exc:
+        raise PneumoError(f"{out}: cannot write there ({exc.strerror or exc})") from None
+
+
+def card_base(cfg, data, amp, device, weights) -> dict:
+    classes = data["classes"]
+    return dict(classes=classes, positive_class=classes[data["pos"]], image_size=cfg.image_size,
+                arch=cfg.arch, net=cfg.net, train_config=config_dict(cfg, amp, device, weights),
+                split=data["split"], data=data["data_info"], versions=versions())
+
+
+def save_best(out, model, card_base, epoch, score, probs, cfg) -> dict:
+    """model.pt and card.json for the best epoch so far, so an interrupted run leaves a usable
+    model; the final threshold and metrics are set by the final evaluation."""
+    vprobs, vlabels, pos = probs
+    threshold = choose_threshold(vlabels == pos, vprobs[:, pos], cfg.threshold_for)
+    m = binary_metrics(vlabels == pos, vprobs[:, pos], threshold)
+    card = Card(threshold=threshold, metrics={"val": m, "best_epoch": epoch,
+                                              "threshold_rule": cfg.threshold_for,
+                                              "provisional": True},
+                created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                **card_base)
+    save_model(out, model, card)
+    card.save(out)
+    return {"epoch": epoch, "score": score, "card": card.to_dict(),
+            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+
+
+def save_last(out, s, state, cfg) -> None:
+    best = dict(state["best"]) if state["best"] else None
+    modeldir.torch_save_atomic(out / LAST_PT, {
+        "model": s["model"].state_dict(), "optimizer": s["optimizer"].state_dict(),
+        "scheduler": s["scheduler"].state_dict(),
+        "ema": s["ema"].model.state_dict() if s["ema"] else {},
+        "ema_updates": s["ema"].updates if s["ema"] else 0,
+        "epoch": state["epoch"], "planned_epochs": state["planned_epochs"] or 0,
+        "history": json.dumps(state["history"]),
+        "best": json.dumps({k: v for k, v in best.items() if k != "state_dict"}) if best else "",
+        "best_state_dict": best["state_dict"] if best else {},
+        "config": json.dumps(asdict(cfg)), "rng": torch.get_rng_state(),
+    })
+
+
+def resume_state(out, s, cfg) -> dict:
+    """Load last.pt into the model, EMA, optimizer and schedule in ``s``; the loop's state."""
+    raw = modeldir.read_regular(out / LAST_PT)  # a FIFO or device there cannot hang us
+    try:
+        last = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise UsageError(f"{out / LAST_PT}: not a readable training state "
+                         f"({str(exc).splitlines()[0][:120]})") from None
+    old = json.loads(last["config"])
+    before = {"norm": "imagenet", "tta": "none"}  # what runs from before these options used
+    for k in ("arch", "image_size", "data", "norm", "tta"):
+        if old.get(k, before.get(k)) != getattr(cfg, k):
+            raise UsageError(f"--resume: {k} was {old.get(k, before.get(k))!r} in {out}, "
+                             f"now {getattr(cfg, k)!r}")
+    s["model"].load_state_dict(last["model"])
+    s["optimizer"].load_state_dict(last["optimizer"])
+    s["scheduler"].load_state_dict(last["scheduler"])
+    if s["ema"] is not None and last.get("ema"):
+        s["ema"].model.load_state_dict(last["ema"])
+        s["ema"].updates = int(last["ema_updates"])
+    torch.set_rng_state(last["rng"])
+    best = json.loads(last["best"]) if last["best"] else None
+    if best:
+        best["state_dict"] = last["best_state_dict"]
+    return {"epoch": last["epoch"], "history": json.loads(last["history"]), "best": best,
+            "planned_epochs": int(last.get("planned_epochs") or 0) or None}
+
+
+def write_history(out, history) -> None:
+    if not history:
+        return
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    modeldir.write_text_atomic(out / HISTORY_CSV, buf.getvalue())
+
+
+def config_dict(cfg, amp, device, weights) -> dict:
+    d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("resume", "force")}
+    d.update(amp=amp, device=str(device), class_weight_values=weights)
+    return d
+
+
+def versions() -> dict:
+    return installed_versions(("torch", "torchvision", "numpy", "pillow"))
