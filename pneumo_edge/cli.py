@@ -152,7 +152,7 @@ class Duration(click.ParamType):
               help="Share of train held out as an internal test split when DATA/test is absent "
                    "(never used for selection).")
 @click.option("--seed", default=42, type=int)
-@click.option("--select", default="val_loss",
+@click.option("--select", default="val_auroc",
               type=click.Choice(["val_loss", "val_f1", "val_auroc", "shifted_val_loss",
                                  "shifted_val_auroc"]),
               help="How the saved epoch is chosen.")

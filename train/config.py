@@ -48,7 +48,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15  # internal test split when DATA/test is absent
     seed: int = 42
-    select: str = "val_loss"
+    select: str = "val_auroc"
     min_epochs: int = 3
     threshold_for: str = "youden"
     threshold_on: str = "val+shifted"  # or "val"
