@@ -33,7 +33,7 @@ def grouped_stratified_split(samples, val_fraction: float, seed: int,
     ``val_fraction`` (and ``test_fraction``) of its images in val (and test) and no patient
     (parsed from file names) appears in two parts. Deterministic under ``seed``. Patients are
     assigned whole, by their majority label, in a seeded random order: test first, then val."""
-    if not (0 < val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
         raise ValueError(f"val fraction {val_fraction} + test fraction {test_fraction} "
                          "must leave images for training")
     groups: dict[str, list[int]] = defaultdict(list)

@@ -373,13 +373,12 @@ def _split(cfg, root, tr, classes):
     test = scan_labelled(root / "test", classes).samples if has_test else []
     if has_val and has_test:
         return tr.samples, val, test, {"method": "folders", "data": str(root.resolve())}
-    sp = grouped_stratified_split(tr.samples, cfg.val_fraction if not has_val else 0.0001,
-                                  cfg.seed, 0.0 if has_test else cfg.test_fraction)
+    sp = grouped_stratified_split(tr.samples, 0.0 if has_val else cfg.val_fraction, cfg.seed,
+                                  0.0 if has_test else cfg.test_fraction)
     info = {**sp.info, "data": str(root.resolve()),
             "val_source": "folder" if has_val else "split",
             "test_source": "folder" if has_test else ("split" if sp.test else "none")}
-    train = sp.train + (sp.val if has_val else [])
-    return train, val or sp.val, test or sp.test, info
+    return sp.train, val if has_val else sp.val, test if has_test else sp.test, info
 
 
 def _loaders(cfg, data, device):
