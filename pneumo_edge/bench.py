@@ -491,7 +491,7 @@ def update_section(path, name: str, body: str, title: str = "# Benchmark results
     """Replace the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in the
     Markdown file ``path`` with ``body`` (appending the section when it is not there yet), so
     each benchmark script can refresh its own figures without touching the others'."""
-    from pneumo_edge.card import write_atomic
+    from pneumo_edge.atomic import write_text_atomic
 
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     block = f"{begin}\n{body.rstrip()}\n{end}"
@@ -501,4 +501,4 @@ def update_section(path, name: str, body: str, title: str = "# Benchmark results
         text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    write_atomic(p, text)
+    write_text_atomic(p, text)

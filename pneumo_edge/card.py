@@ -157,14 +157,6 @@ def json_safe(x):
     return x
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (kept for callers outside the model directory code; the
-    one implementation is :func:`pneumo_edge.modeldir.write_text_atomic`)."""
-    from pneumo_edge.modeldir import write_text_atomic
-
-    write_text_atomic(path, text)
-
-
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 

@@ -209,56 +209,17 @@ def eval_(model, data, runtime, batch, out):
     model gave a NaN or infinite probability for any image."""
     from pathlib import Path
 
-    from pneumo_edge.card import json_safe, write_atomic
-    from pneumo_edge.evaluate import format_metrics
+    from pneumo_edge.atomic import write_json_atomic
+    from pneumo_edge.evaluate import evaluate_folder, format_metrics
     from pneumo_edge.runtimes import open_runtime
 
     rt = open_runtime(model, runtime)
-    m = _evaluate_checked(rt, data, batch)
+    m = evaluate_folder(rt, data, batch)
     click.echo(format_metrics(m, rt.card))
     home = Path(model) if Path(model).is_dir() else Path(model).parent
     out = Path(out) if out else home / f"eval_{Path(data).resolve().name}.json"
-    write_atomic(out, json.dumps(json_safe(m), indent=2) + "\n")
+    write_json_atomic(out, m)
     click.echo(f"wrote {out}", err=True)
-
-
-class _NonFiniteCounter:
-    """A runtime wrapper that counts images whose probabilities are not all finite."""
-
-    def __init__(self, rt):
-        self._rt, self.bad = rt, 0
-
-    def __getattr__(self, name):
-        return getattr(self._rt, name)
-
-    def __call__(self, batch):
-        import numpy as np
-
-        probs = np.asarray(self._rt(batch))
-        self.bad += int((~np.isfinite(probs).reshape(len(probs), -1).all(axis=1)).sum())
-        return probs
-
-
-def _evaluate_checked(rt, data, batch) -> dict:
-    """evaluate_folder, refusing what would make its metrics lie: no decodable image (exit 2),
-    non-finite probabilities (exit 1)."""
-    from pneumo_edge.evaluate import evaluate_folder
-
-    warnings: list[str] = []
-    counted = _NonFiniteCounter(rt)
-    m = evaluate_folder(counted, data, batch, warn=warnings.append)
-    if m["n"] == 0:
-        first = f" (first: {warnings[0]})" if warnings else ""
-        raise PneumoError(f"{data}: none of its {m.get('skipped_unreadable', 0)} image files "
-                          f"could be decoded{first}; no metrics")
-    for w in warnings:
-        click.echo(f"warning: {w}", err=True)
-    if counted.bad:
-        err = PneumoError(f"the model produced non-finite probabilities for {counted.bad} of "
-                          f"{m['n']} images of {data}; no metrics written")
-        err.exit_code = 1
-        raise err
-    return m
 
 
 @main.command()

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from pneumo_edge.errors import DataError, PneumoError
 from pneumo_edge.folders import scan_labelled
 from pneumo_edge.images import ImageError, load_image
 from pneumo_edge.metrics import METRIC_KEYS, binary_metrics
@@ -35,13 +36,25 @@ def predict(runtime, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
 
 
 def evaluate_folder(runtime, folder, batch: int = 32, warn=None) -> dict:
+    """Metrics at the card's threshold, refusing what would make them lie: a folder where no
+    image decodes (DataError, exit 2) and non-finite probabilities (PneumoError, exit 1)."""
     warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
     card = runtime.card
     lf = scan_labelled(folder, card.classes)
     px, labels, failed = decode_labelled(lf.samples, card.image_size)
+    if len(px) == 0:
+        first = f" (first: skipping {failed[0]})" if failed else ""
+        raise DataError(f"{folder}: none of its {len(failed)} image files could be decoded"
+                        f"{first}; no metrics")
     for f in failed:
         warn(f"skipping {f}")
     probs = predict(runtime, px, batch)
+    bad = int((~np.isfinite(probs).all(axis=1)).sum())
+    if bad:
+        err = PneumoError(f"the model produced non-finite probabilities for {bad} of "
+                          f"{len(probs)} images of {folder}; no metrics written")
+        err.exit_code = 1
+        raise err
     pos = card.positive_index
     m = binary_metrics(labels == pos, probs[:, pos], card.threshold)
     return {"data": str(folder), "runtime": runtime.name, "device": runtime.device,

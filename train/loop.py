@@ -26,6 +26,7 @@ from pneumo_edge.train.config import (  # noqa: F401  (TrainConfig and check_con
     SELECT, TrainConfig, check_config, default_amp, pick_device)
 from pneumo_edge.train.data import (Augment, PixelDataset, class_weights,
                                     grouped_stratified_split, preload)
+from pneumo_edge.train.shift import shifted_set
 
 
 def log(msg: str) -> None:
@@ -90,8 +91,7 @@ def train_one_epoch(model, criterion, optimizer, loader, device, *, amp=False, s
 
 def _mix(x, y, alpha, num_classes):
     """Mixup: a Beta(alpha, alpha) blend of the batch with a shuffled copy; soft targets."""
-    lam = float(np.random.default_rng(int(torch.randint(0, 2**31, ())))
-                .beta(alpha, alpha))
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
     perm = torch.randperm(len(y), device=y.device)
     mixed = x.float() * lam + x[perm].float() * (1.0 - lam)
     onehot = nn.functional.one_hot(y, num_classes).float()
@@ -215,7 +215,7 @@ def _setup(cfg, data, device, amp) -> dict:
     return dict(model=model, ema=Ema(model, cfg.ema) if cfg.ema > 0 else None,
                 criterion=criterion, weights=weights, train=train_loader, val=val_loader,
                 shifted=shifted_loader, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                plan=plan)
+                plan=plan, num_classes=len(classes))
 
 
 def _log_start(cfg, data, device, amp, state, plan) -> None:
@@ -284,7 +284,7 @@ def _one_epoch(cfg, s, epoch, device, amp, pos, on_step=None) -> dict:
     train_loss = train_one_epoch(
         s["model"], s["criterion"], s["optimizer"], s["train"], device, amp=amp,
         scaler=s["scaler"], clip_grad=cfg.clip_grad, scheduler_step=s["scheduler"].step,
-        progress=bar, ema=s["ema"], mixup=cfg.mixup, num_classes=len(s["weights"] or [0, 0]),
+        progress=bar, ema=s["ema"], mixup=cfg.mixup, num_classes=s["num_classes"],
         on_step=on_step)
     bar.close()
     t1 = time.perf_counter()
@@ -350,8 +350,10 @@ def _load_data(cfg: TrainConfig) -> dict:
     split["test_files"] = sorted(os.path.relpath(p, root) for p, _ in test)
     counts = {name: dict(zip(classes, np.bincount(part[1], minlength=len(classes)).tolist()))
               for name, part in parts.items()}
+    shifted, which = shifted_set(parts["val"][0], cfg.seed)
     return {"classes": classes, "pos": pos, "split": split,
             "train": parts["train"][:2], "val": parts["val"][:2],
+            "shifted": (shifted, parts["val"][1]), "shifted_which": which,
             "test": parts["test"][:2] if "test" in parts else None,
             "data_info": {**{f"{k}_counts": v for k, v in counts.items()},
                           "skipped_unreadable": len(skipped), "skipped_files": skipped[:100]}}
@@ -382,8 +384,6 @@ def _split(cfg, root, tr, classes):
 
 
 def _loaders(cfg, data, device):
-    from pneumo_edge.train.shift import shifted_set
-
     pin = device.type == "cuda"
     gen = torch.Generator().manual_seed(cfg.seed)
     preset = cfg.augment_preset
@@ -394,8 +394,6 @@ def _loaders(cfg, data, device):
         train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
         drop_last=len(train_ds) % cfg.batch_size == 1,
         num_workers=cfg.workers, pin_memory=pin, persistent_workers=cfg.workers > 0)
-    shifted, data["shifted_which"] = shifted_set(data["val"][0], cfg.seed)
-    data["shifted"] = (shifted, data["val"][1])
 
     def plain(arrays):
         return torch.utils.data.DataLoader(PixelDataset(*arrays), batch_size=cfg.batch_size * 2,
