@@ -1,8 +1,9 @@
-"""The onnxruntime runtimes: model.onnx (fp32) and model.fp16.onnx, CUDA provider when
-available. Imports no torch."""
+"""The onnxruntime runtimes: model.onnx (fp32), model.fp16.onnx and model.int8.onnx, on the CUDA
+provider when it works here, else on CPU. Imports no torch."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumo_edge import modeldir
-from pneumo_edge.errors import ModelError, RuntimeUnavailable
+from pneumo_edge.errors import ModelError, RuntimeUnavailable, UsageError
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -23,34 +24,75 @@ class OnnxRuntime:
     def __init__(self, path, card=None, name: str | None = None, device: str | None = None,
                  threads: int | None = None):
         """``path``: an exported ONNX file; ``card``: card.json's card (None: read it from the
-        file's directory; without card.json the card in the file's metadata is used)."""
+        file's directory; without card.json the card in the file's metadata is used).
+        ``device``: None/``auto`` (CUDA when onnxruntime has a working CUDA provider, else CPU
+        with a warning on stderr), ``cpu``, ``cuda`` or ``cuda:N`` (CUDA or RuntimeUnavailable).
+
+        Nothing reaches stdout (scoring may write its CSV there): onnxruntime's own provider
+        fallback, which prints to stdout and then runs on CPU under the CUDA name, is off; this
+        class falls back itself, before the first real batch, and says so on stderr. One
+        warm-up inference proves the provider can run this model on this GPU."""
         path = Path(path)
         form = modeldir.BY_FILE.get(path.name, modeldir.BY_RUNTIME["onnx"])
         self.name, self.path, self.precision = name or form.runtime, path, form.precision
         data = modeldir.read_regular(path, ONNX_CAP)  # one read: what runs is what is hashed
         self.sha256 = hashlib.sha256(data).hexdigest()
-        self.session, want_cuda = _session(path, data, device, threads)
-        del data
-        got = self.session.get_providers()
-        if want_cuda and CUDA not in got:
-            # onnxruntime silently falls back to CPU when CUDA/cuDNN libraries are missing
-            if device == "cuda":
-                raise RuntimeUnavailable("onnxruntime's CUDA provider failed to start (CUDA or "
-                                         "cuDNN libraries missing?) and fell back to CPU")
-            print(f"warning: onnxruntime could not start CUDA for {path}; running on CPU",
-                  file=sys.stderr)
-        self.device = "cuda" if CUDA in got else "cpu"
+        ort, avail = _import_ort()
+        want = cuda_device(device, CUDA in avail)
+        if want is not None:
+            try:
+                self._open(ort, path, data, threads, want, card)
+                return
+            except RuntimeUnavailable as exc:
+                if device not in (None, "auto"):
+                    raise
+                print(f"warning: {path}: {exc}; running on cpu", file=sys.stderr)
+        self._open(ort, path, data, threads, None, card)
+
+    def _open(self, ort, path, data: bytes, threads, cuda_id: int | None, card) -> None:
+        """Session on ``cuda:cuda_id`` (None: CPU), card checks, one warm-up inference."""
+        self.session = _session(ort, path, data, threads, cuda_id)
+        self.device = "cpu" if cuda_id is None else f"cuda:{cuda_id}"
         self.input_name = self.session.get_inputs()[0].name
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         self.card = checked_card(path, self.session, self.metadata, card)
+        s = self.card.image_size
+        try:  # a provider that registers but cannot run (e.g. no kernels for this GPU)
+            self(np.zeros((1, 1, s, s), np.uint8))
+        except RuntimeUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own types
+            raise ModelError(f"{path}: onnxruntime cannot run it: {_first_line(exc)}") from None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.uint8)
-        return self.session.run(None, {self.input_name: x})[0].astype(np.float32, copy=False)
+        try:
+            out = self.session.run(None, {self.input_name: x})[0]
+        except Exception as exc:  # onnxruntime raises its own exception types
+            if self.device == "cpu":
+                raise
+            raise RuntimeUnavailable(f"onnxruntime's CUDA provider failed on {self.device}: "
+                                     f"{_first_line(exc)}") from None
+        return out.astype(np.float32, copy=False)
 
 
-def _session(path, data: bytes, device: str | None, threads: int | None):
-    """(onnxruntime.InferenceSession, whether CUDA was asked for)."""
+def cuda_device(device: str | None, has_cuda: bool) -> int | None:
+    """The CUDA device id ``device`` asks for (None: CPU). ``auto``/None: device 0 when the
+    CUDA provider is there."""
+    if device in (None, "auto"):
+        return 0 if has_cuda else None
+    if device == "cpu":
+        return None
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if not has_cuda:
+        raise RuntimeUnavailable("onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+    return int(index) if index else 0
+
+
+def _import_ort():
+    """(onnxruntime, its available providers)."""
     # onnxruntime writes a device id and a telemetry database under ~/.cache unless this is set
     # before its first import (the CLI sets it too, for every command; this covers library use)
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -60,21 +102,36 @@ def _session(path, data: bytes, device: str | None, threads: int | None):
         raise RuntimeUnavailable(
             "onnxruntime is not installed (pip install 'pneumo-edge[cpu]', or "
             "'pneumo-edge[gpu]' on an NVIDIA box; never both)") from None
-    avail = ort.get_available_providers()
-    want_cuda = device == "cuda" or (device in (None, "auto") and CUDA in avail)
-    if device == "cuda" and CUDA not in avail:
-        raise RuntimeUnavailable("onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+    return ort, ort.get_available_providers()
+
+
+def _session(ort, path, data: bytes, threads: int | None, cuda_id: int | None):
+    """An InferenceSession on CPU (``cuda_id`` None) or on exactly that CUDA device: CUDA
+    missing from its providers after creation is RuntimeUnavailable, never a quiet CPU run."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    providers = [CUDA, CPU] if want_cuda else [CPU]
+    providers = [CPU] if cuda_id is None else [(CUDA, {"device_id": cuda_id}), CPU]
     try:
-        return ort.InferenceSession(data, so, providers=providers), want_cuda
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise ModelError(f"{path}: onnxruntime cannot load it: "
-                         f"{str(exc).splitlines()[0][:200]}") from None
+        with contextlib.redirect_stdout(sys.stderr):  # any print of the library: not stdout
+            session = ort.InferenceSession(data, so, providers=providers, enable_fallback=0)
+        session.disable_fallback()  # run(): an EP failure raises instead of printing + CPU
+    except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own types
+        if cuda_id is not None:
+            raise RuntimeUnavailable(f"onnxruntime's CUDA provider cannot open it on "
+                                     f"cuda:{cuda_id}: {_first_line(exc)}") from None
+        raise ModelError(f"{path}: onnxruntime cannot load it: {_first_line(exc)}") from None
+    if cuda_id is not None and CUDA not in session.get_providers():
+        raise RuntimeUnavailable(f"onnxruntime's CUDA provider failed to start on cuda:{cuda_id} "
+                                 f"(CUDA or cuDNN libraries missing?)")
+    return session
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 def checked_card(path, session, metadata: dict, card):
