@@ -3,9 +3,12 @@
 An engine only runs on the GPU model and TensorRT version that built it, so it carries a sidecar
 ``model.fp16.engine.json`` (written by ``pneumo-edge export --trt``) and this runtime refuses an
 engine whose sidecar does not match this machine, or whose source ONNX has changed since. Device
-memory and the stream come from cuda-python (``cuda.bindings.runtime``); TensorRT's name-based
-tensor API (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) runs it, which is
-the same in TensorRT 10 and 11.
+memory (pinned host buffers, device buffers) and the stream come from cuda-python
+(``cuda.bindings.runtime``); TensorRT's name-based tensor API (``set_input_shape``,
+``set_tensor_address``, ``execute_async_v3``) runs it, which is the same in TensorRT 10 and 11.
+The buffer, padding and batch-splitting logic (:class:`EngineIO`) takes the execution context
+and the memory as arguments, so it is tested with numpy stand-ins on a CPU and with real CUDA
+memory by ``benchmarks/gpu_check.py`` where tensorrt is absent.
 """
 
 from __future__ import annotations
@@ -87,66 +90,183 @@ class TensorRTRuntime:
     def __init__(self, engine_path, card=None):
         """``card``: card.json's card (None: read it from the engine's directory; without
         card.json the card in the sidecar is used). Everything that can be checked without a
-        GPU is checked first: the sidecar, its card against card.json, the weights."""
+        GPU is checked first: the sidecar, its card against card.json, the weights; then the
+        engine's tensor shapes against the card, before any buffer is sized from it."""
         self.path, self.precision = Path(engine_path), "fp16"
         meta = modeldir.read_sidecar(engine_path)  # no sidecar: refuse before touching the GPU
         self.card = checked_card(engine_path, meta, card)
         trt, cudart = import_gpu_packages()
-        self._cudart = cudart
         here = current_platform()
         check_sidecar(engine_path, meta, here)
         data = modeldir.read_regular(engine_path)  # one read: what runs is what is hashed
         self.sha256 = hashlib.sha256(data).hexdigest()
         # the TensorRT runtime must outlive the engine it deserialised: keep both
         self._trt_runtime, self.engine = _deserialize(trt, engine_path, data)
-        self.context = self.engine.create_execution_context()
         self.input, self.output = _io_names(trt, self.engine, engine_path)
-        shapes = self.engine.get_tensor_profile_shape(self.input, 0)  # (min, opt, max)
-        self.min_batch, self.max_batch = int(shapes[0][0]), int(shapes[2][0])
+        self.min_batch, self.max_batch = check_engine_shapes(
+            engine_path, _dims(self.engine.get_tensor_shape(self.input)),
+            _dims(self.engine.get_tensor_shape(self.output)),
+            [_dims(d) for d in self.engine.get_tensor_profile_shape(self.input, 0)], self.card)
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise ModelError(f"{engine_path}: TensorRT could not create an execution context "
+                             f"(out of GPU memory?)")
         self.device = f"cuda:{here['device']} ({here['gpu']})"
-        self._stream = cuda_call(cudart.cudaStreamCreate())
-        s, card = self.card.image_size, self.card
-        self._d_in = cuda_call(cudart.cudaMalloc(self.max_batch * s * s))
-        self._d_out = cuda_call(cudart.cudaMalloc(self.max_batch * len(card.classes) * 4))
+        self._io = EngineIO(self.context, CudartMemory(cudart), self.input, self.output,
+                            self.card.image_size, len(self.card.classes), self.min_batch,
+                            self.max_batch, engine_path)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(batch, dtype=np.uint8)
-        parts = [self._run(x[i:i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
-        return np.concatenate(parts) if parts else np.zeros((0, len(self.card.classes)), np.float32)
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        cudart, n = self._cudart, len(x)
-        if n < self.min_batch:  # the profile does not accept it: pad, then drop the padding
-            x = np.concatenate([x, np.zeros((self.min_batch - n, *x.shape[1:]), np.uint8)])
-        self.context.set_input_shape(self.input, tuple(x.shape))
-        out = np.empty(tuple(self.context.get_tensor_shape(self.output)), np.float32)
-        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        cuda_call(cudart.cudaMemcpyAsync(self._d_in, x.ctypes.data, x.nbytes, h2d, self._stream))
-        self.context.set_tensor_address(self.input, self._d_in)
-        self.context.set_tensor_address(self.output, self._d_out)
-        if not self.context.execute_async_v3(int(self._stream)):  # a cudaStream_t -> its handle
-            raise ModelError("TensorRT failed to run the engine (see its log above)")
-        cuda_call(cudart.cudaMemcpyAsync(out.ctypes.data, self._d_out, out.nbytes, d2h,
-                                         self._stream))
-        cuda_call(cudart.cudaStreamSynchronize(self._stream))
-        return out[:n]
+        return self._io(batch)
 
     def close(self) -> None:
-        cudart = getattr(self, "_cudart", None)
-        for attr in ("_d_in", "_d_out"):
-            if getattr(self, attr, None) is not None:
-                cudart.cudaFree(getattr(self, attr))
-                setattr(self, attr, None)
-        if getattr(self, "_stream", None) is not None:
-            cudart.cudaStreamDestroy(self._stream)
-            self._stream = None
+        io = getattr(self, "_io", None)
+        if io is not None:
+            io.close()
 
     def __del__(self):
         try:
             self.close()
-        except Exception:  # interpreter shutdown: cuda-python may already be gone
+        except Exception:  # noqa: BLE001,S110 -- interpreter shutdown: cuda-python may be gone
             pass
+
+
+def _dims(dims) -> tuple[int, ...]:
+    """A TensorRT Dims (or any sequence of ints) as a tuple of ints."""
+    return tuple(int(d) for d in dims)
+
+
+def check_engine_shapes(engine_path, in_shape, out_shape, profile, card) -> tuple[int, int]:
+    """(min batch, max batch) of an engine whose input is ``in_shape`` (``-1`` batch),
+    output ``out_shape`` and first optimisation profile ``profile`` (min, opt, max input
+    shapes), after checking them against the card; a stale engine (another image size or class
+    count) is refused here, before buffers sized from the card could be overrun."""
+    s, c = card.image_size, len(card.classes)
+    want_in, want_out = (1, s, s), (c,)
+    problem = ""
+    if len(in_shape) != 4 or tuple(in_shape[1:]) != want_in:
+        problem = f"input is {list(in_shape)}, the card needs [N, 1, {s}, {s}]"
+    elif len(out_shape) != 2 or tuple(out_shape[1:]) != want_out:
+        problem = f"output is {list(out_shape)}, the card has {c} classes"
+    elif len(profile) != 3 or any(len(p) != 4 or tuple(p[1:]) != want_in for p in profile):
+        problem = f"optimisation profile {[list(p) for p in profile]} does not fit [N, 1, {s}, {s}]"
+    elif not 1 <= profile[0][0] <= profile[1][0] <= profile[2][0]:
+        problem = f"optimisation profile batch sizes {[p[0] for p in profile]} are not ordered"
+    if problem:
+        raise modeldir.Refused(f"{engine_path}: {problem}; {rebuild(engine_path)}")
+    return int(profile[0][0]), int(profile[2][0])
+
+
+class CudartMemory:
+    """Pinned host buffers, device buffers and one stream from cuda-python's runtime API.
+
+    The interface :class:`EngineIO` uses (a stand-in backed by numpy or torch can replace it):
+    ``host(nbytes)`` -> a writable numpy uint8 array in page-locked memory, ``device(nbytes)``
+    -> a device pointer (int), ``h2d(dptr, host_array)``, ``d2h(host_array, dptr)`` (both
+    asynchronous on ``stream``), ``sync()``, ``stream`` (the handle TensorRT takes), ``close()``.
+    """
+
+    def __init__(self, cudart):
+        self._cudart, self._host, self._dev = cudart, [], []
+        self._stream = cuda_call(cudart.cudaStreamCreate())
+        self.stream = int(self._stream)  # a cudaStream_t -> its handle
+
+    def host(self, nbytes: int) -> np.ndarray:
+        import ctypes
+
+        ptr = cuda_call(self._cudart.cudaMallocHost(nbytes))
+        self._host.append(ptr)
+        return np.frombuffer((ctypes.c_uint8 * nbytes).from_address(int(ptr)), np.uint8)
+
+    def device(self, nbytes: int) -> int:
+        ptr = cuda_call(self._cudart.cudaMalloc(nbytes))
+        self._dev.append(ptr)
+        return int(ptr)
+
+    def h2d(self, dptr: int, src: np.ndarray) -> None:
+        kind = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        cuda_call(self._cudart.cudaMemcpyAsync(dptr, src.ctypes.data, src.nbytes, kind,
+                                               self._stream))
+
+    def d2h(self, dst: np.ndarray, dptr: int) -> None:
+        kind = self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        cuda_call(self._cudart.cudaMemcpyAsync(dst.ctypes.data, dptr, dst.nbytes, kind,
+                                               self._stream))
+
+    def sync(self) -> None:
+        cuda_call(self._cudart.cudaStreamSynchronize(self._stream))
+
+    def close(self) -> None:
+        cudart = self._cudart
+        if self._stream is not None:
+            cudart.cudaStreamSynchronize(self._stream)
+        while self._dev:
+            cudart.cudaFree(self._dev.pop())
+        while self._host:
+            cudart.cudaFreeHost(self._host.pop())
+        if self._stream is not None:
+            cudart.cudaStreamDestroy(self._stream)
+            self._stream = None
+
+
+class EngineIO:
+    """Runs uint8 ``[N, 1, S, S]`` batches of any size through an execution context with
+    buffers sized once for ``max_batch``: splits a batch into chunks of at most ``max_batch``,
+    pads a chunk smaller than ``min_batch`` with zero images (dropped from the result), checks
+    every shape TensorRT reports, and copies each result out of the reused pinned buffer.
+
+    ``context``: a TensorRT ``IExecutionContext`` or a stand-in with ``set_input_shape``,
+    ``get_tensor_shape``, ``set_tensor_address`` and ``execute_async_v3``; ``memory``: see
+    :class:`CudartMemory`."""
+
+    def __init__(self, context, memory, input_name: str, output_name: str, image_size: int,
+                 n_classes: int, min_batch: int, max_batch: int, shown=""):
+        if not 1 <= min_batch <= max_batch:
+            raise ModelError(f"{shown}: batch range {min_batch}..{max_batch} is empty")
+        self.context, self.mem, self.input, self.output = context, memory, input_name, output_name
+        self.size, self.classes, self.shown = image_size, n_classes, shown
+        self.min_batch, self.max_batch = min_batch, max_batch
+        pixels, probs = max_batch * image_size * image_size, max_batch * n_classes
+        self.h_in = memory.host(pixels).reshape(max_batch, 1, image_size, image_size)
+        self.h_out = memory.host(probs * 4).view(np.float32).reshape(max_batch, n_classes)
+        self.d_in, self.d_out = memory.device(pixels), memory.device(probs * 4)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = np.asarray(batch)
+        s = self.size
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (1, s, s):
+            raise ModelError(f"{self.shown}: expected uint8 [N, 1, {s}, {s}], got {x.dtype} "
+                             f"{list(x.shape)}")
+        parts = [self.run_chunk(x[i:i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.classes), np.float32)
+
+    def run_chunk(self, x: np.ndarray) -> np.ndarray:
+        """One engine call for ``len(x) <= max_batch`` images."""
+        n = len(x)
+        m = max(n, self.min_batch)  # below the profile's minimum: pad, then drop the padding
+        self.h_in[:n] = x
+        self.h_in[n:m] = 0
+        shape = (m, 1, self.size, self.size)
+        if not self.context.set_input_shape(self.input, shape):
+            raise ModelError(f"{self.shown}: TensorRT refused input shape {list(shape)} "
+                             f"(profile batch {self.min_batch}..{self.max_batch})")
+        out_shape = _dims(self.context.get_tensor_shape(self.output))
+        if out_shape != (m, self.classes):
+            raise ModelError(f"{self.shown}: TensorRT reports output shape {list(out_shape)} "
+                             f"for a batch of {m}, expected [{m}, {self.classes}]")
+        self.mem.h2d(self.d_in, self.h_in[:m])
+        self.context.set_tensor_address(self.input, self.d_in)
+        self.context.set_tensor_address(self.output, self.d_out)
+        if not self.context.execute_async_v3(self.mem.stream):
+            raise ModelError(f"{self.shown}: TensorRT failed to run the engine (see its log)")
+        self.mem.d2h(self.h_out[:m], self.d_out)
+        self.mem.sync()
+        return self.h_out[:n].copy()  # the pinned buffer is reused by the next call
+
+    def close(self) -> None:
+        mem, self.mem = getattr(self, "mem", None), None
+        if mem is not None:
+            mem.close()
 
 
 def checked_card(engine_path, meta: dict, card):
