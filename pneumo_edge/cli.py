@@ -174,11 +174,19 @@ class Duration(click.ParamType):
 @click.option("--force", is_flag=True,
               help="Replace the model in --out (only the files training and export write "
                    "there; nothing else is deleted).")
+@click.option("--cache", default="", type=click.Path(file_okay=False),
+              help="Folder of decoded pixels, reused by later runs and shared by every "
+                   "torchrun rank (rebuilt when the files, --image-size or the preprocessing "
+                   "change). Default: OUT/pixel-cache.")
+@click.option("--no-cache", is_flag=True,
+              help="Decode every image into memory instead of the pixel cache.")
 @friendly
 def train(**opts):
     """Train a class-weighted ResNet on an ImageFolder of chest X-rays, within a time budget.
 
-    Every option, the device and the data are checked before --out is touched.
+    Every option, the device and the data are checked before --out is touched. Started by
+    torchrun (`torchrun --nproc_per_node=N -m pneumo_edge train ...`), it trains with
+    DistributedDataParallel (NCCL on GPUs, Gloo on CPU); --batch-size is per process.
     """
     try:
         from pneumo_edge.train.config import TrainConfig, check_config
@@ -186,6 +194,8 @@ def train(**opts):
     except ImportError as exc:
         raise PneumoError(f"training needs torch and torchvision ({exc.name} missing): "
                           "pip install 'pneumo-edge[train]'") from None
+    if opts["cache"] and opts["no_cache"]:
+        raise click.UsageError("--cache and --no-cache exclude each other")
     cfg = TrainConfig(**opts)
     check_config(cfg)
     run_train(cfg)

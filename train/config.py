@@ -58,6 +58,8 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
     force: bool = False
+    cache: str = ""  # pixel cache folder; "" = OUT/pixel-cache (pneumo_edge.train.cache)
+    no_cache: bool = False  # decode into memory instead
 
     @property
     def augment_preset(self) -> str:

@@ -20,6 +20,7 @@ from pneumo_edge.errors import DataError, PneumoError, UsageError
 from pneumo_edge.folders import scan_labelled
 from pneumo_edge.metrics import METRIC_KEYS, binary_metrics
 from pneumo_edge.net import build_model
+from pneumo_edge.train import distributed as dist_
 from pneumo_edge.train import rundir
 from pneumo_edge.train.budget import Plan, lr_factor
 from pneumo_edge.train.config import (  # noqa: F401  (TrainConfig and check_config: the API)
@@ -29,8 +30,12 @@ from pneumo_edge.train.data import (Augment, PixelDataset, class_weights,
 from pneumo_edge.train.shift import shifted_set
 
 
+_QUIET = {"on": False}  # ranks other than 0 of a torchrun job keep quiet
+
+
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if not _QUIET["on"]:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -162,26 +167,45 @@ def train(cfg: TrainConfig) -> dict:
     t_start = time.monotonic()
     out = Path(cfg.out)
     check_config(cfg)
-    device = pick_device(cfg.device)
+    d = dist_.from_env()
+    device = dist_.device_for(d, cfg.device)
+    d = dist_.init(d, device)
+    _QUIET["on"] = not d.is_main
+    try:
+        return _train(cfg, out, d, device, t_start)
+    finally:
+        _QUIET["on"] = False
+        dist_.close(d)
+
+
+def _train(cfg, out, d, device, t_start) -> dict:
     amp = default_amp(device) if cfg.amp is None else cfg.amp
     rundir.check_out(out, cfg)
-    data = _load_data(cfg)
-    rundir.prepare_out(out, cfg)
+    data = _load_data(cfg, d)
+    if d.is_main:
+        rundir.prepare_out(out, cfg)
+    dist_.barrier(d, "waiting for rank 0 to prepare --out")
     torch.manual_seed(cfg.seed)
-    s = _setup(cfg, data, device, amp)
+    s = _setup(cfg, data, device, amp, d)
     state = {"epoch": 0, "history": [], "best": None, "planned_epochs": None}
     if cfg.resume:
         state = rundir.resume_state(out, s, cfg)
+        if not d.is_main and state["best"]:
+            state["best"] = {"epoch": state["best"]["epoch"], "score": state["best"]["score"]}
         log(f"resuming {out} after epoch {state['epoch']} (plan: "
             f"{state['planned_epochs'] or 'not measured yet'} epochs)")
     plan = s["plan"]
     if state["planned_epochs"]:  # resumed: keep the plan, unless --epochs now says otherwise
         plan.epochs, plan.measured = cfg.epochs or state["planned_epochs"], True
+    if d.enabled:  # the same model on every rank, each rank its own augmentation draws
+        torch.manual_seed(cfg.seed + 7919 * d.rank + 104729 * state["epoch"])
     _log_start(cfg, data, device, amp, state, plan)
     _stop_on_sigterm()
     try:
         _epochs(cfg, out, s, state, data, device, amp, t_start)
     except KeyboardInterrupt:
+        if not d.is_main:
+            raise
         log(f"interrupted after epoch {state['epoch']}: "
             + (f"best checkpoint so far (epoch {state['best']['epoch']}) is in "
                f"{out / modeldir.MODEL_PT}; "
@@ -192,19 +216,22 @@ def train(cfg: TrainConfig) -> dict:
         raise
     if state["best"] is None:
         raise PneumoError("no epoch was trained (use more --epochs than the resumed run had)")
+    if not d.is_main:  # rank 0 alone runs the final evaluation and writes the directory
+        return {}
     return _finish(out, state, cfg, data, device, t_start)
 
 
-def _setup(cfg, data, device, amp) -> dict:
+def _setup(cfg, data, device, amp, d=dist_.SINGLE) -> dict:
     """Model, EMA, loss, loaders, optimiser, plan and schedule."""
     classes = data["classes"]
     model = build_model(cfg.arch, len(classes), cfg.weights, **cfg.net).to(device)
     model = model.to(memory_format=torch.channels_last)
+    train_model = _ddp(model, device, d)
     weights = class_weights(data["train"][1], len(classes), cfg.class_weights)
     criterion = nn.CrossEntropyLoss(
         weight=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
         label_smoothing=cfg.label_smoothing)
-    train_loader, val_loader, shifted_loader = _loaders(cfg, data, device)
+    train_loader, val_loader, shifted_loader = _loaders(cfg, data, device, d)
     optimizer = _optimizer(cfg, model)
     plan = Plan(cfg.epochs, cfg.time_budget, len(train_loader))
     warmup = round(cfg.warmup_epochs * len(train_loader))
@@ -215,7 +242,41 @@ def _setup(cfg, data, device, amp) -> dict:
     return dict(model=model, ema=Ema(model, cfg.ema) if cfg.ema > 0 else None,
                 criterion=criterion, weights=weights, train=train_loader, val=val_loader,
                 shifted=shifted_loader, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                plan=plan, num_classes=len(classes))
+                plan=plan, num_classes=len(classes), dist=d, train_model=train_model)
+
+
+class _DdpNet(nn.Module):
+    """What train_one_epoch drives under DistributedDataParallel: ``logits`` goes through the
+    DDP wrapper (so gradients are averaged over ranks); ``state_dict`` is the plain network's."""
+
+    def __init__(self, net, device):
+        super().__init__()
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.net = net
+        self.ddp = DistributedDataParallel(
+            _Logits(net), device_ids=[device.index] if device.type == "cuda" else None)
+
+    def logits(self, x):
+        return self.ddp(x)
+
+    forward = logits
+
+    def state_dict(self, *args, **kwargs):
+        return self.net.state_dict(*args, **kwargs)
+
+
+class _Logits(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.logits(x)
+
+
+def _ddp(model, device, d):
+    return _DdpNet(model, device) if d.enabled else model
 
 
 def _log_start(cfg, data, device, amp, state, plan) -> None:
@@ -231,7 +292,7 @@ def _epochs(cfg, out, s, state, data, device, amp, t_start) -> None:
     key, sign = SELECT[cfg.select]
     eligible_from = min(cfg.min_epochs, s["plan"].epochs)
     recent: list[float] = []  # the last two epochs' seconds
-    card_base = rundir.card_base(cfg, data, amp, device, s["weights"])
+    card_base = rundir.card_base(cfg, data, amp, device, s["weights"], s["dist"])
     while not s["plan"].should_stop(state["epoch"]):
         epoch = state["epoch"] + 1
         t0 = time.perf_counter()
@@ -241,18 +302,23 @@ def _epochs(cfg, out, s, state, data, device, amp, t_start) -> None:
         score = row[f"{key}"]
         improved = epoch >= min(eligible_from, s["plan"].epochs) and (
             state["best"] is None or sign * score > sign * state["best"]["score"])
-        if improved:
+        d = s["dist"]
+        if improved and d.is_main:
             state["best"] = rundir.save_best(out, s["ema"].model if s["ema"] else s["model"],
                                        card_base, epoch, score, row.pop("_probs"), cfg)
+        elif improved:
+            state["best"] = {"epoch": epoch, "score": score}
         row.pop("_probs", None)
         state["epoch"] = epoch
         recent = (recent + [time.perf_counter() - t0])[-2:]
         elapsed = time.monotonic() - t_start
         msg = s["plan"].replan(epoch, elapsed, max(recent),
                                _final_reserve(row["eval_seconds"], cfg))
+        msg = _share_plan(s, msg)
         state["planned_epochs"] = s["plan"].epochs
-        rundir.save_last(out, s, state, cfg)
-        rundir.write_history(out, state["history"])
+        if d.is_main:
+            rundir.save_last(out, s, state, cfg)
+            rundir.write_history(out, state["history"])
         log(_epoch_line(row, improved, s["plan"].epochs, elapsed, cfg.time_budget))
         if msg:
             log(msg)
@@ -272,25 +338,46 @@ def _early_plan(cfg, s, t_start):
             eval_s = step_s * 2 * len(s["val"].dataset) / cfg.batch_size / 3  # forward only
             msg = s["plan"].estimate(t_epoch - t_start, step_s * len(s["train"]) + eval_s,
                                      _final_reserve(eval_s, cfg))
+            msg = _share_plan(s, msg)
             if msg:
                 log(msg)
 
     return on_step
 
 
+def _share_plan(s, msg):
+    """Every rank follows rank 0's plan (epochs and schedule), or they would drift apart."""
+    d, plan = s["dist"], s["plan"]
+    if not d.enabled:
+        return msg
+    plan.epochs, plan.measured, msg = dist_.broadcast(d, (plan.epochs, plan.measured, msg),
+                                                      "sharing the time plan")
+    return msg
+
+
 def _one_epoch(cfg, s, epoch, device, amp, pos, on_step=None) -> dict:
     t0 = time.perf_counter()
-    bar = _bar(len(s["train"]), f"epoch {epoch}/{s['plan'].epochs}")
+    d = s["dist"]
+    if d.enabled:
+        s["train"].sampler.set_epoch(epoch)
+    bar = _bar(len(s["train"]), f"epoch {epoch}/{s['plan'].epochs}") if d.is_main else None
     train_loss = train_one_epoch(
-        s["model"], s["criterion"], s["optimizer"], s["train"], device, amp=amp,
+        s["train_model"], s["criterion"], s["optimizer"], s["train"], device, amp=amp,
         scaler=s["scaler"], clip_grad=cfg.clip_grad, scheduler_step=s["scheduler"].step,
         progress=bar, ema=s["ema"], mixup=cfg.mixup, num_classes=s["num_classes"],
         on_step=on_step)
-    bar.close()
+    if bar is not None:
+        bar.close()
+    if d.enabled:  # the mean over every rank's images
+        total = dist_.gather(d, (train_loss, len(s["train"].sampler)), "gathering train loss")
+        train_loss = sum(v * n for v, n in total) / max(1, sum(n for _, n in total))
     t1 = time.perf_counter()
     judged = s["ema"].model if s["ema"] else s["model"]
-    vloss, vprobs, vlabels = evaluate(judged, s["criterion"], s["val"], device, amp=amp)
-    sloss, sprobs, _ = evaluate(judged, s["criterion"], s["shifted"], device, amp=amp)
+    dist_.broadcast_state(d, judged, "sharing the weights to evaluate")
+    vloss, vprobs, vlabels = evaluate_gathered(judged, s["criterion"], s["val"], device, d,
+                                               amp=amp)
+    sloss, sprobs, _ = evaluate_gathered(judged, s["criterion"], s["shifted"], device, d,
+                                         amp=amp)
     t2 = time.perf_counter()
     return {"epoch": epoch, "train_loss": train_loss,
             **{f"val_{k}": v for k, v in epoch_metrics(vloss, vprobs, vlabels, pos).items()},
@@ -321,7 +408,41 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, stop)
 
 
-def _load_data(cfg: TrainConfig) -> dict:
+@torch.inference_mode()
+def evaluate_gathered(model, criterion, loader, device, d, *, amp=False):
+    """:func:`evaluate` over every rank: each rank runs a contiguous share of the loader's
+    dataset in the loader's batches (the batches one process would run), and every rank gets
+    all the results in dataset order, so the loss, probabilities and labels are those of a
+    single-process evaluation of the same weights."""
+    if not d.enabled:
+        return evaluate(model, criterion, loader, device, amp=amp)
+    model.eval()
+    part = dist_.shard(len(loader.dataset), loader.batch_size, d)
+    mine = torch.utils.data.DataLoader(torch.utils.data.Subset(loader.dataset, part),
+                                       batch_size=loader.batch_size, shuffle=False)
+    losses, probs, labels = [], [], []
+    for x, y in mine:
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        y = y.to(device)
+        with autocast(device, amp):
+            logits = model.logits(x).float()
+        losses.append(criterion(logits, y).item() * len(y))
+        probs.append(torch.softmax(logits, 1).cpu().numpy())
+        labels.append(y.cpu().numpy())
+    every = dist_.gather(d, (losses, probs, labels), "gathering validation results")
+    losses = [v for r in every for v in r[0]]
+    probs = [p for r in every for p in r[1]]
+    labels = [y for r in every for y in r[2]]
+    n = sum(len(p) for p in probs)
+    total = 0.0
+    for v in losses:  # in the single process's order
+        total += v
+    return (total / max(n, 1),
+            np.concatenate(probs) if probs else np.zeros((0, 2), np.float32),
+            np.concatenate(labels) if labels else np.zeros(0, np.int64))
+
+
+def _load_data(cfg: TrainConfig, d=dist_.SINGLE) -> dict:
     root = Path(cfg.data)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
@@ -336,10 +457,15 @@ def _load_data(cfg: TrainConfig) -> dict:
         except ValueError as exc:
             raise UsageError(f"{exc} (the data has classes {', '.join(classes)})") from None
     train_s, val, test, split = _split(cfg, root, tr, classes)
-    log(f"decoding {len(train_s) + len(val) + len(test)} images at {cfg.image_size} px ...")
     workers = max(2, cfg.workers)
-    parts = {name: preload(samples, cfg.image_size, workers=workers)
-             for name, samples in (("train", train_s), ("val", val), ("test", test)) if samples}
+    named = [(n, s) for n, s in (("train", train_s), ("val", val), ("test", test)) if s]
+    if cfg.no_cache:
+        log(f"decoding {len(train_s) + len(val) + len(test)} images at {cfg.image_size} px "
+            "into memory (--no-cache) ...")
+        parts = {name: preload(samples, cfg.image_size, workers=workers)
+                 for name, samples in named}
+    else:
+        parts = _from_cache(cfg, named, workers, d)
     for name in ("train", "val"):
         counts = np.bincount(parts[name][1], minlength=len(classes))
         if counts.min() == 0:
@@ -350,13 +476,61 @@ def _load_data(cfg: TrainConfig) -> dict:
     split["test_files"] = sorted(os.path.relpath(p, root) for p, _ in test)
     counts = {name: dict(zip(classes, np.bincount(part[1], minlength=len(classes)).tolist()))
               for name, part in parts.items()}
-    shifted, which = shifted_set(parts["val"][0], cfg.seed)
+    if cfg.no_cache:
+        shifted, which = shifted_set(parts["val"][0], cfg.seed)
+    else:
+        shifted, which = _shifted_from_cache(cfg, val, parts["val"][0], d)
     return {"classes": classes, "pos": pos, "split": split,
             "train": parts["train"][:2], "val": parts["val"][:2],
             "shifted": (shifted, parts["val"][1]), "shifted_which": which,
             "test": parts["test"][:2] if "test" in parts else None,
             "data_info": {**{f"{k}_counts": v for k, v in counts.items()},
                           "skipped_unreadable": len(skipped), "skipped_files": skipped[:100]}}
+
+
+def cache_dir(cfg) -> Path:
+    from pneumo_edge.train.cache import default_dir
+
+    return Path(cfg.cache) if cfg.cache else default_dir(cfg.out)
+
+
+def _from_cache(cfg, named, workers, d) -> dict:
+    """Each part from the on-disk pixel cache: rank 0 decodes what is missing (the other
+    ranks wait), then every rank reads the same files."""
+    from pneumo_edge.train import cache
+
+    where = cache_dir(cfg)
+    parts = {}
+    if d.is_main:
+        try:
+            for name, samples in named:
+                px, labels, skipped, built = cache.cached_part(
+                    where, name, samples, cfg.image_size, workers=workers, log=log)
+                log(f"pixel cache {where}: {name} {len(labels)} images "
+                    + ("decoded and stored" if built else "reused"))
+                parts[name] = (px, labels, skipped)
+        except OSError as exc:
+            raise DataError(f"{where}: cannot use the pixel cache ({exc}); choose another "
+                            "folder with --cache DIR or train with --no-cache") from None
+    dist_.barrier(d, "waiting for rank 0 to build the pixel cache")
+    if not d.is_main:
+        for name, samples in named:
+            px, labels, skipped, _ = cache.cached_part(where, name, samples, cfg.image_size,
+                                                       build_it=False)
+            parts[name] = (px, labels, skipped)
+    return parts
+
+
+def _shifted_from_cache(cfg, val, val_pixels, d):
+    from pneumo_edge.train import cache
+
+    where = cache_dir(cfg)
+    key = cache.cache_key(val, cfg.image_size)
+    out = cache.cached_shifted(where, key, val_pixels, cfg.seed) if d.is_main else None
+    dist_.barrier(d, "waiting for rank 0 to build the shifted validation set")
+    if not d.is_main:
+        out = cache.cached_shifted(where, key, val_pixels, cfg.seed, build_it=False)
+    return out
 
 
 def _positive_index(cfg, classes) -> int:
@@ -383,20 +557,34 @@ def _split(cfg, root, tr, classes):
     return sp.train, val if has_val else sp.val, test if has_test else sp.test, info
 
 
-def _loaders(cfg, data, device):
+def _dataset(pixels, labels, augment=None):
+    from pneumo_edge.train.cache import CachedDataset, PixelFile
+
+    if isinstance(pixels, PixelFile):
+        return CachedDataset(pixels, labels, augment)
+    return PixelDataset(pixels, labels, augment)
+
+
+def _loaders(cfg, data, device, d=dist_.SINGLE):
     pin = device.type == "cuda"
     gen = torch.Generator().manual_seed(cfg.seed)
     preset = cfg.augment_preset
-    train_ds = PixelDataset(*data["train"], augment=Augment(cfg.image_size, preset)
-                            if preset != "none" else None)
+    train_ds = _dataset(*data["train"], augment=Augment(cfg.image_size, preset)
+                        if preset != "none" else None)
+    sampler, per_rank = None, len(train_ds)
+    if d.enabled:  # each rank a disjoint share, reshuffled every epoch (set_epoch)
+        sampler = torch.utils.data.DistributedSampler(
+            train_ds, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=cfg.seed)
+        per_rank = len(sampler)
     # a last batch of one image would make BatchNorm fail in training mode: drop it
     train = torch.utils.data.DataLoader(
-        train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-        drop_last=len(train_ds) % cfg.batch_size == 1,
+        train_ds, batch_size=cfg.batch_size, shuffle=sampler is None,
+        generator=gen if sampler is None else None, sampler=sampler,
+        drop_last=per_rank % cfg.batch_size == 1,
         num_workers=cfg.workers, pin_memory=pin, persistent_workers=cfg.workers > 0)
 
     def plain(arrays):
-        return torch.utils.data.DataLoader(PixelDataset(*arrays), batch_size=cfg.batch_size * 2,
+        return torch.utils.data.DataLoader(_dataset(*arrays), batch_size=cfg.batch_size * 2,
                                            shuffle=False, pin_memory=pin)
 
     return train, plain(data["val"]), plain(data["shifted"])

@@ -1,6 +1,8 @@
 """What training writes into and reads back from its output folder: the checks before it is
 touched, --force, model.pt and card.json for the best epoch so far, last.pt for --resume, and
-history.csv. File names and the atomic writer belong to :mod:`pneumo_edge.modeldir`."""
+history.csv. File names and the atomic writer belong to :mod:`pneumo_edge.modeldir`. In a
+torchrun job only rank 0 calls the writers here (train/loop.py guards each call); every rank
+may read (check_out, resume_state)."""
 
 from __future__ import annotations
 
@@ -56,10 +58,11 @@ def prepare_out(out: Path, cfg: TrainConfig) -> None:
         raise PneumoError(f"{out}: cannot write there ({exc.strerror or exc})") from None
 
 
-def card_base(cfg, data, amp, device, weights) -> dict:
+def card_base(cfg, data, amp, device, weights, dist=None) -> dict:
     classes = data["classes"]
     return dict(classes=classes, positive_class=classes[data["pos"]], image_size=cfg.image_size,
-                arch=cfg.arch, net=cfg.net, train_config=config_dict(cfg, amp, device, weights),
+                arch=cfg.arch, net=cfg.net,
+                train_config=config_dict(cfg, amp, device, weights, dist),
                 split=data["split"], data=data["data_info"], versions=versions())
 
 
@@ -133,9 +136,14 @@ def write_history(out, history) -> None:
     modeldir.write_text_atomic(out / HISTORY_CSV, buf.getvalue())
 
 
-def config_dict(cfg, amp, device, weights) -> dict:
+def config_dict(cfg, amp, device, weights, dist=None) -> dict:
+    """The card's training config: the options, and how the run was spread (world size,
+    backend; --batch-size is per process, so the global batch is their product)."""
     d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("resume", "force")}
-    d.update(amp=amp, device=str(device), class_weight_values=weights)
+    world = dist.world_size if dist is not None else 1
+    d.update(amp=amp, device=str(device), class_weight_values=weights, world_size=world,
+             backend=(dist.backend if dist is not None and dist.enabled else "none"),
+             global_batch_size=cfg.batch_size * world)
     return d
 
 
