@@ -200,3 +200,115 @@ def test_stale_engine_shapes_are_refused(tmp_path, in_shape, out_shape, profile,
     msg = str(err.value)
     assert words in msg and f"pneumo-edge export {tmp_path} --trt" in msg
     assert len(msg.splitlines()) == 1
+
+
+# --- export/tensorrt.py: what is checked before TensorRT builds -------------------------------
+
+def test_tensorrt_before_10_is_refused():
+    from pneumo_edge.export.tensorrt import check_trt_version
+
+    from pneumo_edge.errors import RuntimeUnavailable
+
+    for ok in ("10.3.0", "10.13.3.9", "11.0.0"):
+        check_trt_version(ok)
+    for old in ("8.6.1", "9.3.0.post12.dev1"):
+        with pytest.raises(RuntimeUnavailable, match=f"TensorRT {old} is too old.*10 or later"):
+            check_trt_version(old)
+
+
+def test_exported_fp16_graph_feeds_its_uint8_input_only_to_a_cast(tiny_exported):
+    pytest.importorskip("onnx")
+    import onnx
+    from pneumo_edge.export.tensorrt import check_uint8_inputs, uint8_input_problems
+
+    proto = onnx.load(str(tiny_exported / "model.fp16.onnx"))
+    assert uint8_input_problems(proto) == []
+    check_uint8_inputs(tiny_exported / "model.fp16.onnx")
+
+
+def test_uint8_input_into_another_op_is_refused_before_tensorrt(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+    from pneumo_edge.export.tensorrt import check_uint8_inputs, uint8_input_problems
+
+    x = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 1, 4, 4])
+    y = helper.make_tensor_value_info("probs", TensorProto.FLOAT16, ["N", 1, 4, 4])
+    nodes = [helper.make_node("Identity", ["image"], ["same"], name="flip"),
+             helper.make_node("Cast", ["same"], ["probs"], to=TensorProto.FLOAT16)]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
+    assert uint8_input_problems(proto) == [(
+        "uint8 input 'image' feeds a Identity node (flip); TensorRT accepts a uint8 input only "
+        "into Cast")]
+    path = tmp_path / "model.fp16.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(ModelError, match=f"^{path}: uint8 input 'image' feeds a Identity"):
+        check_uint8_inputs(path)
+
+
+class StandInBuilderConfig:
+    """IBuilderConfig's timing-cache calls, as TensorRT's bindings behave: a blob it cannot
+    parse raises RuntimeError; a cache from another GPU/version is refused by set_timing_cache
+    (False)."""
+
+    def __init__(self, broken=False):
+        self.used, self.broken = None, broken
+
+    def create_timing_cache(self, blob):
+        if self.broken or blob.startswith(b"garbage"):
+            raise RuntimeError("Failed to deserialize the timing cache\nsecond line")
+        return bytes(blob)
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        assert ignore_mismatch is False
+        if cache.startswith(b"other-gpu"):
+            return False
+        self.used = cache
+        return True
+
+
+@pytest.mark.parametrize("content,words", [
+    (None, None), (b"cache-from-here", None),
+    (b"garbage", "cannot be used here (Failed to deserialize the timing cache)"),
+    (b"other-gpu", "built by another GPU or TensorRT version"),
+])
+def test_timing_cache_that_cannot_be_used_is_a_warning(tmp_path, content, words):
+    from pneumo_edge.export.tensorrt import use_timing_cache
+
+    path, said = tmp_path / "trt_timing.cache", []
+    if content is not None:
+        path.write_bytes(content)
+    config = StandInBuilderConfig()
+    assert use_timing_cache(config, path, said.append) is True
+    if words is None:
+        assert said == [] and config.used == (content or b"")
+    else:
+        assert len(said) == 1 and words in said[0] and said[0].startswith("warning: ")
+        assert config.used == b""  # a fresh cache: the build goes on
+    assert path.read_bytes() == (content or b"") if content else not path.exists()
+
+
+def test_unreadable_or_uncreatable_timing_cache_builds_without_one(tmp_path):
+    from pneumo_edge.export.tensorrt import save_timing_cache, use_timing_cache
+
+    path, said = tmp_path / "trt_timing.cache", []
+    path.mkdir()  # exists but cannot be read as a file
+    assert use_timing_cache(StandInBuilderConfig(), path, said.append) is True
+    assert "cannot read the timing cache" in said[0]
+    said.clear()
+    broken = StandInBuilderConfig(broken=True)
+    assert use_timing_cache(broken, tmp_path / "x", said.append) is False
+    assert said == [("warning: TensorRT cannot create a timing cache (Failed to deserialize "
+                     "the timing cache); building without one")]
+
+    class Saved:
+        def get_timing_cache(self):
+            return self
+
+        def serialize(self):
+            return b"new cache"
+
+    said.clear()
+    save_timing_cache(Saved(), path, said.append)  # a folder in the way: warning, no exception
+    assert path.is_dir() and "could not save the timing cache" in said[0]
+    save_timing_cache(Saved(), tmp_path / "ok.cache", said.append)
+    assert (tmp_path / "ok.cache").read_bytes() == b"new cache"
