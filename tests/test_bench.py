@@ -153,11 +153,14 @@ def test_end_to_end_with_fake_runtime(tmp_path):
 
 def test_run_bench_torch(tiny_run):
     pytest.importorskip("torch")
+    from pneumo_edge.runtimes import open_runtime
+
+    device = open_runtime(tiny_run, "torch").device  # cpu here, cuda:0 (name) on a GPU box
     res = bench.run_bench(tiny_run, "torch", [1, 4], log=lambda m: None, **FAST)
     assert [(r["runtime"], r["batch"]) for r in res["rows"]] == [("torch", 1), ("torch", 4)]
     for r in res["rows"]:
         check_row(r)
-        assert r["iters"] == FAST["iters"] and r["device"] == "cpu"
+        assert r["iters"] == FAST["iters"] and r["device"] == device
     assert res["skipped"] == [] and res["pipeline"] == []
     assert res["model"]["image_size"] == Card.load(tiny_run).image_size
     text = bench.format_table(res)

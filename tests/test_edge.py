@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,7 +69,15 @@ def test_score_without_torch(tiny_exported, tmp_path, runtime):
                              "-o", out)
     assert proc.returncode == 0, proc.stderr
     assert "BLOCKED-MODULES-LOADED=[]" in proc.stderr
-    assert "runtime: onnx on cpu" in proc.stderr
+    # the device is onnxruntime's (cpu here; cuda:N with a working CUDA provider), never torch
+    if runtime == "onnx":
+        from pneumo_edge.runtimes import open_runtime
+
+        device = open_runtime(tiny_exported, "onnx", log=lambda m: None).device
+        assert f"runtime: onnx on {device} (chosen with --runtime)" in proc.stderr
+    else:
+        assert re.search(r"^runtime: onnx(-fp16|-int8)? on (cpu|cuda:\d+) ", proc.stderr,
+                         re.MULTILINE)
     rows = list(csv.reader(io.StringIO(out.read_text(encoding="utf-8"), newline="")))
     assert rows[0] == ["path", "label", "p_NORMAL", "p_PNEUMONIA", "error"]
     assert len(rows) == 1 + 48 and all(r[1] for r in rows[1:])

@@ -31,6 +31,14 @@ SAMPLES = REPO / "samples" / "chest_xray" / "train"
 HEADER = ["path", "label", "p_NORMAL", "p_PNEUMONIA", "error"]
 
 
+def runtime_line(model, runtime) -> str:
+    """``runtime: NAME on DEVICE`` for what ``runtime`` opens on this machine (CPU or GPU)."""
+    from pneumo_edge.runtimes import open_runtime
+
+    rt = open_runtime(model, runtime, log=lambda m: None)
+    return f"runtime: {rt.name} on {rt.device}"
+
+
 def run(*args):
     """``pneumo-edge score ARGS`` in-process; (exit code, stdout text, stderr text)."""
     res = CliRunner().invoke(main, ["score", *map(str, args)], catch_exceptions=False)
@@ -95,7 +103,9 @@ def test_bundled_samples_header_order_one_row_each(tiny_exported):
     check_labels(rows, Card.load(tiny_exported))
     assert all(len(x.split(".")[1]) == 6 for r in rows for x in r[2:4])
     # the summary and the runtime choice are on stderr only
-    assert "runtime: onnx on cpu" in err and "files 48, scored 48, failed 0" in err
+    # auto's choice depends on the machine (onnx on CPU here, a GPU runtime on a GPU box)
+    assert f"{runtime_line(tiny_exported, 'auto')} (" in err
+    assert "files 48, scored 48, failed 0" in err
     assert "images/s" in err and "decode" in err and "compute" in err
     assert "\r" not in err  # no progress bar when stderr is not a terminal
 
@@ -105,7 +115,7 @@ def test_torch_and_onnx_runtimes_agree(tiny_exported, tmp_path):
     got = {}
     for rt in ("torch", "onnx"):
         code, out, err = run(tmp_path / "d", "--model", tiny_exported, "--runtime", rt)
-        assert code == 0 and f"runtime: {rt} on cpu (chosen with --runtime)" in err
+        assert code == 0 and f"{runtime_line(tiny_exported, rt)} (chosen with --runtime)" in err
         got[rt] = rows_of(out)
     assert [r[:2] for r in got["torch"]] == [r[:2] for r in got["onnx"]]
     p = {k: np.array([r[2:4] for r in v], float) for k, v in got.items()}
