@@ -287,10 +287,21 @@ def bench(model, runtime, batch, warmup, iters, max_time, data, limit, threads, 
 @click.option("-q", "--quiet", is_flag=True, help="No runtime line, progress bar or summary.")
 @click.option("--follow-links", is_flag=True,
               help="Follow symbolic links to folders outside the scanned folders.")
+@click.option("--dicom-columns", default="", metavar="TAG,...",
+              help="Also write these non-identifying DICOM tags after the UIDs: Modality, "
+                   "ViewPosition, BodyPartExamined, PhotometricInterpretation, "
+                   "TransferSyntaxUID, SOPClassUID, BitsStored, Rows, Columns, Manufacturer, "
+                   "ManufacturerModelName.")
 @friendly
 def score(paths, model, runtime, batch, threshold, output, resume, workers, quiet,
-          follow_links):
+          follow_links, dicom_columns):
     """Score image files and folders: CSV (path,label,p_<class>...,error) on stdout or -o.
+
+    Inputs: .jpg .jpeg .png .bmp .tif .tiff, DICOM as .dcm/.dicom (any case), and any other
+    file whose bytes 128-131 are DICM (only its first 132 bytes are read to check). When an
+    input is DICOM, study_uid,series_uid,sop_uid columns (and --dicom-columns) come before
+    error; no patient name or other PHI is written. A DICOM that is not a CR/DX/DR chest
+    radiograph gets an error row.
 
     Exit 0 when every image file was scored, 1 when some could not be (their rows carry the
     reason), 2 for usage errors and when the CSV cannot be written. With -o FILE, FILE.json
@@ -301,7 +312,8 @@ def score(paths, model, runtime, batch, threshold, output, resume, workers, quie
     try:
         summary = run_score(paths, model, runtime=runtime, batch=batch, threshold=threshold,
                             output=output, resume=resume, workers=workers, quiet=quiet,
-                            follow_links=follow_links)
+                            follow_links=follow_links,
+                            dicom_tags=[t.strip() for t in dicom_columns.split(",") if t.strip()])
     except BrokenPipeError:  # the reader stopped (`| head`): stop quietly, like other tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)

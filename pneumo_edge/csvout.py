@@ -25,8 +25,36 @@ from pneumo_edge.errors import PneumoError
 PROB_DIGITS = 6
 
 
-def header(classes) -> list[str]:
-    return ["path", "label", *[f"p_{c}" for c in classes], "error"]
+def header(classes, extra=()) -> list[str]:
+    """``path,label,p_<class>...,[extra...,]error``: ``error`` is always the last column."""
+    return ["path", "label", *[f"p_{c}" for c in classes], *extra, "error"]
+
+
+def dicom_columns(walk_dicom: int, tags=()) -> list[str]:
+    """The DICOM columns of a run: ``study_uid,series_uid,sop_uid`` and then the chosen tags,
+    present when at least one input file is DICOM or tags were asked for; none otherwise (a
+    run without DICOM keeps the plain header). Unknown or identifying tags: PneumoError."""
+    from pneumo_edge.dicom import SAFE_TAGS, UID_COLUMNS
+
+    bad = [t for t in tags if t not in SAFE_TAGS]
+    if bad:
+        raise PneumoError(f"--dicom-columns: {bad[0]!r} is not one of the tags that may be "
+                          f"written ({', '.join(SAFE_TAGS)})")
+    if len(set(tags)) != len(tags):
+        raise PneumoError("--dicom-columns: a tag is named twice")
+    return [*UID_COLUMNS, *tags] if walk_dicom or tags else []
+
+
+def dicom_values(path: str, tags=()) -> list[str]:
+    """This file's values for :func:`dicom_columns`: its UIDs and tags when it is DICOM (empty
+    where its header cannot be read), empty strings for other files."""
+    from pneumo_edge.dicom import identity
+    from pneumo_edge.images import input_kind
+
+    if input_kind(path) != "dicom":
+        return [""] * (3 + len(tags))
+    ident = identity(path, tags)
+    return [*ident.uids, *ident.tags]
 
 
 def csv_text(s: str) -> str:
@@ -273,7 +301,7 @@ def read_partial(f, head: list[str], files: list[str], name) -> tuple[Resumed, i
     in order, and raises :class:`PneumoError` when they do not.
     """
     done, keep, first = Resumed(), 0, True
-    classes = {h[2:] for h in head[2:-1]}
+    classes = {h[2:] for h in head[2:-1] if h.startswith("p_")}
     for record, end in _records(f):
         row = _parse(record, name)
         if first:

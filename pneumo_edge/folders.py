@@ -1,6 +1,10 @@
 """Finding image files: labelled ImageFolder splits (training, eval, parity) and plain folders
 (scoring). Sorted, deterministic, symlink-loop safe.
 
+An input file is one with an image extension (.jpg .jpeg .png .bmp .tif .tiff), a DICOM
+extension (.dcm .dicom, any case), or any other regular file whose bytes 128..131 are ``DICM``
+(only its first 132 bytes are read); a file named DICOMDIR is a media directory and passed over.
+
 Rules for plain folders (:func:`walk_images`), so that nothing vanishes silently:
 
 - one entry per path given: a file named twice is listed once, but a file symlink and its
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pneumo_edge.errors import DataError
-from pneumo_edge.images import is_image_path
+from pneumo_edge.images import input_kind
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Walk:
 
     files: list[str]
     ignored: int = 0  # non-image files
+    dicom: int = 0  # of ``files``, how many are DICOM (by extension or by the DICM marker)
     errors: dict[str, str] = field(default_factory=dict)  # unlistable folder -> reason
     links_skipped: int = 0  # folder symlinks not followed
 
@@ -73,8 +78,9 @@ def _add(path: str, walk: Walk, seen: set[str], reason: str | None = None) -> No
     if reason is not None:
         walk.files.append(path)
         walk.errors[path] = reason
-    elif is_image_path(path):
+    elif (kind := input_kind(path)) is not None:
         walk.files.append(path)
+        walk.dicom += kind == "dicom"
     else:
         walk.ignored += 1
 

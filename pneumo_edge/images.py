@@ -26,6 +26,10 @@ How each pixel type becomes 8-bit grey (one rule per type, never a silent clip):
 - colour and palette (``RGB``, ``RGBA``, ``P``, ``CMYK``, ``YCbCr``, ...): through RGB to
   ITU-R 601 luma; alpha is dropped (``LA``: its grey channel).
 - anything else: refused (unsupported pixel mode).
+
+DICOM files (``.dcm``/``.dicom`` any case, or any other file with ``DICM`` at byte 128) go
+through :mod:`pneumo_edge.dicom` (Modality LUT, VOI LUT, MONOCHROME1 inversion, no draft) to
+8-bit grey, then through the same resize as every other image.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pneumo_edge.dicom import DICOM_EXTENSIONS, DicomError, is_dicomdir, sniff
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 
@@ -55,7 +61,23 @@ class ImageError(Exception):
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+    """A file with an image extension (Pillow) or a DICOM extension; extensionless DICOM is
+    found by :func:`input_kind`."""
+    suffix = Path(path).suffix.lower()
+    return suffix in IMAGE_EXTENSIONS or suffix in DICOM_EXTENSIONS
+
+
+def input_kind(path: str | os.PathLike) -> str | None:
+    """``"image"`` (Pillow), ``"dicom"`` or None (not an input). Only a file with neither an
+    image nor a DICOM extension is opened: its first 132 bytes are read for ``DICM``."""
+    suffix = Path(path).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    if suffix in DICOM_EXTENSIONS:
+        return "dicom"
+    if is_dicomdir(path):
+        return None
+    return "dicom" if sniff(path) else None
 
 
 def load_image(path: str | os.PathLike, size: int, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -80,6 +102,8 @@ def decode_grey(
 ) -> Image.Image:
     """Decode a file completely into an upright 8-bit grey (mode ``L``) Pillow image."""
     _check_file(path)
+    if input_kind(path) == "dicom":
+        return _decode_dicom(path, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -100,6 +124,15 @@ def decode_grey(
         raise ImageError(path, "not a recognised image file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(path, f"corrupt or truncated image: {_short(exc)}") from None
+
+
+def _decode_dicom(path, max_pixels: int) -> Image.Image:
+    from pneumo_edge.dicom import read_grey
+
+    try:
+        return Image.fromarray(read_grey(path, max_pixels=max_pixels))
+    except DicomError as exc:
+        raise ImageError(path, str(exc)) from None
 
 
 def _check_file(path: str | os.PathLike) -> None:

@@ -24,6 +24,8 @@ from pneumo_edge.csvout import (
     WriteError,
     check_output,
     csv_text,
+    dicom_columns,
+    dicom_values,
     header,
     one_line,
     partial_path,
@@ -94,9 +96,11 @@ def score_rows(batch: Batch, probs: np.ndarray, card, threshold: float | None) -
 
 def score_files(files, runtime, sink, *, batch: int = 32, workers: int | None = None,
                 threshold: float | None = None, summary: Summary | None = None,
-                progress=None, known: dict[str, str] | None = None) -> Summary:
+                progress=None, known: dict[str, str] | None = None,
+                dicom_tags: tuple | None = None) -> Summary:
     """Score ``files[summary.resumed:]`` with ``runtime``, writing rows to ``sink`` per batch.
-    ``known``: paths that failed already (folders that cannot be listed) -> reason."""
+    ``known``: paths that failed already (folders that cannot be listed) -> reason.
+    ``dicom_tags``: None for no DICOM columns, else the tags after the UIDs (may be empty)."""
     s = summary or Summary(files=len(files))
     s.workers = workers or default_workers()
     card = runtime.card
@@ -115,6 +119,9 @@ def score_files(files, runtime, sink, *, batch: int = 32, workers: int | None = 
             s.compute_s += time.perf_counter() - t1
             s.decode_cpu_s += b.decode_cpu_s
             rows = score_rows(b, probs, card, threshold)
+            if dicom_tags is not None:  # before the error column, which stays last
+                rows = [r[:-1] + dicom_values(p, dicom_tags) + r[-1:]
+                        for r, p in zip(rows, b.paths)]
             sink.write(rows)
             _count(s, rows, b)
             if progress is not None:
@@ -155,7 +162,7 @@ def _count(s: Summary, rows, b: Batch) -> None:
 def run_score(paths, model, *, runtime: str = "auto", batch: int = 32,
               threshold: float | None = None, output=None, resume: bool = False,
               workers: int | None = None, quiet: bool = False, follow_links: bool = False,
-              stdout=None, log=None) -> Summary:
+              dicom_tags=(), stdout=None, log=None) -> Summary:
     """What the ``score`` command does; returns the summary (its ``exit_code`` is 0 or 1).
 
     Raises :class:`PneumoError` (exit 2) for usage errors, before writing anything, and
@@ -171,6 +178,7 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32,
     if output:
         check_output(output)
     walk = walk_images(paths, follow_links=follow_links)
+    extra = dicom_columns(walk.dicom, tuple(dicom_tags))
     rt = _open(model, runtime, say)
     _run(rt, np.zeros((1, 1, rt.card.image_size, rt.card.image_size), np.uint8),
          len(rt.card.classes))  # a model that does not fit its card fails here, before any row
@@ -183,28 +191,31 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32,
             output=output, inputs=paths, model=model, runtime=rt, threshold=used,
             threshold_from="card" if threshold is None else "--threshold",
             follow_links=follow_links, earlier=earlier)
-        sink = PartialSink(output, header(rt.card.classes), walk.files, resume=resume, log=say)
+        sink = PartialSink(output, header(rt.card.classes, extra), walk.files, resume=resume,
+                           log=say)
         _take_resumed(s, sink.resumed, say, sink.partial)
         provenance.write(output, record)
     else:
-        sink = StdoutSink(header(rt.card.classes), stdout)
+        sink = StdoutSink(header(rt.card.classes, extra), stdout)
     if not walk.files:
-        say("note: no image files found (.jpg .jpeg .png .bmp .tif .tiff)")
+        say("note: no image files found (.jpg .jpeg .png .bmp .tif .tiff .dcm .dicom, "
+            "or DICM at byte 128)")
     _score_into(sink, walk, rt, s, batch=batch, workers=workers, threshold=threshold,
-                quiet=quiet, log=log, output=output, record=record)
+                quiet=quiet, log=log, output=output, record=record,
+                dicom_tags=tuple(dicom_tags) if extra else None)
     _report(s, rt.card.classes, output, say)
     return s
 
 
 def _score_into(sink, walk, rt, s: Summary, *, batch, workers, threshold, quiet, log, output,
-                record) -> None:
+                record, dicom_tags=None) -> None:
     """Score every file into ``sink`` and finish it; on any failure keep what was written,
     record the outcome in the provenance file, and say how to continue."""
     status = "interrupted"
     with _progress(len(walk.files), s.resumed, quiet) as bar:
         try:
             score_files(walk.files, rt, sink, batch=batch, workers=workers, threshold=threshold,
-                        summary=s, progress=bar, known=walk.errors)
+                        summary=s, progress=bar, known=walk.errors, dicom_tags=dicom_tags)
             sink.finish()
             status = "finished"
         except BaseException as exc:
