@@ -49,6 +49,46 @@ def write_labelled(root: Path, per_class: int = PER_CLASS, seed: int = 0) -> Pat
     return root
 
 
+def _gpu_skip_reasons() -> dict:
+    """Why the ``gpu`` / ``tensorrt`` marked tests cannot run here ('' when they can)."""
+    from pneumo_edge.runtimes import gpu_present, has_package
+
+    if not gpu_present():
+        gpu = "no NVIDIA GPU on this machine"
+    else:
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        gpu = "" if torch is not None and torch.cuda.is_available() else \
+            "an NVIDIA driver is loaded but torch sees no CUDA device"
+    def importable(module):
+        try:
+            return has_package(module)
+        except ModuleNotFoundError:  # parent package missing
+            return False
+
+    missing = [p for p, m in (("tensorrt", "tensorrt"), ("cuda-python", "cuda.bindings"))
+               if not importable(m)]
+    trt = gpu or (f"{' and '.join(missing)} not installed (pip install 'pneumo-edge[gpu]')"
+                  if missing else "")
+    return {"gpu": gpu, "tensorrt": trt}
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``/``tensorrt`` tests skip with the reason where they cannot run, and run (not skip)
+    on a CUDA machine: ``pytest -m gpu`` there runs the GPU tests."""
+    marked = [i for i in items if i.get_closest_marker("gpu") or i.get_closest_marker("tensorrt")]
+    if not marked:
+        return
+    reasons = _gpu_skip_reasons()
+    for item in marked:
+        for mark in ("tensorrt", "gpu"):
+            if item.get_closest_marker(mark) and reasons[mark]:
+                item.add_marker(pytest.mark.skip(reason=f"{mark} test: {reasons[mark]}"))
+                break
+
+
 def ctrl_c_enabled() -> None:
     """``preexec_fn`` for subprocesses that get a real SIGINT: put it back to its default, as in
     a terminal. A test runner started in the background (`cmd &`, as CI may do) ignores SIGINT,

@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import copy_model_dir
+
 from pneumo_edge.card import Card
 from pneumo_edge.errors import ModelError, RuntimeUnavailable
 from pneumo_edge.modeldir import Refused, read_sidecar, sha256_file, sidecar_path
@@ -53,6 +53,115 @@ def test_onnx_runtime_imports_no_torch(tiny_exported):
             "print('torch' in sys.modules, 'tensorrt' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
+
+
+def _cuda_claimed(monkeypatch):
+    """onnxruntime here claims a CUDA provider (as onnxruntime-gpu does on a box whose CUDA
+    libraries are missing); the sessions themselves are real and can only run on CPU."""
+    from pneumo_edge.runtimes import onnx_rt
+
+    real = onnx_rt._import_ort
+
+    def claims_cuda():
+        ort, _ = real()
+        return ort, [onnx_rt.CUDA, onnx_rt.CPU]
+
+    monkeypatch.setattr(onnx_rt, "_import_ort", claims_cuda)
+
+
+def test_onnx_cuda_that_cannot_start_falls_back_on_stderr_only(tiny_exported, monkeypatch,
+                                                                 capfd):
+    pytest.importorskip("onnxruntime", reason="needs onnxruntime")
+    from pneumo_edge.runtimes.onnx_rt import OnnxRuntime
+
+    _cuda_claimed(monkeypatch)
+    rt = OnnxRuntime(tiny_exported / "model.onnx")  # auto: tries cuda:0, then says so
+    assert rt.device == "cpu" and rt.session.get_providers() == ["CPUExecutionProvider"]
+    assert rt(_pixels(3)).shape == (3, 2)
+    out, err = capfd.readouterr()
+    assert out == ""  # scoring may be writing its CSV to stdout
+    assert "onnxruntime's CUDA provider failed to start on cuda:0" in err and "running on cpu" in err
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_onnx_cuda_asked_for_is_cuda_or_refused(tiny_exported, monkeypatch, capfd, device):
+    pytest.importorskip("onnxruntime", reason="needs onnxruntime")
+    from pneumo_edge.runtimes.onnx_rt import OnnxRuntime
+
+    _cuda_claimed(monkeypatch)
+    index = device.partition(":")[2] or "0"
+    with pytest.raises(RuntimeUnavailable, match=f"failed to start on cuda:{index}"):
+        OnnxRuntime(tiny_exported / "model.onnx", device=device)
+    assert capfd.readouterr().out == ""
+
+
+def test_onnx_device_strings():
+    from pneumo_edge.errors import UsageError
+    from pneumo_edge.runtimes.onnx_rt import cuda_device
+
+    assert [cuda_device(d, True) for d in (None, "auto", "cpu", "cuda", "cuda:3")] == \
+        [0, 0, None, 0, 3]
+    assert cuda_device(None, False) is None and cuda_device("cpu", False) is None
+    with pytest.raises(RuntimeUnavailable, match="no CUDA provider"):
+        cuda_device("cuda:1", False)
+    for bad in ("gpu", "cuda:x", "cuda:-1", "CUDA"):
+        with pytest.raises(UsageError, match="unknown device"):
+            cuda_device(bad, True)
+
+
+def test_onnx_runtime_runs_a_warm_up_inference(tiny_exported, monkeypatch):
+    """The constructor runs the model once (so a provider that registers but cannot run is
+    found before scoring starts): a graph that loads but cannot run is refused there."""
+    pytest.importorskip("onnxruntime", reason="needs onnxruntime")
+    from pneumo_edge.runtimes import onnx_rt
+
+    calls = []
+    real = onnx_rt.OnnxRuntime.__call__
+    monkeypatch.setattr(onnx_rt.OnnxRuntime, "__call__",
+                        lambda self, x: calls.append(x.shape) or real(self, x))
+    onnx_rt.OnnxRuntime(tiny_exported / "model.onnx", device="cpu")
+    assert calls == [(1, 1, 64, 64)]
+
+
+# --- the torch runtimes: what can be checked without a GPU --------------------------------------
+
+def test_torch_fp16_needs_cuda(tiny_run):
+    torch = pytest.importorskip("torch")
+    from pneumo_edge.errors import UsageError
+    from pneumo_edge.runtimes.torch_rt import TorchRuntime
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: tests/test_gpu.py runs torch-fp16")
+    with pytest.raises(RuntimeUnavailable, match="torch-fp16 runs on CUDA only"):
+        TorchRuntime(tiny_run, precision="fp16")
+    with pytest.raises(RuntimeUnavailable, match="torch sees no CUDA GPU"):
+        TorchRuntime(tiny_run, device="cuda:1")
+    with pytest.raises(UsageError, match="unknown torch precision"):
+        TorchRuntime(tiny_run, precision="bf16")
+    with pytest.raises(UsageError, match="CUDA graphs are for torch-fp16"):
+        TorchRuntime(tiny_run, device="cpu", graphs=True)
+
+
+def test_torch_device_strings():
+    torch = pytest.importorskip("torch")
+    from pneumo_edge.errors import UsageError
+    from pneumo_edge.runtimes.torch_rt import resolve_device
+
+    assert resolve_device(torch, "cpu") == "cpu"
+    here = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(torch, None) == here
+    for bad in ("gpu", "cuda:x", "mps"):
+        with pytest.raises(UsageError, match="unknown device"):
+            resolve_device(torch, bad)
+
+
+def test_torch_cpu_runtime_reports_fp32_without_tf32(tiny_run):
+    pytest.importorskip("torch")
+    from pneumo_edge.runtimes.torch_rt import TorchRuntime
+
+    rt = TorchRuntime(tiny_run, device="cpu")
+    assert (rt.name, rt.precision, rt.device, rt.tf32) == ("torch", "fp32", "cpu", False)
+    assert rt(_pixels(3)).shape == (3, 2)
 
 
 # --- TensorRT: the sidecar check (no tensorrt needed) ------------------------------------------
