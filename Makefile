@@ -14,7 +14,7 @@ DEMO   ?= demo-out
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[cpu,train,dev]'
+	$(BIN)/pip install --quiet -e '.[cpu,train,dev,ray]'
 	touch $@
 
 venv: $(BIN)/.installed

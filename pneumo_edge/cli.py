@@ -285,6 +285,12 @@ def bench(model, runtime, batch, warmup, iters, max_time, data, limit, threads, 
 @click.option("--workers", default=None, type=click.IntRange(1),
               help="Decode threads. Default: the number of cores, at least 2.")
 @click.option("-q", "--quiet", is_flag=True, help="No runtime line, progress bar or summary.")
+@click.option("--ray", "ray", default=None, is_flag=False, flag_value="local",
+              metavar="[ADDRESS]",
+              help="Score on a Ray cluster with Ray Data (same CSV, -o and --resume): ADDRESS "
+                   "is HOST:PORT, ray://HOST:PORT or auto; without one, a local Ray instance. "
+                   "Write --ray=ADDRESS or put --ray after the paths. Needs "
+                   "pip install 'pneumo-edge[ray]'.")
 @click.option("--follow-links", is_flag=True,
               help="Follow symbolic links to folders outside the scanned folders.")
 @click.option("--dicom-columns", default="", metavar="TAG,...",
@@ -293,7 +299,7 @@ def bench(model, runtime, batch, warmup, iters, max_time, data, limit, threads, 
                    "TransferSyntaxUID, SOPClassUID, BitsStored, Rows, Columns, Manufacturer, "
                    "ManufacturerModelName.")
 @friendly
-def score(paths, model, runtime, batch, threshold, output, resume, workers, quiet,
+def score(paths, model, runtime, batch, threshold, output, resume, workers, quiet, ray,
           follow_links, dicom_columns):
     """Score image files and folders: CSV (path,label,p_<class>...,error) on stdout or -o.
 
@@ -311,7 +317,7 @@ def score(paths, model, runtime, batch, threshold, output, resume, workers, quie
 
     try:
         summary = run_score(paths, model, runtime=runtime, batch=batch, threshold=threshold,
-                            output=output, resume=resume, workers=workers, quiet=quiet,
+                            output=output, resume=resume, workers=workers, quiet=quiet, ray=ray,
                             follow_links=follow_links,
                             dicom_tags=[t.strip() for t in dicom_columns.split(",") if t.strip()])
     except BrokenPipeError:  # the reader stopped (`| head`): stop quietly, like other tools

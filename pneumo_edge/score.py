@@ -104,8 +104,8 @@ def score_files(files, runtime, sink, *, batch: int = 32, workers: int | None = 
     s = summary or Summary(files=len(files))
     s.workers = workers or default_workers()
     card = runtime.card
-    stream = decode_batches(files, card.image_size, batch, s.workers, start=s.resumed,
-                            known=known)
+    source = getattr(runtime, "batches", decode_batches)  # Ray scoring supplies its own
+    stream = source(files, card.image_size, batch, s.workers, start=s.resumed, known=known)
     t_start = time.perf_counter()
     try:
         while True:
@@ -115,7 +115,8 @@ def score_files(files, runtime, sink, *, batch: int = 32, workers: int | None = 
             s.wait_s += t1 - t0
             if b is None:
                 break
-            probs = _run(runtime, b.pixels, len(card.classes))
+            probs = b.probs if getattr(b, "probs", None) is not None \
+                else _run(runtime, b.pixels, len(card.classes))
             s.compute_s += time.perf_counter() - t1
             s.decode_cpu_s += b.decode_cpu_s
             rows = score_rows(b, probs, card, threshold)
@@ -159,11 +160,14 @@ def _count(s: Summary, rows, b: Batch) -> None:
                 s.failures.append((b.paths[j], row[-1]))
 
 
-def run_score(paths, model, *, runtime: str = "auto", batch: int = 32,
+def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
               threshold: float | None = None, output=None, resume: bool = False,
               workers: int | None = None, quiet: bool = False, follow_links: bool = False,
               dicom_tags=(), stdout=None, log=None) -> Summary:
     """What the ``score`` command does; returns the summary (its ``exit_code`` is 0 or 1).
+
+    ``ray``: None scores here; a Ray address (``local``, ``auto``, ``HOST:PORT``) scores
+    on that cluster with :mod:`pneumo_edge.ray_score`, same rows and files.
 
     Raises :class:`PneumoError` (exit 2) for usage errors, before writing anything, and
     :class:`WriteError` (exit 2) when the CSV cannot be written.
@@ -182,6 +186,10 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32,
     rt = _open(model, runtime, say)
     _run(rt, np.zeros((1, 1, rt.card.image_size, rt.card.image_size), np.uint8),
          len(rt.card.classes))  # a model that does not fit its card fails here, before any row
+    if ray is not None:
+        from pneumo_edge.ray_score import RayScorer
+
+        rt = RayScorer(rt, ray, log=say)
     used = rt.card.threshold if threshold is None else threshold
     s = Summary(files=len(walk.files), ignored=walk.ignored, links_skipped=walk.links_skipped)
     record = None
