@@ -211,8 +211,14 @@ def train(**opts):
 @click.option("--batch", default=32, type=click.IntRange(1))
 @click.option("--out", "out", type=click.Path(dir_okay=False),
               help="Metrics JSON to write. Default: MODEL/eval_<folder name>.json")
+@click.option("--report", type=click.Path(dir_okay=False),
+              help="Also write this self-contained HTML report (curves, calibration, "
+                   "confidence intervals, heatmaps of the most confident mistakes).")
+@click.option("--resamples", default=2000, type=click.IntRange(100),
+              help="Bootstrap resamples (of patients when file names carry patient ids) for "
+                   "the 95 % confidence intervals.")
 @friendly
-def eval_(model, data, runtime, batch, out):
+def eval_(model, data, runtime, batch, out, report, resamples):
     """Metrics and confusion matrix of a model on a labelled folder.
 
     Exit 2 when no image of the folder could be decoded, 1 (no metrics written) when the
@@ -220,16 +226,24 @@ def eval_(model, data, runtime, batch, out):
     from pathlib import Path
 
     from pneumo_edge.atomic import write_json_atomic
-    from pneumo_edge.evaluate import evaluate_folder, format_metrics
+    from pneumo_edge.evaluate import format_metrics, run_evaluation
     from pneumo_edge.runtimes import open_runtime
 
+    if report and Path(report).is_dir():
+        raise PneumoError(f"{report}: is a folder; --report names the HTML file to write")
     rt = open_runtime(model, runtime)
-    m = evaluate_folder(rt, data, batch)
+    ev = run_evaluation(rt, data, batch, resamples=resamples)
+    m = ev.metrics
     click.echo(format_metrics(m, rt.card))
     home = Path(model) if Path(model).is_dir() else Path(model).parent
     out = Path(out) if out else home / f"eval_{Path(data).resolve().name}.json"
     write_json_atomic(out, m)
     click.echo(f"wrote {out}", err=True)
+    if report:
+        from pneumo_edge.report import write_report
+
+        write_report(ev, rt, report)
+        click.echo(f"wrote {report}", err=True)
 
 
 @main.command()
@@ -293,6 +307,13 @@ def bench(model, runtime, batch, warmup, iters, max_time, data, limit, threads, 
                    "pip install 'pneumo-edge[ray]'.")
 @click.option("--follow-links", is_flag=True,
               help="Follow symbolic links to folders outside the scanned folders.")
+@click.option("--explain", type=click.Path(file_okay=False),
+              help="Also write occlusion heatmaps (through the scoring runtime) and "
+                   "explain.csv into this folder.")
+@click.option("--explain-which", default="positives", type=click.Choice(["positives", "all"]),
+              help="Which scored images get a heatmap with --explain.")
+@click.option("--force-explain", "explain_force", is_flag=True,
+              help="Replace heatmaps and explain.csv already in the --explain folder.")
 @click.option("--dicom-columns", default="", metavar="TAG,...",
               help="Also write these non-identifying DICOM tags after the UIDs: Modality, "
                    "ViewPosition, BodyPartExamined, PhotometricInterpretation, "
@@ -300,7 +321,7 @@ def bench(model, runtime, batch, warmup, iters, max_time, data, limit, threads, 
                    "ManufacturerModelName.")
 @friendly
 def score(paths, model, runtime, batch, threshold, output, resume, workers, quiet, ray,
-          follow_links, dicom_columns):
+          follow_links, explain, explain_which, explain_force, dicom_columns):
     """Score image files and folders: CSV (path,label,p_<class>...,error) on stdout or -o.
 
     Inputs: .jpg .jpeg .png .bmp .tif .tiff, DICOM as .dcm/.dicom (any case), and any other
@@ -318,12 +339,40 @@ def score(paths, model, runtime, batch, threshold, output, resume, workers, quie
     try:
         summary = run_score(paths, model, runtime=runtime, batch=batch, threshold=threshold,
                             output=output, resume=resume, workers=workers, quiet=quiet, ray=ray,
-                            follow_links=follow_links,
+                            follow_links=follow_links, explain=explain,
+                            explain_which=explain_which, explain_force=explain_force,
                             dicom_tags=[t.strip() for t in dicom_columns.split(",") if t.strip()])
     except BrokenPipeError:  # the reader stopped (`| head`): stop quietly, like other tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
     sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "model", required=True, type=click.Path(), help="Model directory.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Folder for the pictures and explain.csv (created if missing; nothing "
+                   "else in it is touched).")
+@click.option("--method", default="occlusion", type=click.Choice(["occlusion", "gradcam"]),
+              help="occlusion: through the deployed runtime (torch-free); gradcam: the torch "
+                   "model's last convolutional stage.")
+@click.option("--runtime", default="auto", type=click.Choice(RUNTIME_CHOICES),
+              help="For occlusion: which file to explain (auto as score).")
+@click.option("--batch", default=32, type=click.IntRange(1),
+              help="Occluded copies per model call.")
+@click.option("--force", is_flag=True, help="Replace explain.csv and pictures of the same name.")
+@friendly
+def explain(paths, model, out, method, runtime, batch, force):
+    """Heatmaps of why the model scored each image: a PNG per image (the X-ray, the heatmap,
+    a legend, label, probability and threshold) and OUT/explain.csv.
+
+    Exit 0 when every image file was explained, 1 when some could not be (their rows carry
+    the reason), 2 for usage errors."""
+    from pneumo_edge.explain_run import run_explain
+
+    sys.exit(run_explain(paths, model, out, method=method, runtime=runtime, force=force,
+                         batch=batch))
 
 
 @main.command()

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
+from pneumo_edge import stats
 from pneumo_edge.errors import DataError, PneumoError
 from pneumo_edge.folders import scan_labelled
 from pneumo_edge.images import ImageError, load_image
 from pneumo_edge.metrics import METRIC_KEYS, binary_metrics
+
+RESAMPLES = stats.RESAMPLES
+GALLERY = 4  # most confident false negatives and false positives shown
+TABLE_THRESHOLDS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def decode_labelled(samples, size: int, workers: int = 4):
@@ -35,13 +41,29 @@ def predict(runtime, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, len(runtime.card.classes)), np.float32)
 
 
-def evaluate_folder(runtime, folder, batch: int = 32, warn=None) -> dict:
-    """Metrics at the card's threshold, refusing what would make them lie: a folder where no
-    image decodes (DataError, exit 2) and non-finite probabilities (PneumoError, exit 1)."""
+@dataclass
+class Evaluation:
+    """What eval computed: ``metrics`` (eval's JSON) and the per-image data behind it."""
+
+    metrics: dict
+    paths: list  # decoded files, in the order of the arrays below
+    truth: np.ndarray  # bool [N], True = the positive class
+    p: np.ndarray  # [N] probability of the positive class
+    pixels: np.ndarray  # uint8 [N, 1, S, S]
+
+
+def run_evaluation(runtime, folder, batch: int = 32, warn=None, *,
+                   resamples: int = RESAMPLES, gallery: int = GALLERY) -> Evaluation:
+    """Metrics at the card's threshold with bootstrap confidence intervals, calibration,
+    curves, a threshold table and the most confident mistakes, refusing what would make them
+    lie: a folder where no image decodes (DataError, exit 2) and non-finite probabilities
+    (PneumoError, exit 1)."""
     warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
     card = runtime.card
     lf = scan_labelled(folder, card.classes)
     px, labels, failed = decode_labelled(lf.samples, card.image_size)
+    gone = {f.path for f in failed}
+    ok = [str(path) for path, _ in lf.samples if str(path) not in gone]
     if len(px) == 0:
         first = f" (first: skipping {failed[0]})" if failed else ""
         raise DataError(f"{folder}: none of its {len(failed)} image files could be decoded"
@@ -56,9 +78,50 @@ def evaluate_folder(runtime, folder, batch: int = 32, warn=None) -> dict:
         err.exit_code = 1
         raise err
     pos = card.positive_index
-    m = binary_metrics(labels == pos, probs[:, pos], card.threshold)
-    return {"data": str(folder), "runtime": runtime.name, "device": runtime.device,
-            "skipped_unreadable": len(failed), **m}
+    truth, p = labels == pos, probs[:, pos].astype(np.float64)
+    m = binary_metrics(truth, p, card.threshold)
+    m = {"data": str(folder), "runtime": runtime.name, "device": runtime.device,
+         "model_file": str(runtime.path), "skipped_unreadable": len(failed), **m,
+         "npv": stats.rates(truth, p >= card.threshold)["npv"],
+         "counts": {c: int(sum(1 for _, y in lf.samples if y == i))
+                    for i, c in enumerate(card.classes)},
+         "failed": [{"path": f.path, "reason": f.reason} for f in failed],
+         **uncertainty(ok, truth, p, card.threshold, resamples),
+         "gallery": mistakes(ok, truth, p, card.threshold, gallery)}
+    return Evaluation(m, ok, truth, p, px)
+
+
+def evaluate_folder(runtime, folder, batch: int = 32, warn=None) -> dict:
+    """:func:`run_evaluation`'s metrics (eval's JSON)."""
+    return run_evaluation(runtime, folder, batch, warn).metrics
+
+
+def uncertainty(paths, truth, p, threshold: float, resamples: int = RESAMPLES) -> dict:
+    """The figures of eval's JSON and report beyond the point metrics."""
+    groups, unit = stats.groups_of(paths)
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    return {
+        "confidence_intervals": {
+            "method": f"percentile bootstrap, {resamples} resamples of {unit}s with replacement"
+                      + (" (patient ids parsed from the file names)" if unit == "patient" else
+                         " (no patient ids in the file names: each image its own unit)"),
+            "resamples": resamples, "seed": stats.SEED, "level": stats.LEVEL, "unit": unit,
+            "units": n_groups, "threshold": threshold,
+            "metrics": stats.bootstrap_ci(truth, p, threshold, groups, resamples=resamples)},
+        "calibration": stats.calibration(truth, p),
+        "curves": stats.curves(truth, p),
+        "threshold_table": stats.threshold_table(truth, p, (threshold, *TABLE_THRESHOLDS)),
+    }
+
+
+def mistakes(paths, truth, p, threshold: float, k: int = GALLERY) -> dict:
+    """The ``k`` most confident false negatives (lowest probability among positives called
+    negative) and false positives (highest among negatives called positive)."""
+    pred = p >= threshold
+    fn = [i for i in np.argsort(p, kind="stable") if truth[i] and not pred[i]][:k]
+    fp = [i for i in np.argsort(-p, kind="stable") if not truth[i] and pred[i]][:k]
+    row = (lambda i: {"index": int(i), "path": str(paths[i]), "p": float(p[i])})
+    return {"false_negatives": [row(i) for i in fn], "false_positives": [row(i) for i in fp]}
 
 
 def format_metrics(m: dict, card) -> str:

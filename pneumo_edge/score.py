@@ -163,7 +163,8 @@ def _count(s: Summary, rows, b: Batch) -> None:
 def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
               threshold: float | None = None, output=None, resume: bool = False,
               workers: int | None = None, quiet: bool = False, follow_links: bool = False,
-              dicom_tags=(), stdout=None, log=None) -> Summary:
+              dicom_tags=(), stdout=None, log=None, explain=None,
+              explain_which: str = "positives", explain_force: bool = False) -> Summary:
     """What the ``score`` command does; returns the summary (its ``exit_code`` is 0 or 1).
 
     ``ray``: None scores here; a Ray address (``local``, ``auto``, ``HOST:PORT``) scores
@@ -179,6 +180,9 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
         raise PneumoError(f"{missing[0]}: no such file or folder")
     if resume and not output:
         raise PneumoError("--resume needs -o FILE (stdout cannot be continued)")
+    if resume and explain:
+        raise PneumoError("--explain cannot be combined with --resume (it explains the rows "
+                          "scored in one run)")
     if output:
         check_output(output)
     walk = walk_images(paths, follow_links=follow_links)
@@ -191,6 +195,9 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
 
         rt = RayScorer(rt, ray, log=say)
     used = rt.card.threshold if threshold is None else threshold
+    if explain:  # refuse to replace earlier heatmaps before anything is written
+        from pneumo_edge.explain_run import prepare_out
+        prepare_out(explain, walk.files, explain_force)
     s = Summary(files=len(walk.files), ignored=walk.ignored, links_skipped=walk.links_skipped)
     record = None
     if output:
@@ -205,6 +212,10 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
         provenance.write(output, record)
     else:
         sink = StdoutSink(header(rt.card.classes, extra), stdout)
+    if explain:  # heatmaps of the rows as they are written (pneumo_edge.explain_run)
+        from pneumo_edge.explain_run import ExplainingSink
+        sink = ExplainingSink(sink, explain, walk.files, rt, used, explain_which, explain_force,
+                              log=say)
     if not walk.files:
         say("note: no image files found (.jpg .jpeg .png .bmp .tif .tiff .dcm .dicom, "
             "or DICM at byte 128)")

@@ -99,9 +99,14 @@ def _compare_rules(truth, probs, configured, on) -> dict:
 def _plots(out, state, card, best) -> None:
     from pneumo_edge.train.plots import plot_confusion, plot_curves
 
-    plot_curves(state["history"], out / modeldir.CURVES_PNG)
-    plot_confusion(card.metrics["val"]["confusion_matrix"], card, out / modeldir.CONFUSION_PNG,
-                   title=f"validation, epoch {best['epoch']}, threshold {card.threshold:.3f}")
+    sets = {k: card.metrics[k] for k in ("val", "shifted_val", "test") if k in card.metrics}
+    plot_curves(state["history"], out / modeldir.CURVES_PNG, selected=best["epoch"],
+                final=sets, threshold=card.threshold)
+    plot_confusion(sets["val"]["confusion_matrix"], card, out / modeldir.CONFUSION_PNG,
+                   title=f"epoch {best['epoch']} weights at the card's threshold "
+                         f"{card.threshold:.3f}",
+                   more={{"shifted_val": "shifted validation"}.get(k, k): m["confusion_matrix"]
+                         for k, m in sets.items() if k != "val"})
 
 
 def _summary(result, card, out) -> str:
