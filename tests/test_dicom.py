@@ -375,3 +375,18 @@ def test_resume_keeps_the_dicom_header(tiny_exported, tmp_path, grey):
     proc = _score([d, "--model", tiny_exported, "--runtime", "onnx", "-o", out, "--resume"])
     assert proc.returncode == 0, proc.stderr
     assert out.read_text() == full
+
+
+def test_dicom_scoring_imports_no_torch(tiny_exported, tmp_path, grey):
+    from test_edge import run_without_torch  # the torch-hiding launcher of the edge tests
+
+    v = grey.astype(np.uint16) * 16
+    make(tmp_path / "a.dcm", v, syntax=JPEG2000Lossless)
+    make(tmp_path / "b", v, syntax=RLELossless)
+    out = tmp_path / "out.csv"
+    proc = run_without_torch("score", tmp_path, "--model", tiny_exported, "--runtime", "onnx",
+                             "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "BLOCKED-MODULES-LOADED=[]" in proc.stderr
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert len(rows) == 2 and all(r["label"] and r["sop_uid"] for r in rows)
