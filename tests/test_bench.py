@@ -6,10 +6,12 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import copy_model_dir
 
 from pneumo_edge import bench
 from pneumo_edge.card import Card
@@ -17,11 +19,9 @@ from pneumo_edge.cli import main
 from pneumo_edge.errors import PneumoError
 from pneumo_edge.runtimes import RUNTIMES
 
-from conftest import copy_model_dir
-
 ROW_KEYS = {"runtime", "batch", "p50_ms", "p90_ms", "p99_ms", "images_per_s", "mean_ms",
             "iters", "device"}
-FAST = dict(warmup=1, iters=4)
+FAST = {"warmup": 1, "iters": 4}
 
 
 def check_row(row, batch=None):
@@ -264,4 +264,46 @@ def test_cli_missing_model(tmp_path):
 
 def test_cli_import_stays_free_of_torch():
     code = "import sys, pneumo_edge.cli, pneumo_edge.bench; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# ----------------------------------------------------------------------------- gpu_check
+
+GPU_CHECK = [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" /
+                                 "gpu_check.py")]
+
+
+def test_gpu_check_without_cuda_fails_fast_and_clearly(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: gpu_check would run for real")
+    proc = subprocess.run([*GPU_CHECK, "--out", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == ("error: gpu_check needs a CUDA GPU that torch sees "
+                                   "(torch.cuda.is_available() is False); --dry-run runs the "
+                                   "same steps on the CPU")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_dry_run_exercises_its_steps_on_the_cpu(tiny_exported, tmp_path):
+    """--dry-run with an exported model: the TensorRT IO logic over torch memory and a stand-in
+    context, auto, the torch benchmark and end-to-end scoring run; JSON and markdown written."""
+    pytest.importorskip("torch")
+    out = tmp_path / "out"
+    proc = subprocess.run([*GPU_CHECK, "--dry-run", "--model", str(tiny_exported), "--out",
+                           str(out)], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "gpu_check.json").read_text())
+    status = {r["step"]: r["status"] for r in result["steps"]}
+    assert status == {"environment": "pass", "torch vs CPU": "skip", "auto": "pass",
+                      "TensorRT IO logic": "pass", "pytest -m gpu": "skip",
+                      "bench torch": "pass", "end-to-end": "pass"}
+    io = next(r for r in result["steps"] if r["step"] == "TensorRT IO logic")
+    assert io["chunks"] == {"1": [4], "5": [5], "8": [8], "19": [8, 8, 4], "0": []}
+    assert max(io["max_abs_diff_vs_runtime"].values()) <= 1e-3
+    e2e = next(r for r in result["steps"] if r["step"] == "end-to-end")
+    assert e2e["files"] == 48 and all(p["errors"] == 0 for p in e2e["rows"])
+    md = (out / "gpu_check.md").read_text()
+    assert md.startswith("# gpu_check: no GPU (dry run)") and "| TensorRT IO logic | pass |" in md
+    assert result["ok"] is True and result["dry_run"] is True
