@@ -16,6 +16,12 @@ outputs to host before returning, and the torch runtime on CUDA calls ``.cpu()``
 the GPU. The timed interval therefore includes the host-to-device copy of the uint8 input and the
 device-to-host copy of the ``[N, C]`` probabilities (what a caller of the runtime pays).
 
+Devices: each runtime reports where it runs (``cpu``, ``cuda:0 (NVIDIA H100 80GB HBM3)``), and
+rows carry that string; nothing here assumes a CPU. ``torch`` on CUDA is fp32 with TF32 switched off
+(parity's reference arithmetic, slower than torch's TF32 default on Ampere and later GPUs);
+``torch-fp16`` (fp16 weights and compute, channels_last) runs on CUDA only. A runtime that cannot
+run here (no GPU, package missing) is listed under ``skipped`` with the reason, never timed.
+
 ``--data FOLDER`` adds an end-to-end pass over real files, per runtime, at one batch size (the
 largest asked for): decode + preprocess throughput alone (scoring's decoder,
 :func:`pneumo_edge.pipeline.decode_batches` calling :func:`pneumo_edge.images.load_image` on
