@@ -207,7 +207,7 @@ def to_8bit(stored: np.ndarray, ds) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 -- a bad LUT or window: a reason, no pixels
         raise DicomError(f"DICOM VOI LUT or window cannot be applied: {_first_line(exc)}") \
             from None
-    grey = _scale(np.asarray(values, dtype=np.float64), lo, hi)
+    grey = _scale(values, lo, hi)
     if _text(ds.get("PhotometricInterpretation")) == "MONOCHROME1":
         grey = 255 - grey
     grey[pad] = 0
@@ -240,8 +240,13 @@ def _range_present(values: np.ndarray, pad: np.ndarray) -> tuple[float, float]:
 
 
 def _scale(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    scaled = (values - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    """``round((v - lo) * 255 / (hi - lo))`` clipped to 0..255, in place on a float64 copy."""
+    scaled = np.array(values, dtype=np.float64)
+    scaled -= lo
+    scaled *= 255.0 / (hi - lo)
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def padding_mask(stored: np.ndarray, ds) -> np.ndarray:

@@ -1,0 +1,170 @@
+"""DICOM decode speed: images/s through the one preprocessing (``pneumo_edge.images.load_image``:
+header checks, decode, Modality/VOI LUT, 8-bit, resize) per transfer syntax.
+
+Files are clinical-size CR-like images made from real X-rays of the bundled samples: upscaled
+(bicubic) to 1300 x 1700 (2.2 MP), 12 bits stored in 16, with mild grain so compression ratios
+are realistic rather than those of a smooth upscale, Modality CR,
+written uncompressed (explicit VR little endian), RLE Lossless, JPEG Lossless process 14 SV1
+(GDCM, dev extra), JPEG-LS lossless (pyjpegls, dev extra), JPEG 2000 lossless and lossy
+(openjpeg). A baseline row decodes the same pictures as 8-bit grey JPEG (Pillow, draft mode).
+Files go to a temporary folder that is removed at the end.
+
+    .venv/bin/python benchmarks/dicom_decode.py [--count 6] [--size 224] [--threads 1]
+
+Prints a markdown table with the machine and the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples" / "chest_xray" / "train"
+ROWS, COLS = 1700, 1300
+
+
+def pictures(count: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    files = sorted(SAMPLES.rglob("*.jpeg"))[:count]
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            big = im.convert("L").resize((COLS, ROWS), Image.Resampling.BICUBIC)
+        arr = np.asarray(big, np.float32) * 16 + rng.normal(0, 24, (ROWS, COLS))
+        out.append(np.clip(np.rint(arr), 0, 4095).astype(np.uint16))
+    return out
+
+
+def write_dicom(path: Path, v: np.ndarray, syntax) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined = "CR", "CHEST"
+    ds.Rows, ds.Columns = v.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = v.tobytes()
+    if syntax == "jpeg-lossless":
+        ds.save_as(path, enforce_file_format=True)
+        return _gdcm_jpeg_lossless(path)
+    if syntax is not None:
+        from pydicom.uid import JPEG2000
+
+        kw = {"j2k_cr": [10]} if syntax == JPEG2000 else {}
+        ds.compress(syntax, v, **kw)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _gdcm_jpeg_lossless(path: Path) -> Path:
+    import gdcm
+
+    r = gdcm.ImageReader()
+    r.SetFileName(str(path))
+    r.Read()
+    c = gdcm.ImageChangeTransferSyntax()
+    c.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    c.SetInput(r.GetImage())
+    c.Change()
+    w = gdcm.ImageWriter()
+    w.SetFileName(str(path))
+    w.SetFile(r.GetFile())
+    w.SetImage(c.GetOutput())
+    w.Write()
+    return path
+
+
+def syntaxes():
+    from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+    rows = [("uncompressed (explicit LE)", None), ("RLE Lossless", RLELossless)]
+    try:
+        import gdcm  # noqa: F401
+
+        rows.append(("JPEG Lossless p14 SV1", "jpeg-lossless"))
+    except ImportError:
+        print("(no python-gdcm: JPEG Lossless row skipped)")
+    try:
+        import jpeg_ls  # noqa: F401
+
+        rows.append(("JPEG-LS lossless", JPEGLSLossless))
+    except ImportError:
+        print("(no pyjpegls: JPEG-LS row skipped)")
+    return rows + [("JPEG 2000 lossless", JPEG2000Lossless), ("JPEG 2000 lossy 10:1", JPEG2000)]
+
+
+def rate(files: list[Path], size: int, threads: int) -> float:
+    from pneumo_edge.images import load_image
+    from pneumo_edge.pipeline import decode_batches
+
+    load_image(files[0], size)  # warm-up: imports, decoder plugin lookup
+    t0 = time.perf_counter()
+    if threads == 1:
+        for f in files:
+            load_image(f, size)
+    else:
+        for b in decode_batches([str(f) for f in files], size, batch=8, workers=threads):
+            assert not b.errors, b.errors
+    return len(files) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--count", type=int, default=6)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    load0 = Path("/proc/loadavg").read_text().split()[:3]
+    pics = pictures(a.count)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dicom-bench-") as tmp:
+        tmp = Path(tmp)
+        base = []
+        for i, v in enumerate(pics):
+            p = tmp / f"jpeg{i}.jpg"
+            Image.fromarray((v >> 4).astype(np.uint8)).save(p, quality=90)
+            base.append(p)
+        rows.append(("8-bit JPEG q90 (Pillow, draft)", rate(base, a.size, a.threads),
+                     sum(p.stat().st_size for p in base) / len(base)))
+        for name, syntax in syntaxes():
+            files = [write_dicom(tmp / f"{name[:4]}{i}.dcm", v, syntax)
+                     for i, v in enumerate(pics)]
+            rows.append((name, rate(files, a.size, a.threads),
+                         sum(p.stat().st_size for p in files) / len(files)))
+    load1 = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"machine: {platform.processor() or platform.machine()}, {_cpu()}, "
+          f"{os.cpu_count()} logical CPUs; python {platform.python_version()}")
+    print(f"{a.count} images of {COLS}x{ROWS} (12 bits stored), to {a.size}x{a.size}, "
+          f"{a.threads} thread(s); load average before {' '.join(load0)}, "
+          f"after {' '.join(load1)}")
+    print("\n| transfer syntax | images/s | MB per file |\n|---|---|---|")
+    for name, r, size in rows:
+        print(f"| {name} | {r:.1f} | {size / 1e6:.2f} |")
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
