@@ -1,9 +1,12 @@
-"""``pneumo-edge export RUN [--trt]``: model.pt -> model.onnx, model.fp16.onnx (and with --trt
-model.fp16.engine), then parity against PyTorch -> parity.json and a table on stdout.
+"""``pneumo-edge export RUN [--trt]``: model.pt -> model.onnx, model.fp16.onnx, model.int8.onnx
+(unless --no-int8; calibrated on training images) and with --trt model.fp16.engine, then parity
+against PyTorch -> parity.json and a table on stdout.
 
-Exit codes (returned by :func:`run_export`): 0 parity passed; 1 parity failed (the smallest
-passing tolerance is printed); 2 --trt asked for but impossible here (after the ONNX files and
-parity are written). Bad input raises PneumoError (the CLI prints one line and exits 2).
+Exit codes (returned by :func:`run_export`): 0 parity passed (or only INT8 failed and
+--allow-int8-fail was given: the file stays, marked failed, and ``auto`` never picks it); 1 parity
+failed (the smallest passing tolerance is printed); 2 --trt asked for but impossible here (after
+the ONNX files and parity are written). Bad input raises PneumoError (the CLI prints one line and
+exits 2).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pneumo_edge.export.parity import (
     smallest_passing,
     suggestion,
 )
+from pneumo_edge.export.quantize import QuantOptions, calibration_pixels, quantize_int8
 from pneumo_edge.export.report import format_table, write_report
 from pneumo_edge.export.tensorrt import BuildOptions, build_engine, trt_missing
 
@@ -34,28 +38,43 @@ def _err(msg: str) -> None:
 
 def run_export(run_dir, *, trt: bool = False, parity_data=None, build: BuildOptions | None = None,
                opset: int = DEFAULT_OPSET, tolerances: dict | None = None,
-               skip_parity: bool = False) -> int:
+               skip_parity: bool = False, int8: bool = True, quant: QuantOptions | None = None,
+               allow_int8_fail: bool = False) -> int:
     """Export the model in ``run_dir`` and check parity; returns the exit code (0, 1 or 2)."""
     run = Path(run_dir)
     check_run_dir(run)
     model, card, weights_sha256 = load_checkpoint(run)
     build = build or BuildOptions()
+    quant = quant or QuantOptions()
     cannot_trt = ""
     if trt:
         build.validate()
         cannot_trt = trt_missing()
+    if int8:
+        quant.validate()
+        _check_calib_apart(quant, parity_data)
     images = None if skip_parity else parity_images(card, parity_data, warn=_warn)
+    calib = calibration_pixels(card, quant, warn=_warn) if int8 else None
     for name, half in ((modeldir.ONNX_FP32, False), (modeldir.ONNX_FP16, True)):
         path = export_onnx(model, card, run / name, half=half, opset=opset,
                            weights_sha256=weights_sha256)
         _err(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, opset {opset})")
+    if calib is not None:
+        path = quantize_int8(run / modeldir.ONNX_FP32, run / modeldir.ONNX_INT8, card, calib[0],
+                             weights_sha256=weights_sha256, opts=quant)
+        _err(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, static INT8 calibrated on "
+             f"{calib[1]['count']} images of the {calib[1]['source']})")
     if trt and not cannot_trt:
         build_engine(run / modeldir.ONNX_FP16, run / modeldir.ENGINE, build, log=_err)
         _err(f"wrote {run / modeldir.ENGINE} and {modeldir.SIDECAR}")
     elif os.path.lexists(run / modeldir.ENGINE):
         _warn_stale_engine(run)
     skip = {"trt": f"--trt impossible here: {cannot_trt}"} if cannot_trt else {}
-    code = 0 if images is None else check_parity(run, card, images, tolerances, skip=skip)
+    if not int8:
+        skip["onnx-int8"] = "--no-int8: not built or checked by this export"
+    extra = {"onnx-int8": {"calibration": calib[1]}} if calib is not None else {}
+    code = 0 if images is None else check_parity(run, card, images, tolerances, skip=skip,
+                                                 extra=extra, allow_int8_fail=allow_int8_fail)
     if cannot_trt:
         _err(f"error: --trt: cannot build a TensorRT engine here: {cannot_trt}")
         return code or 2
@@ -63,22 +82,37 @@ def run_export(run_dir, *, trt: bool = False, parity_data=None, build: BuildOpti
 
 
 def check_parity(run: Path, card, images: ParityImages, tolerances: dict | None = None,
-                 skip: dict | None = None) -> int:
+                 skip: dict | None = None, extra: dict | None = None,
+                 allow_int8_fail: bool = False) -> int:
     """Run parity on the files in ``run``, write parity.json, print the table; 0 or 1.
-    ``skip``: form name -> reason, for forms not to run."""
+    ``skip``: form name -> reason, for forms not to run; ``extra``: fields for a form's entry."""
     tol = default_tolerances()
     tol.update(tolerances or {})
-    report = run_parity(run, card, images, tol, skip=skip)
+    report = run_parity(run, card, images, tol, skip=skip, extra=extra)
+    failed = [k for k, e in report["forms"].items() if e["status"] == "fail"]
+    report["int8_failure_allowed"] = bool(allow_int8_fail and "onnx-int8" in failed)
     path = write_report(run, report)
     print(format_table(report), flush=True)
     _err(f"wrote {path}")
     if report["passed"]:
         return 0
-    failed = [k for k, e in report["forms"].items() if e["status"] == "fail"]
     need = smallest_passing(report)
     _err(f"error: parity failed for {', '.join(failed)}"
          + (f"; smallest tolerance that would have passed: {suggestion(need)}" if need else ""))
+    if failed == ["onnx-int8"] and allow_int8_fail:
+        _err("--allow-int8-fail: exit 0; model.int8.onnx stays, marked failed in parity.json, "
+             "and auto will not use it")
+        return 0
     return 1
+
+
+def _check_calib_apart(quant: QuantOptions, parity_data) -> None:
+    """Calibrating on the images parity checks would grade INT8 on its own calibration set."""
+    if quant.calib_data is None or parity_data is None:
+        return
+    if os.path.realpath(quant.calib_data) == os.path.realpath(parity_data):
+        raise PneumoError(f"{quant.calib_data}: --calib-data and --parity-data are the same "
+                          "folder; calibrate on training images, check parity on others")
 
 
 def check_run_dir(run: Path) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pneumo_edge import modeldir
 
 PARITY_FILE = modeldir.PARITY_JSON
-COLUMNS = ("accuracy", "precision", "recall", "f1")
+COLUMNS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
 
 def write_report(run_dir, report: dict) -> Path:
@@ -18,11 +19,11 @@ def format_table(report: dict) -> str:
     img = report["images"]
     head = (f"parity on {img['count']} images ({img['source']}: {img['path']}), threshold "
             f"{report['threshold']:.4f}, reference torch fp32 on {report['reference']['device']}")
-    rows = [("form", "device", "max|dp|", "mean|dp|", "agree", "acc", "prec", "recall", "f1",
-             "max|dm|", "result")]
+    rows = [("form", "device", "max|dp|", "mean|dp|", "agree", "acc", "prec", "sens", "spec",
+             "f1", "auc", "max|dm|", "dauc", "result")]
     ref = report["reference"]["metrics"]
     rows.append(("torch", report["reference"]["device"], "-", "-", "-",
-                 *(f"{ref[k]:.4f}" for k in COLUMNS), "-", "reference"))
+                 *(_num(ref.get(k)) for k in COLUMNS), "-", "-", "reference"))
     for name, e in report["forms"].items():
         rows.append(_row(name, e))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -33,15 +34,20 @@ def format_table(report: dict) -> str:
 
 def _row(name: str, e: dict) -> tuple:
     if "metrics" not in e:
-        return (name, e.get("device", "-"), "-", "-", "-", "-", "-", "-", "-", "-",
+        return (name, e.get("device", "-"), *("-",) * (len(COLUMNS) + 5),
                 f"{e['status']}: {e.get('reason', '')}")
     m, d = e["metrics"], e["metric_deltas"]
     result = e["status"]
     if e["failed"]:
         result += " (" + ", ".join(_why(k, e) for k in e["failed"]) + ")"
     return (name, e["device"], f"{e['max_abs_diff']:.2e}", f"{e['mean_abs_diff']:.2e}",
-            f"{100 * e['agreement']:.2f}%", *(f"{m[k]:.4f}" for k in COLUMNS),
-            f"{max(abs(v) for v in d.values()):.4f}", result)
+            f"{100 * e['agreement']:.2f}%", *(_num(m.get(k)) for k in COLUMNS),
+            f"{max(abs(v) for v in d.values()):.4f}", _num(e.get("roc_auc_delta"), "+.4f"),
+            result)
+
+
+def _num(v, fmt: str = ".4f") -> str:
+    return "-" if v is None or math.isnan(v) else format(v, fmt)
 
 
 def _why(key: str, e: dict) -> str:
@@ -50,4 +56,6 @@ def _why(key: str, e: dict) -> str:
         return f"max|dp| {got:.3g} > {tol:.3g}"
     if key == "min_agreement":
         return f"agreement {100 * got:.2f}% < {100 * tol:.2f}%"
+    if key == "max_auc_delta":
+        return f"ROC AUC delta {got:.4f} > {tol:.4f}"
     return f"metric delta {got:.4f} > {tol:.4f}"

@@ -400,22 +400,53 @@ def explain(paths, model, out, method, runtime, batch, force):
 @click.option("--min-agreement-fp16", default=0.995, type=Finite(0, 1),
               help="fp16 share of images with the torch label.")
 @click.option("--max-metric-delta-fp16", default=0.005, type=Finite(0),
-              help="fp16 max |delta| of accuracy, precision, recall, F1 (0.005 = 0.5 points).")
+              help="fp16 max |delta| of accuracy, precision, sensitivity, specificity, F1 "
+                   "(0.005 = 0.5 points).")
+@click.option("--tol-int8", default=None, type=Finite(0),
+              help="int8 max |delta p| (default: reported, not checked).")
+@click.option("--min-agreement-int8", default=0.99, type=Finite(0, 1),
+              help="int8 share of images with the torch label.")
+@click.option("--max-metric-delta-int8", default=0.01, type=Finite(0),
+              help="int8 max |delta| of accuracy, precision, sensitivity, specificity, F1 "
+                   "(0.01 = 1 point).")
+@click.option("--max-auc-delta-fp32", default=1e-3, type=Finite(0), help="fp32 max |delta ROC AUC|.")
+@click.option("--max-auc-delta-fp16", default=5e-3, type=Finite(0), help="fp16 max |delta ROC AUC|.")
+@click.option("--max-auc-delta-int8", default=5e-3, type=Finite(0), help="int8 max |delta ROC AUC|.")
+@click.option("--int8/--no-int8", default=True, show_default=True,
+              help="Also write model.int8.onnx (onnxruntime static INT8, calibrated on training "
+                   "images) and check its parity.")
+@click.option("--calib-images", default=None, type=click.IntRange(2),
+              help="INT8 calibration images, class-balanced, from the card's training split "
+                   "(default 128).")
+@click.option("--calib-method", default="minmax",
+              type=click.Choice(["minmax", "percentile", "entropy"]),
+              help="INT8 activation range calibration.")
+@click.option("--calib-data", type=click.Path(file_okay=False),
+              help="Labelled folder FOLDER/CLASS/* of training images to calibrate INT8 on, when "
+                   "the card's training images are not on this machine.")
+@click.option("--allow-int8-fail", is_flag=True,
+              help="Exit 0 when only INT8 fails parity (it stays marked failed; auto skips it).")
 @friendly
 def export(run, trt, parity_data, skip_parity, batch_min, batch_opt, batch_max, workspace,
-           timing_cache, opset, **tol):
-    """Export RUN/model.pt to ONNX fp32 + fp16 (and a TensorRT engine with --trt), then check
-    parity with PyTorch: parity.json and a table. Exit 1 when parity fails (the smallest
+           timing_cache, opset, int8, calib_images, calib_method, calib_data, allow_int8_fail,
+           **tol):
+    """Export RUN/model.pt to ONNX fp32, fp16 and INT8 (and a TensorRT engine with --trt), then
+    check parity with PyTorch: parity.json and a table. Exit 1 when parity fails (the smallest
     passing tolerance is printed), 2 for bad input or when --trt is impossible here."""
     try:
         from pneumo_edge.export.main import run_export
         from pneumo_edge.export.parity import Tolerance
+        from pneumo_edge.export.quantize import QuantOptions
         from pneumo_edge.export.tensorrt import BuildOptions
     except ImportError as exc:
         raise PneumoError(f"export needs torch and onnx ({exc.name} missing): "
                           "pip install 'pneumo-edge[train]'") from None
-    tolerances = {p: Tolerance(tol[f"tol_{p}"], tol[f"min_agreement_{p}"],
-                               tol[f"max_metric_delta_{p}"]) for p in ("fp32", "fp16")}
+    tolerances = {p: Tolerance(tol.get(f"tol_{p}"), tol[f"min_agreement_{p}"],
+                               tol[f"max_metric_delta_{p}"], tol[f"max_auc_delta_{p}"])
+                  for p in ("fp32", "fp16", "int8")}
+    quant = QuantOptions(method=calib_method, calib_data=calib_data,
+                         **({"calib_images": calib_images} if calib_images else {}))
     build = BuildOptions(batch_min, batch_opt, batch_max, workspace, timing_cache)
     sys.exit(run_export(run, trt=trt, parity_data=parity_data, build=build, opset=opset,
-                        tolerances=tolerances, skip_parity=skip_parity))
+                        tolerances=tolerances, skip_parity=skip_parity, int8=int8, quant=quant,
+                        allow_int8_fail=allow_int8_fail))

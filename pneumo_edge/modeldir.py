@@ -61,15 +61,21 @@ class Form:
     precision: str
 
 
-#: every runnable form (``auto``'s order of preference lives in pneumo_edge.runtimes)
+#: every runnable form (``auto``'s order of preference lives in pneumo_edge.runtimes).
+#: torch-fp16 runs model.pt in half precision on CUDA: a form of its own because it gives other
+#: numbers than torch fp32 and so needs parity evidence like any exported form.
 FORMS = (Form("torch", MODEL_PT, "fp32"), Form("onnx", ONNX_FP32, "fp32"),
          Form("onnx-fp16", ONNX_FP16, "fp16"), Form("onnx-int8", ONNX_INT8, "int8"),
-         Form("trt", ENGINE, "fp16"))
+         Form("trt", ENGINE, "fp16"), Form("torch-fp16", MODEL_PT, "fp16"))
 BY_RUNTIME = {f.runtime: f for f in FORMS}
-BY_FILE = {f.file: f for f in FORMS}
+#: the form a file name means when named with --model (model.pt: torch fp32)
+BY_FILE = {f.file: f for f in reversed(FORMS)}
 RUNTIMES = tuple(f.runtime for f in FORMS)
-#: the forms ``pneumo-edge export`` writes and checks for parity against torch, in that order
-EXPORTED_FORMS = (BY_RUNTIME["onnx"], BY_RUNTIME["onnx-fp16"], BY_RUNTIME["trt"])
+#: the files ``pneumo-edge export`` writes, in that order
+EXPORTED_FORMS = (BY_RUNTIME["onnx"], BY_RUNTIME["onnx-fp16"], BY_RUNTIME["onnx-int8"],
+                  BY_RUNTIME["trt"])
+#: the forms parity checks against torch fp32, in that order
+PARITY_FORMS = (*EXPORTED_FORMS, BY_RUNTIME["torch-fp16"])
 
 #: what one training run writes (``train --force`` replaces exactly these)
 TRAINING_OUTPUTS = (MODEL_PT, LAST_PT, CARD_JSON, METRICS_JSON, HISTORY_CSV, CURVES_PNG,
@@ -234,7 +240,7 @@ def resolve(model: str | os.PathLike, runtime: str | None = "auto") -> Target:
     d, form = (p, None) if p.is_dir() else (p.parent, _form_of_file(p))
     if runtime not in (None, "auto"):
         want = form_for_runtime(runtime)
-        if form is not None and want != form:
+        if form is not None and want.file != form.file:
             raise ModelError(f"{p} is run by --runtime {form.runtime}, not --runtime {runtime} "
                              f"(pass the directory {d} to choose the runtime)")
         form = want
@@ -272,12 +278,10 @@ def _form_named(file: Path) -> Form:
 
 def make_hint(d: str | os.PathLike, form: Form) -> str:
     """The command that (re)makes ``form``'s file in ``d``."""
-    if form.runtime == "torch":
+    if form.file == MODEL_PT:
         return f"train a model: pneumo-edge train --data DATA --out {d}"
     if form.runtime == "trt":
         return f"run: pneumo-edge export {d} --trt"
-    if form.runtime == "onnx-int8":
-        return "this pneumo-edge does not export model.int8.onnx"
     return f"run: pneumo-edge export {d}"
 
 
@@ -395,3 +399,47 @@ def stale_source(engine_path: str | os.PathLike, meta: dict) -> str:
     if not want or not os.path.lexists(src):
         return ""
     return "" if sha256_file(src) == want else f"built from an older {src.name}"
+
+
+# ----------------------------------------------------------------------------- parity evidence
+
+#: the largest parity.json read (it lists a few forms; anything far bigger is not ours)
+PARITY_CAP = 4 << 20
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What parity.json says about one file: ``passed`` only when its entry passed for exactly
+    this file (same sha256) against this model.pt; ``why`` says so in words either way."""
+
+    passed: bool
+    why: str
+
+
+def parity_evidence(d: str | os.PathLike, form: Form, sha256: str) -> Evidence:
+    """Whether ``d``'s parity.json records a pass for ``form`` run from the file whose sha256
+    is ``sha256``. (That the file came from the model.pt beside it is check_weights' job.)"""
+    path = Path(d) / PARITY_JSON
+    if not os.path.lexists(path):
+        return Evidence(False, f"no {PARITY_JSON} (run: pneumo-edge export {d})")
+    try:
+        report = json.loads(read_regular(path, PARITY_CAP).decode("utf-8"))
+        entry = report["forms"][form.runtime]
+    except (ModelError, ValueError, KeyError, TypeError) as exc:
+        why = exc if isinstance(exc, ModelError) else f"no usable entry for {form.runtime}"
+        return Evidence(False, f"{path}: {why}")
+    if not isinstance(entry, dict) or entry.get("status") != "pass":
+        status = entry.get("status") if isinstance(entry, dict) else None
+        return Evidence(False, f"parity {status or 'not recorded'} for {form.file}")
+    if entry.get("sha256") != sha256:
+        return Evidence(False, f"{form.file} changed since parity (sha256 differs)")
+    return Evidence(True, _evidence_text(entry))
+
+
+def _evidence_text(entry: dict) -> str:
+    deltas = entry.get("metric_deltas") or {}
+    worst = max((abs(v) for v in deltas.values() if isinstance(v, (int, float))), default=0.0)
+    text = (f"parity passed: agreement {100 * float(entry.get('agreement', 0)):.1f} %, "
+            f"max metric delta {100 * worst:.2f} points")
+    auc = entry.get("roc_auc_delta")
+    return text + (f", ROC AUC delta {auc:+.4f}" if isinstance(auc, (int, float)) else "")

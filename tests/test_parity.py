@@ -13,12 +13,21 @@ from click.testing import CliRunner
 onnx = pytest.importorskip("onnx", reason="parity needs onnx")
 pytest.importorskip("onnxruntime", reason="parity runs the ONNX files")
 
-from pneumo_edge.card import Card  # noqa: E402
-from pneumo_edge.cli import main  # noqa: E402
-from pneumo_edge.errors import DataError  # noqa: E402
-from pneumo_edge.export.main import check_parity  # noqa: E402
-from pneumo_edge.export.parity import (Tolerance, _ceil_sig, _floor, compare,  # noqa: E402
-                                       default_tolerances, parity_images, suggestion)
+from pneumo_edge.export.main import check_parity
+from pneumo_edge.export.parity import (
+    OPTION,
+    Tolerance,
+    _ceil_sig,
+    _floor,
+    compare,
+    default_tolerances,
+    parity_images,
+    suggestion,
+)
+
+from pneumo_edge.card import Card
+from pneumo_edge.cli import main
+from pneumo_edge.errors import DataError
 
 
 @pytest.fixture
@@ -37,9 +46,10 @@ def _suggested(err: str) -> dict:
 def _tolerances(opts: dict) -> dict:
     tol = default_tolerances()
     for p, t in tol.items():
-        t.max_abs = float(opts.get(f"--tol-{p}", t.max_abs))
-        t.min_agreement = float(opts.get(f"--min-agreement-{p}", t.min_agreement))
-        t.max_metric_delta = float(opts.get(f"--max-metric-delta-{p}", t.max_metric_delta))
+        for field in ("max_abs", "min_agreement", "max_metric_delta", "max_auc_delta"):
+            option = OPTION[field].format(p=p)
+            if option in opts:
+                setattr(t, field, float(opts[option]))
     return tol
 
 
@@ -47,7 +57,7 @@ def test_faithful_export_passes(exported, capsys):
     run, card, images = exported
     assert check_parity(run, card, images) == 0
     out = capsys.readouterr().out
-    assert "parity PASSED" in out and re.search(r"^onnx-fp16 .* pass$", out, re.M)
+    assert "parity PASSED" in out and re.search(r"^onnx-fp16 .* pass$", out, re.MULTILINE)
     report = json.loads((run / "parity.json").read_text())
     for form in ("onnx", "onnx-fp16"):
         e = report["forms"][form]

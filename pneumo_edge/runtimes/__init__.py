@@ -1,9 +1,9 @@
 """One interface over every way to run a model: open a model directory with a runtime name,
 call it on uint8 ``[N, 1, S, S]`` batches of any size, get float32 probabilities ``[N, C]``.
 
-Names: ``torch``, ``onnx``, ``onnx-fp16``, ``onnx-int8``, ``trt`` (which file each one runs:
-:data:`pneumo_edge.modeldir.FORMS`) and ``auto``. Each backend module imports its heavy package
-lazily, so nothing here needs torch, onnxruntime or a GPU to import.
+Names: ``torch``, ``torch-fp16``, ``onnx``, ``onnx-fp16``, ``onnx-int8``, ``trt`` (which file
+each one runs: :data:`pneumo_edge.modeldir.FORMS`) and ``auto``. Each backend module imports its
+heavy package lazily, so nothing here needs torch, onnxruntime or a GPU to import.
 """
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ def open_runtime(model: str | os.PathLike, runtime: str = "auto", *, device: str
 
 def _open(t: modeldir.Target, runtime: str, device: str | None) -> Runtime:
     path = modeldir.model_file(t.dir, modeldir.BY_RUNTIME[runtime])
-    if runtime == "torch":
+    if runtime in ("torch", "torch-fp16"):
         from pneumo_edge.runtimes.torch_rt import TorchRuntime
-        return TorchRuntime(path, t.card, device=device)
+        half = {"precision": "fp16"} if runtime == "torch-fp16" else {}
+        return TorchRuntime(path, t.card, device=device, **half)
     if runtime == "trt":
         from pneumo_edge.runtimes.trt_rt import TensorRTRuntime
         return TensorRTRuntime(path, t.card)
@@ -79,26 +80,44 @@ def has_package(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+#: ``auto``'s order: fastest first (benchmarks/RESULTS.md). GPU forms are tried only with an
+#: NVIDIA driver; a reduced-precision form (fp16, int8) only when parity.json records a pass for
+#: that exact file. onnx-fp16 is not in the CPU list: onnxruntime runs fp16 slower than fp32
+#: on CPUs.
+AUTO_PLAN = (("trt", None), ("torch-fp16", "cuda"), ("onnx", "cuda"), ("torch", "cuda"),
+             ("onnx-int8", "cpu"), ("onnx", "cpu"), ("torch", "cpu"))
+#: what TensorRT, cuda-python, onnxruntime and torch raise when a model cannot start here
+_CANNOT_START = (RuntimeUnavailable, ModelError, RuntimeError, TypeError)
+
+
 def _auto(t: modeldir.Target) -> tuple[Runtime, str]:
-    """TensorRT, then onnxruntime CUDA, then torch CUDA, then onnxruntime CPU, then torch CPU.
-    A runtime that cannot run here is skipped; a model directory that contradicts itself
-    (modeldir.Refused) is an error, never skipped past."""
+    """The first runtime of AUTO_PLAN that can run here and is allowed to. A runtime that
+    cannot run here, or a reduced-precision file without passing parity for this exact file, is
+    skipped with its reason; a model directory that contradicts itself (modeldir.Refused) is an
+    error, never skipped past."""
     tried = []
     gpu = gpu_present()
-    plan = [("trt", None), ("onnx", "cuda"), ("torch", "cuda"), ("onnx", "cpu"), ("torch", "cpu")]
-    for name, dev in plan:
+    for name, dev in AUTO_PLAN:
+        label = f"{name}{'/' + dev if dev else ''}"
         why_not = _unavailable(t.dir, name, dev, gpu)
         if why_not:
-            tried.append(f"{name}{'/' + dev if dev else ''}: {why_not}")
+            tried.append(f"{label}: {why_not}")
             continue
         try:
             rt = _open(t, name, dev)
         except modeldir.Refused:
             raise
-        except (RuntimeUnavailable, ModelError) as exc:
-            tried.append(f"{name}{'/' + dev if dev else ''}: {exc}")
+        except _CANNOT_START as exc:
+            tried.append(f"{label}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
             continue
-        return rt, "first available; skipped " + "; ".join(tried) if tried else "first choice"
+        form = modeldir.BY_RUNTIME[name]
+        if form.precision == "fp32":
+            return rt, "auto: fp32" + (f"; skipped {'; '.join(tried)}" if tried else "")
+        evidence = modeldir.parity_evidence(t.dir, form, rt.sha256)
+        if evidence.passed:
+            return rt, f"auto: {evidence.why}" + (f"; skipped {'; '.join(tried)}" if tried
+                                                  else "")
+        tried.append(f"{label}: {evidence.why}")
     raise RuntimeUnavailable(f"{t.dir}: no runtime can run this model here: " + "; ".join(tried))
 
 
@@ -108,7 +127,8 @@ def _unavailable(d: Path, name: str, dev: str | None, gpu: bool) -> str:
         return f"no {file}"
     if (name == "trt" or dev == "cuda") and not gpu:
         return "no NVIDIA GPU"
-    pkg = {"trt": "tensorrt", "onnx": "onnxruntime", "torch": "torch"}[name]
+    pkg = {"trt": "tensorrt", "onnx": "onnxruntime", "onnx-int8": "onnxruntime",
+           "torch": "torch", "torch-fp16": "torch"}[name]
     if not has_package(pkg):
         return f"{pkg} not installed"
     return ""

@@ -1,0 +1,190 @@
+"""model.onnx -> model.int8.onnx: onnxruntime static INT8 quantization, calibrated on training
+images.
+
+The recipe (each choice measured on the default-recipe ResNet50; figures in export/INT8.md):
+
+- onnxruntime's pre-processing step first (symbolic shape inference and graph clean-up), then
+  static quantization in QDQ format: weights s8 per output channel, activations u8, MinMax
+  calibration. u8 activations are what onnxruntime's x86 kernels (VNNI/AMX) run fastest.
+- What stays float: the graph's start (uint8 -> float cast, the per-image or ImageNet
+  normalisation, the grey -> 3-channel expand) and its end (the classifier Gemm and the
+  softmax). The normalised image feeds the first quantized Conv; the pooled features are
+  dequantized before the classifier, so the logits and probabilities a clinician reads are
+  computed in float from int8 features, never rounded to an 8-bit grid.
+- Calibration images come from the training split recorded in the card, never from the
+  validation images parity runs on, are decoded by pneumo_edge.images (the one preprocessing),
+  and are sampled class-balanced (both classes represented however unbalanced the split is),
+  deterministically under the card's seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pneumo_edge import modeldir
+from pneumo_edge.card import Card
+from pneumo_edge.errors import DataError, ModelError
+from pneumo_edge.evaluate import decode_labelled
+from pneumo_edge.folders import scan_labelled
+
+#: calibration images by default (class-balanced); chosen by measurement (export/INT8.md)
+DEFAULT_CALIB_IMAGES = 128
+CALIB_METHODS = ("minmax", "percentile", "entropy")
+#: ops that stay float at the graph's end: the classifier (2048 x classes multiply-adds, no
+#: measurable cost) and the softmax, so the logits are never rounded to an 8-bit grid
+FLOAT_TAIL_OPS = ("Gemm", "MatMul", "Softmax")
+
+
+@dataclass
+class QuantOptions:
+    calib_images: int = DEFAULT_CALIB_IMAGES
+    method: str = "minmax"
+    calib_data: str | None = None  # labelled FOLDER/CLASS/*; default: the card's training split
+    batch: int = 16
+
+    def validate(self) -> None:
+        if self.calib_images < 2:
+            raise DataError(f"--calib-images {self.calib_images}: needs at least 2 images "
+                            "(one per class)")
+        if self.method not in CALIB_METHODS:
+            raise DataError(f"unknown calibration method {self.method!r}; choose one of "
+                            f"{', '.join(CALIB_METHODS)}")
+
+
+def training_samples(card: Card, calib_data=None) -> tuple[list, str]:
+    """(labelled samples to calibrate on, where they came from): ``calib_data`` or the card's
+    training split (DATA/train minus the recorded validation and test files)."""
+    if calib_data is not None:
+        return scan_labelled(calib_data, card.classes).samples, os.path.abspath(calib_data)
+    split = card.split or {}
+    root = split.get("data")
+    ask = "pass --calib-data FOLDER (training images FOLDER/CLASS/*) or --no-int8"
+    if not root or "val_files" not in split:
+        raise DataError(f"the model card records no training split to calibrate INT8 on; {ask}")
+    if not os.path.isdir(os.path.join(root, "train")):
+        raise DataError(f"{root}/train: the card's training images are not on this machine; "
+                        f"{ask}")
+    held_out = set(split.get("val_files") or []) | set(split.get("test_files") or [])
+    samples = [(p, y) for p, y in scan_labelled(os.path.join(root, "train"), card.classes).samples
+               if os.path.relpath(p, root) not in held_out]
+    return samples, f"training split of {root}"
+
+
+def pick_balanced(samples: list, n: int, n_classes: int, seed: int) -> list:
+    """Up to ``n`` samples, as many of each class as possible (ceil(n / classes) each, the
+    remainder from the larger classes), in a seeded random order; every class present."""
+    rng = np.random.default_rng(seed)
+    by_class = [[s for s in samples if s[1] == c] for c in range(n_classes)]
+    missing = [c for c, group in enumerate(by_class) if not group]
+    if missing:
+        raise DataError(f"calibration needs images of every class; none of class index "
+                        f"{missing[0]} among {len(samples)} training images")
+    for group in by_class:
+        rng.shuffle(group)
+    share = -(-n // n_classes)
+    picked = [s for group in by_class for s in group[:share]]
+    rest = [s for group in by_class for s in group[share:]]
+    picked += rest[:max(0, n - len(picked))]
+    picked = picked[:n] if len(picked) > n else picked
+    order = rng.permutation(len(picked))
+    return [picked[i] for i in order]
+
+
+def calibration_pixels(card: Card, opts: QuantOptions, warn=None) -> tuple[np.ndarray, dict]:
+    """Decoded calibration images (uint8 [N, 1, S, S]) and a record of them for parity.json."""
+    samples, source = training_samples(card, opts.calib_data)
+    seed = int((card.split or {}).get("seed", (card.train_config or {}).get("seed", 0)))
+    chosen = pick_balanced(samples, opts.calib_images, len(card.classes), seed)
+    pixels, labels, failed = decode_labelled(chosen, card.image_size)
+    for f in failed[:5]:
+        (warn or _warn)(f"int8 calibration: skipping {f}")
+    if len(set(labels.tolist())) < len(card.classes):
+        raise DataError(f"{source}: the decodable calibration images do not cover every class")
+    counts = np.bincount(labels, minlength=len(card.classes)).tolist()
+    return pixels, {"source": source, "count": len(pixels), "seed": seed,
+                    "per_class": dict(zip(card.classes, counts)), "method": opts.method,
+                    "skipped_unreadable": len(failed)}
+
+
+def float_nodes(proto) -> list[str]:
+    """Names of the nodes that stay float: everything before the first Conv (cast and
+    normalisation) and the classifier and softmax after the last one."""
+    names, seen_conv = [], False
+    for node in proto.graph.node:
+        seen_conv = seen_conv or node.op_type == "Conv"
+        if not seen_conv or node.op_type in FLOAT_TAIL_OPS:
+            names.append(node.name)
+    if not seen_conv:
+        raise ModelError("the ONNX graph has no Conv node to quantize")
+    return names
+
+
+class _Batches:
+    """onnxruntime.quantization's calibration data reader protocol over a pixel array."""
+
+    def __init__(self, input_name: str, pixels: np.ndarray, batch: int):
+        self.input_name, self.pixels, self.batch, self.i = input_name, pixels, batch, 0
+
+    def get_next(self):
+        if self.i >= len(self.pixels):
+            return None
+        x = self.pixels[self.i:self.i + self.batch]
+        self.i += self.batch
+        return {self.input_name: np.ascontiguousarray(x)}
+
+    def rewind(self):
+        self.i = 0
+
+
+def quantize_int8(fp32_path, out_path, card: Card, pixels: np.ndarray, *,
+                  weights_sha256: str, opts: QuantOptions) -> Path:
+    """Quantize the exported ``fp32_path`` with calibration ``pixels``; write ``out_path``
+    atomically with the card in its metadata."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+    from pneumo_edge.export.onnx import INPUT_NAME, add_card, check_onnx
+
+    out_path = Path(out_path)
+    pre = out_path.with_name(f".{out_path.name}.pre{os.getpid()}.onnx")
+    raw = out_path.with_name(f".{out_path.name}.q{os.getpid()}.onnx")
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[opts.method]
+    try:
+        # the quantization tools log progress on stdout, which belongs to the parity table
+        with contextlib.redirect_stdout(sys.stderr):
+            quant_pre_process(os.fspath(fp32_path), os.fspath(pre), skip_optimization=False)
+            keep_float = float_nodes(onnx.load(os.fspath(pre)))
+            quantize_static(
+                os.fspath(pre), os.fspath(raw), _Batches(INPUT_NAME, pixels, opts.batch),
+                quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=method, nodes_to_exclude=keep_float,
+                calibration_providers=["CPUExecutionProvider"])
+        proto = onnx.load(os.fspath(raw))
+    except (ModelError, DataError):
+        raise
+    except Exception as exc:  # the quantization tools raise many types; say it in one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"{out_path}: INT8 quantization failed: {first[:200]}") from None
+    finally:
+        for p in (pre, raw):
+            p.unlink(missing_ok=True)
+    add_card(proto, card, weights_sha256)
+    check_onnx(proto, card, half=False, shown=out_path)
+    return modeldir.write_bytes_atomic(out_path, proto.SerializeToString())
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
