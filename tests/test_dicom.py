@@ -390,3 +390,40 @@ def test_dicom_scoring_imports_no_torch(tiny_exported, tmp_path, grey):
     assert "BLOCKED-MODULES-LOADED=[]" in proc.stderr
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert len(rows) == 2 and all(r["label"] and r["sop_uid"] for r in rows)
+
+
+def _relabelled(name: str, tmp_path: Path) -> Path:
+    """A file of pydicom's bundled test data (MIT licence) relabelled as a DX chest film."""
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
+    out = tmp_path / name
+    ds.save_as(out)
+    return out
+
+
+def test_pydicom_test_files_in_other_syntaxes_decode_to_the_same_pixels(tmp_path):
+    """Third-party encoders (pydicom's test data: one MR image stored in several syntaxes)."""
+    ref = grey_of(_relabelled("MR_small.dcm", tmp_path))
+    for name in ("MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_expb.dcm",
+                 "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
+                 "MR_small_jpeg_ls_lossless.dcm"):
+        assert np.array_equal(grey_of(_relabelled(name, tmp_path)), ref), name
+    ext = grey_of(_relabelled("JPGExtended.dcm", tmp_path))  # JPEG Extended, 12-bit lossy
+    assert ext.shape == (1024, 256) and ext.std() > 10
+
+
+def test_deflated_transfer_syntax(tmp_path, grey):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    f = make(tmp_path / "plain.dcm", grey.astype(np.uint16) * 16)
+    ds = pydicom.dcmread(f)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    assert pydicom.dcmread(tmp_path / "deflated.dcm").file_meta.TransferSyntaxUID.is_deflated
+    assert np.array_equal(grey_of(tmp_path / "deflated.dcm"), grey)
+    del ds.PixelData
+    ds.save_as(tmp_path / "deflated_nopixels.dcm", enforce_file_format=True)
+    with pytest.raises(dicom.DicomError, match="DICOM without pixel data"):
+        grey_of(tmp_path / "deflated_nopixels.dcm")
