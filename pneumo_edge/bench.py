@@ -406,7 +406,7 @@ def run_bench(model, runtimes="auto", batches=DEFAULT_BATCHES, warmup: int = DEF
                 log(f"{rt.name}: end-to-end over {len(files)} files, batch {data_batch}, "
                     f"{threads} decode threads")
                 result["pipeline"].append(bench_end_to_end(rt, files, data_batch, threads))
-        except Exception as exc:  # e.g. out of memory at a large batch: report, go on
+        except Exception as exc:  # noqa: BLE001 -- e.g. out of memory at a large batch: go on
             text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             why = f"failed at {stage}: {type(exc).__name__}: {text}"
             result["skipped"].append({"runtime": rt.name, "reason": why})
@@ -439,8 +439,8 @@ def format_table(result: dict) -> str:
         "gpu:   " + (", ".join(g.get("name", "?") for g in m["gpu"]) if m["gpu"] else "none"),
         "versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"date:  {m['date']}   load avg: {m['load_avg_1_5_15']}",
-        f"latency per batch after {result['settings']['warmup']} warm-up calls; "
-        "img/s = batch / mean latency",
+        (f"latency per batch after {result['settings']['warmup']} warm-up calls; "
+         "img/s = batch / mean latency"),
     ]
     load = m.get("load_avg_1_5_15")
     if load and load[0] >= 0.5 * (m.get("cores_usable") or 1):
@@ -459,9 +459,9 @@ def format_table(result: dict) -> str:
                      "lists every runtime)")
     if result["pipeline"]:
         p0 = result["pipeline"][0]
-        lines += ["", f"end to end over {result['settings']['data']} ({p0['files']} files, "
-                      f"{p0['errors']} unreadable; batch {p0['batch']}, {p0['threads']} decode "
-                      f"threads)"]
+        lines += ["", (f"end to end over {result['settings']['data']} ({p0['files']} files, "
+                       f"{p0['errors']} unreadable; batch {p0['batch']}, {p0['threads']} decode "
+                       f"threads)")]
         head = ("runtime", "device", "decode img/s", "compute img/s", "end-to-end img/s", "bound")
         rows = [(p["runtime"], p["device"], f"{p['decode_images_per_s']:.1f}",
                  f"{p['compute_images_per_s']:.1f}", f"{p['end_to_end_images_per_s']:.1f}",
