@@ -302,7 +302,9 @@ def trt_io(torch, run: Path, dev: str) -> dict:
     want = {1: [4], 5: [5], 8: [8], 19: [8, 8, 4], 0: []}
     out = {"memory": "pinned host + CUDA device buffers" if cuda else "CPU tensors (dry run)",
            "host_pinned": mem.pinned, "chunks": chunks, "max_abs_diff_vs_runtime": diffs}
-    if chunks != want or max(diffs.values()) > 1e-3 or (cuda and not all(mem.pinned)):
+    tol = 5e-3 if cuda else 1e-5  # fp16: a padded chunk may pick other cuDNN kernels
+    out["tolerance"] = tol
+    if chunks != want or max(diffs.values()) > tol or (cuda and not all(mem.pinned)):
         raise AssertionError(f"chunks {chunks} (want {want}); diffs {diffs}; pinned {mem.pinned}")
     return out
 
