@@ -19,6 +19,7 @@ error, never a silently shifted CSV. Ray is imported only here, only when ``--ra
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -93,7 +94,8 @@ class RayScorer:
         ray = import_ray()
         if not ray.is_initialized():
             kwargs = {"address": None if self.address == "local" else self.address,
-                      "include_dashboard": False, "log_to_driver": False}
+                      "include_dashboard": False, "log_to_driver": False,
+                      "logging_level": logging.WARNING}
             try:
                 ray.init(**kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -171,6 +173,7 @@ def dataset(ray, files, start, known, size, batch, rt, actors=None):
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True  # rows come back in input order
     ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # stderr: our summary, not Ray's
     n_actors, gpus = cluster_plan(ray, actors)
     items = [{"i": i, "path": os.fsencode(files[i]), "known": known.get(files[i], "")}
              for i in range(start, len(files))]

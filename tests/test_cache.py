@@ -34,7 +34,7 @@ def test_built_once_then_reused_with_the_one_preprocessing(samples, tmp_path):
     assert np.array_equal(np.asarray(px), expected(samples, 48))
     assert labels.tolist() == [y for _, y in samples]
     before = {p.name: p.stat().st_mtime_ns for p in where.iterdir()}
-    px2, labels2, _, built2 = cache.cached_part(where, "train", samples, 48)
+    px2, _, _, built2 = cache.cached_part(where, "train", samples, 48)
     assert not built2 and np.array_equal(np.asarray(px2), np.asarray(px))
     assert {p.name: p.stat().st_mtime_ns for p in where.iterdir()} == before  # nothing rewritten
     assert np.array_equal(px2[3], expected(samples, 48)[3]) and px2[2:5].shape == (3, 1, 48, 48)

@@ -158,7 +158,7 @@ def test_environment_is_read_and_checked():
 
 
 def _children(pid):
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, check=False,
                          text=True).stdout
     return [int(x) for x in out.split()]
 
