@@ -83,13 +83,18 @@ def _pydicom():
 
     import pydicom
 
-    logger = logging.getLogger("pydicom")
-    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+    global _QUIET
+    if not _QUIET:
+        logger = logging.getLogger("pydicom")
         logger.addHandler(logging.NullHandler())
         logger.propagate = False
         warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-        warnings.filterwarnings("ignore", module=r"pylibjpeg")
+        warnings.filterwarnings("ignore", module=r"pylibjpeg|openjpeg|libjpeg|rle")
+        _QUIET = True
     return pydicom
+
+
+_QUIET = False
 
 
 def read_header(path: str | os.PathLike):
@@ -152,19 +157,26 @@ def check_image(ds, max_pixels: int) -> None:
 def read_grey(path: str | os.PathLike, *, max_pixels: int) -> np.ndarray:
     """The DICOM file at ``path`` as 8-bit grey, ``uint8 [rows, cols]`` (module docstring)."""
     head, has_pixels = _read_header(path)
-    if has_pixels is False:
-        raise DicomError(f"DICOM without pixel data ({_sop_class(head)})")
-    check_image(head, max_pixels)
-    stored, ds = _decode(path, head)
-    return to_8bit(stored, ds)
+    try:
+        if has_pixels is False:
+            raise DicomError(f"DICOM without pixel data ({_sop_class(head)})")
+        check_image(head, max_pixels)
+        stored, ds = _decode(path, head, has_pixels)
+        return to_8bit(stored, ds)
+    except (DicomError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 -- a bad value (slope, LUT, ...): a reason, no
+        # pixels; only the exception's type, since its text may quote a tag's value
+        raise DicomError(f"invalid DICOM header value ({type(exc).__name__})") from None
 
 
-def _decode(path, head):
+def _decode(path, head, has_pixels):
     pydicom = _pydicom()
     try:
         ds = pydicom.dcmread(path, force=False)
-        if "PixelData" not in ds:
-            raise DicomError(f"DICOM without pixel data ({_sop_class(head)})")
+        if "PixelData" not in ds:  # pydicom drops a Pixel Data cut off before its end
+            raise DicomError(f"truncated DICOM pixel data ({_syntax(head)})" if has_pixels
+                             else f"DICOM without pixel data ({_sop_class(head)})")
         syntax = ds.file_meta.TransferSyntaxUID
         plugin = "pylibjpeg" if syntax.is_compressed else ""
         arr = ds.pixel_array if not plugin else pydicom.pixels.pixel_array(

@@ -254,7 +254,7 @@ def broken_files(tmp_path: Path, grey: np.ndarray) -> dict[str, str]:
             "nopixels.dcm": "DICOM without pixel data", "ct.dcm": "Modality 'CT'",
             "knee.dcm": "BodyPartExamined 'KNEE'", "multiframe.dcm": "multi-frame DICOM (2",
             "rgb.dcm": "only greyscale", "huge.dcm": "too large: 20000x20000",
-            "rle_cut.dcm": "DICOM"}
+            "rle_cut.dcm": "truncated DICOM pixel data (RLE Lossless)"}
 
 
 def test_every_broken_file_is_refused_with_its_reason(tmp_path, grey):
@@ -346,6 +346,7 @@ def test_score_mixed_folder_same_probabilities_uids_and_no_phi(tiny_exported, tm
     everything = text + proc.stdout + proc.stderr + Path(f"{out}.json").read_text()
     for phi in (PHI_NAME, PHI_NAME.split("^")[0], PHI_ID, "19470101"):
         assert phi not in everything
+    assert "Warning" not in proc.stderr  # pydicom's warnings (they may quote values) are off
 
 
 def test_no_dicom_input_keeps_the_plain_header(tiny_exported, tmp_path, grey):
@@ -427,3 +428,15 @@ def test_deflated_transfer_syntax(tmp_path, grey):
     ds.save_as(tmp_path / "deflated_nopixels.dcm", enforce_file_format=True)
     with pytest.raises(dicom.DicomError, match="DICOM without pixel data"):
         grey_of(tmp_path / "deflated_nopixels.dcm")
+
+
+def test_a_bad_header_value_is_a_reason_not_a_crash(tmp_path, grey):
+    """Training's decode catches only ImageError: any failure inside pydicom must become one."""
+    f = make(tmp_path / "slope.dcm", grey.astype(np.uint16) * 16, RescaleIntercept=0)
+    ds = pydicom.dcmread(f)
+    ds.add_new(0x00281053, "DS", "1")  # RescaleSlope, then corrupted to a non-number below
+    ds.save_as(f)
+    data = f.read_bytes().replace(b"DS\x02\x001 ", b"DS\x02\x00x!")
+    f.write_bytes(data)
+    with pytest.raises(ImageError, match="invalid DICOM header value"):
+        load_image(f, SIZE)
