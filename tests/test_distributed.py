@@ -190,3 +190,33 @@ def test_a_rank_that_dies_ends_the_job_with_a_clear_message(data, tmp_path):
     assert p.returncode != 0
     assert "rank      : 1" in log or "rank 1" in log, log[-3000:]
     assert "Signal 9" in log or "SIGKILL" in log or "exitcode  : -9" in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_the_best_model_and_resume_continues_under_torchrun(data, tmp_path):
+    """SIGTERM to torchrun (a scheduler's stop): rank 0 writes the best epoch's model
+    directory; `torchrun ... --resume` continues from the last finished epoch."""
+    out = tmp_path / "run"
+    args = [a if a != "2" or i != ARGS.index("--epochs") + 1 else "50"
+            for i, a in enumerate(ARGS)]
+    p = torchrun("--data", data, "--out", out, "--no-cache", *args)
+    lines, t0 = [], time.monotonic()
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("epoch 1/"):
+            break
+        assert time.monotonic() - t0 < 300, "".join(lines)
+    p.send_signal(signal.SIGTERM)
+    log = "".join(lines) + p.communicate(timeout=180)[0]
+    assert p.returncode != 0
+    assert "continue with: torchrun --nproc_per_node=2 -m pneumo_edge train" in log, log[-3000:]
+    done = json.loads((out / "metrics.json").read_text())["time"]["epochs_trained"]
+    assert Card.load(out).metrics["best_epoch"] >= 1 and (out / "last.pt").is_file()
+    args = [a if a != "50" else str(done + 1) for a in args]
+    p = torchrun("--data", data, "--out", out, "--no-cache", "--resume", *args)
+    log, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, log[-3000:]
+    assert f"up to {done + 1} epochs from {done + 1}" in log
+    history = (out / "history.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in history] == list(range(1, done + 2))
+    assert Card.load(out).train_config["world_size"] == 2

@@ -210,7 +210,7 @@ def _train(cfg, out, d, device, t_start) -> dict:
             + (f"best checkpoint so far (epoch {state['best']['epoch']}) is in "
                f"{out / modeldir.MODEL_PT}; "
                if state["best"] else "no checkpoint saved yet; ")
-            + f"continue with: pneumo-edge train --data {cfg.data} --out {cfg.out} --resume")
+            + f"continue with: {_launcher(d)} train --data {cfg.data} --out {cfg.out} --resume")
         if state["best"]:
             _finish(out, state, cfg, data, device, t_start)
         raise
@@ -219,6 +219,11 @@ def _train(cfg, out, d, device, t_start) -> dict:
     if not d.is_main:  # rank 0 alone runs the final evaluation and writes the directory
         return {}
     return _finish(out, state, cfg, data, device, t_start)
+
+
+def _launcher(d) -> str:
+    return f"torchrun --nproc_per_node={d.world_size} -m pneumo_edge" if d.enabled \
+        else "pneumo-edge"
 
 
 def _setup(cfg, data, device, amp, d=dist_.SINGLE) -> dict:
