@@ -100,8 +100,8 @@ def check_parity(run: Path, card, images: ParityImages, tolerances: dict | None 
     _err(f"error: parity failed for {', '.join(failed)}"
          + (f"; smallest tolerance that would have passed: {suggestion(need)}" if need else ""))
     if failed == ["onnx-int8"] and allow_int8_fail:
-        _err("--allow-int8-fail: exit 0; model.int8.onnx stays, marked failed in parity.json, "
-             "and auto will not use it")
+        _err(f"--allow-int8-fail: exit 0; {modeldir.ONNX_INT8} stays, marked failed in "
+             f"{modeldir.PARITY_JSON}, and auto will not use it")
         return 0
     return 1
 

@@ -15,10 +15,10 @@ import sys
 
 import click
 
-from pneumo_edge import __version__
+from pneumo_edge import __version__, modeldir
 from pneumo_edge.errors import PneumoError
 
-RUNTIME_CHOICES = ["auto", "torch", "onnx", "onnx-fp16", "trt"]
+RUNTIME_CHOICES = ["auto", *modeldir.RUNTIMES]
 
 
 class Finite(click.FloatRange):

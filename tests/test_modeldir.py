@@ -25,7 +25,7 @@ from pneumo_edge.card import Card
 from pneumo_edge.cli import main
 from pneumo_edge.errors import ModelError, PneumoError
 from pneumo_edge.modeldir import Refused
-from pneumo_edge.runtimes import open_runtime
+from pneumo_edge.runtimes import gpu_present, open_runtime
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,9 +129,17 @@ def test_directory_with_only_model_onnx_scores_evals_and_benches(tiny_exported, 
 # ----------------------------------------------------------------------------- agreement
 
 
+#: the first file auto opens in an exported directory: torch-fp16's model.pt on a GPU machine,
+#: model.int8.onnx on a CPU one
+AUTO_FIRST = "model.pt" if gpu_present() else "model.int8.onnx"
+#: the first ONNX file auto opens (torch-fp16 is not eligible: its parity is skipped on the CPU)
+AUTO_FIRST_ONNX = "model.onnx" if gpu_present() else "model.int8.onnx"
+
+
 @pytest.mark.parametrize("runtime,file", [("torch", "model.pt"), ("onnx", "model.onnx"),
                                           ("onnx-fp16", "model.fp16.onnx"),
-                                          ("auto", "model.onnx")])
+                                          ("onnx-int8", "model.int8.onnx"),
+                                          ("auto", AUTO_FIRST)])
 def test_reversed_classes_in_card_json_exit_2_naming_both_files(tiny_exported, copy_run,
                                                                 images, runtime, file):
     """Before: --runtime torch wrote p_NORMAL under the p_PNEUMONIA header."""
@@ -168,7 +176,7 @@ def test_onnx_from_other_weights_is_refused_but_torch_runs(tiny_exported, copy_r
     ckpt["state_dict"]["backbone.fc.bias"] += 0.01
     torch.save(ckpt, run / "model.pt")
     for runtime, file in (("onnx", "model.onnx"), ("onnx-fp16", "model.fp16.onnx"),
-                          ("auto", "model.onnx")):
+                          ("onnx-int8", "model.int8.onnx"), ("auto", AUTO_FIRST_ONNX)):
         last = one_line_error(*score(images, run, "--runtime", runtime))
         assert f"{run}/model.pt and {run}/{file} disagree on weights_sha256: " in last, last
         assert last.endswith(f"(re-export: pneumo-edge export {run})")
@@ -304,10 +312,23 @@ def test_fifo_in_place_of_a_model_file_exits_2_without_hanging(tiny_exported, co
     assert last.startswith(f"error: {run / file}: not a regular file (a FIFO)"), last
 
 
-def test_auto_does_not_skip_past_a_broken_model_file(tiny_exported, copy_run):
+@pytest.mark.skipif(gpu_present(), reason="auto tries GPU forms first on a GPU machine")
+@pytest.mark.parametrize("broken,int8_passed", [("model.int8.onnx", True),
+                                                ("model.onnx", True), ("model.onnx", False)])
+def test_auto_does_not_skip_past_a_broken_model_file(tiny_exported, copy_run, broken,
+                                                     int8_passed):
+    """A broken file auto reaches is an error, also when INT8 is not eligible; a broken file it
+    does not reach (model.onnx behind a verified INT8 file) is not its concern."""
     run = copy_run(tiny_exported)
-    _replace(run / "model.onnx", "directory")
-    with pytest.raises(Refused, match="model.onnx: not a regular file"):
+    if not int8_passed:
+        report = json.loads((run / "parity.json").read_text())
+        report["forms"]["onnx-int8"]["status"] = "fail"
+        (run / "parity.json").write_text(json.dumps(report))
+    _replace(run / broken, "directory")
+    if broken == "model.onnx" and int8_passed:
+        assert open_runtime(run, "auto", log=lambda m: None).name == "onnx-int8"
+        return
+    with pytest.raises(Refused, match=f"{broken}: not a regular file"):
         open_runtime(run, "auto", log=lambda m: None)
 
 
@@ -366,7 +387,7 @@ def test_torch_save_atomic_round_trips(tmp_path):
 def test_training_and_export_write_exactly_the_listed_files(tiny_run, tiny_exported):
     assert sorted(os.listdir(tiny_run)) == sorted(modeldir.TRAINING_OUTPUTS)
     exported = set(os.listdir(tiny_exported)) - set(modeldir.TRAINING_OUTPUTS)
-    assert exported == {"model.onnx", "model.fp16.onnx", "parity.json"}
+    assert exported == {"model.onnx", "model.fp16.onnx", "model.int8.onnx", "parity.json"}
     assert exported <= set(modeldir.EXPORT_OUTPUTS)
 
 
