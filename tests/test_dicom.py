@@ -440,3 +440,58 @@ def test_a_bad_header_value_is_a_reason_not_a_crash(tmp_path, grey):
     f.write_bytes(data)
     with pytest.raises(ImageError, match="invalid DICOM header value"):
         load_image(f, SIZE)
+
+
+def _dicom_and_png_twins(root: Path, per_class: int = 6) -> tuple[Path, Path]:
+    """The same labelled images as DICOM (12-bit, some MONOCHROME1, some extensionless) under
+    ``root/dicom`` and as PNG under ``root/png``."""
+    from conftest import CLASSES, make_image
+
+    rng = np.random.default_rng(3)
+    for label, cls in enumerate(CLASSES):
+        for sub in ("dicom", "png"):
+            (root / sub / cls).mkdir(parents=True)
+        for i in range(per_class):
+            img = make_image(label, rng)
+            img[0, 0], img[0, 1] = 0, 255
+            Image.fromarray(img).save(root / "png" / cls / f"{i}.png")
+            v = img.astype(np.int32) * 16
+            name = f"{i}.dcm" if i % 3 else f"{i}"
+            if i % 2:
+                make(root / "dicom" / cls / name, 4095 - v, photometric="MONOCHROME1")
+            else:
+                make(root / "dicom" / cls / name, v, syntax=RLELossless)
+    return root / "dicom", root / "png"
+
+
+def test_eval_data_path_on_dicom_equals_the_same_pngs(tiny_exported, tmp_path):
+    """eval, parity and quantisation read labelled folders with scan_labelled + decode_labelled:
+    DICOM twins of PNG files give the same pixels and probabilities."""
+    from pneumo_edge.evaluate import decode_labelled
+    from pneumo_edge.runtimes import open_runtime
+
+    dcm, png = _dicom_and_png_twins(tmp_path)
+    rt = open_runtime(tiny_exported, "onnx", log=lambda m: None)
+    (pa, la, fa), (pb, lb, fb) = (decode_labelled(scan_labelled(d, rt.card.classes).samples,
+                                                  rt.card.image_size) for d in (dcm, png))
+    assert len(pa) == 12 and not fa and not fb
+    assert np.array_equal(pa, pb) and np.array_equal(la, lb)
+    assert np.abs(np.asarray(rt(pa)) - np.asarray(rt(pb))).max() <= 1e-6
+
+
+def test_training_reads_a_dicom_dataset(tmp_path):
+    pytest.importorskip("torch", reason="training needs torch")
+    from pneumo_edge.train.loop import TrainConfig, train
+
+    dcm, _ = _dicom_and_png_twins(tmp_path / "data")
+    (tmp_path / "ds").mkdir()
+    dcm.rename(tmp_path / "ds" / "train")
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(tmp_path / "ds"), out=str(out), arch="resnet18", image_size=32,
+                      epochs=1, min_epochs=1, workers=0, device="cpu", batch_size=4,
+                      augment=False, amp=False, force=True, threshold_for="fixed:0.5"))
+    import json
+
+    split = json.loads((out / "card.json").read_text())["data"]
+    assert (out / "model.pt").exists() and split["skipped_files"] == []
+    assert sum(sum(split[f"{k}_counts"].values()) for k in ("train", "val", "test")) == 12
