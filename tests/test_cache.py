@@ -120,3 +120,12 @@ def test_training_from_the_cache_equals_training_from_memory(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "train 16 images reused" in err or "reused" in err
     assert "decoded and stored" not in err
+
+
+def test_cache_and_no_cache_exclude_each_other(tmp_path):
+    from pneumo_edge.errors import UsageError
+    from pneumo_edge.train.config import check_config
+
+    with pytest.raises(UsageError, match="exclude each other"):
+        check_config(TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"),
+                                 cache=str(tmp_path / "c"), no_cache=True))

@@ -220,3 +220,11 @@ def test_sigterm_keeps_the_best_model_and_resume_continues_under_torchrun(data, 
     history = (out / "history.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in history] == list(range(1, done + 2))
     assert Card.load(out).train_config["world_size"] == 2
+
+
+def test_a_hand_set_world_without_a_rendezvous_is_a_usage_error(monkeypatch):
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    d = dist_.from_env({"WORLD_SIZE": "2", "RANK": "0"})
+    with pytest.raises(dist_.UsageError, match="torchrun"):
+        dist_.init(d, torch.device("cpu"))

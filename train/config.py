@@ -122,6 +122,8 @@ def check_config(cfg: TrainConfig) -> None:
         bad("val_fraction", f"with --test-fraction {cfg.test_fraction} leaves nothing to train on")
     if cfg.time_budget is not None and not (math.isfinite(cfg.time_budget) and cfg.time_budget > 0):
         bad("time_budget", "not a positive duration")
+    if cfg.cache and cfg.no_cache:
+        bad("cache", "--cache and --no-cache exclude each other")
     if cfg.batch_size < 2:
         bad("batch_size", "must be at least 2 (BatchNorm needs two images per batch)")
     if cfg.augment_preset not in AUGMENTS:

@@ -110,7 +110,12 @@ def init(d: Dist, device: torch.device) -> Dist:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s()), **kwargs)
+        try:
+            dist.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s()),
+                                    **kwargs)
+        except ValueError as exc:  # e.g. WORLD_SIZE set by hand without MASTER_ADDR/PORT
+            raise UsageError(f"cannot join the {backend} process group ({exc}); start several "
+                             "processes with torchrun") from None
     return Dist(d.rank, d.world_size, d.local_rank, backend)
 
 

@@ -519,10 +519,13 @@ def _from_cache(cfg, named, workers, d) -> dict:
                             "folder with --cache DIR or train with --no-cache") from None
     dist_.barrier(d, "waiting for rank 0 to build the pixel cache")
     if not d.is_main:
-        for name, samples in named:
-            px, labels, skipped, _ = cache.cached_part(where, name, samples, cfg.image_size,
-                                                       build_it=False)
-            parts[name] = (px, labels, skipped)
+        try:
+            for name, samples in named:
+                px, labels, skipped, _ = cache.cached_part(where, name, samples,
+                                                           cfg.image_size, build_it=False)
+                parts[name] = (px, labels, skipped)
+        except OSError as exc:
+            raise DataError(f"rank {d.rank}: {exc}") from None
     return parts
 
 
