@@ -3,6 +3,7 @@ rebuilt when a file, the image size or the preprocessing version changes."""
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +130,24 @@ def test_cache_and_no_cache_exclude_each_other(tmp_path):
     with pytest.raises(UsageError, match="exclude each other"):
         check_config(TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"),
                                  cache=str(tmp_path / "c"), no_cache=True))
+
+
+def test_a_superseded_entry_is_removed_others_stay(samples, tmp_path):
+    where = tmp_path / "cache"
+    old48 = Path(cache.cached_part(where, "train", samples, 48)[0].path)
+    old40 = Path(cache.cached_part(where, "train", samples, 40)[0].path)  # another size: kept
+    cache.cached_part(where, "val", samples[:4], 48)  # another part: kept
+    (where / "notes.txt").write_text("mine")  # not the cache's: kept
+    before = {p.name for p in where.iterdir()}
+    path = samples[0][0]
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    logs = []
+    px, _, _, built = cache.cached_part(where, "train", samples, 48, log=logs.append)
+    assert built and any("removed the superseded train entry" in m for m in logs)
+    after = {p.name for p in where.iterdir()}
+    gone, new = before - after, after - before
+    assert len(gone) == 2 and len(new) == 2 and all(n.startswith("train-") for n in gone | new)
+    assert Path(px.path).name in new and "notes.txt" in after
+    assert gone == {old48.name, old48.with_suffix(".json").name}
+    assert old40.is_file() and old40.with_suffix(".json").is_file()

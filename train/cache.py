@@ -8,7 +8,8 @@ and modification time, the image size, :data:`PREPROCESS_VERSION`, the source of
 preprocessing (pneumo_edge/images.py) and Pillow's version. A changed file or setting gives a
 new key, hence a rebuild; a file whose index is missing, unreadable or does not match its size
 is rebuilt too. Files are written to a temporary name and renamed; the index is written last,
-so a half-built cache is never used.
+so a half-built cache is never used. A new entry removes the one it supersedes (same part, file
+list and image size, older key); nothing else in the folder is touched.
 
 Reading goes through :class:`PixelFile` with ``os.pread`` (no memory map): a training
 process holds one batch of pixels, not the dataset, however large the cache is (page cache is
@@ -200,9 +201,42 @@ def build(cache_dir, part: str, key: str, samples, size: int, workers: int = 2, 
             tmp.unlink()
     fsync_dir(cache_dir)
     meta = {"key": key, "part": part, "n": len(labels), "size": size,
-            "version": PREPROCESS_VERSION, "labels": labels, "skipped": skipped}
+            "version": PREPROCESS_VERSION, "files": files_sha(samples), "labels": labels,
+            "skipped": skipped}
     write_json_atomic(index, meta)
+    prune(cache_dir, part, meta, log)
     return PixelFile(data, len(labels), size), meta
+
+
+def files_sha(samples) -> str:
+    """sha256 of the file list alone (paths and labels, not their contents)."""
+    h = hashlib.sha256()
+    for path, label in samples:
+        h.update(json.dumps([os.path.abspath(path), int(label)]).encode())
+    return h.hexdigest()
+
+
+def prune(cache_dir: Path, part: str, meta: dict, log) -> None:
+    """Delete the entries this one supersedes: the same part, file list and image size under an
+    older key (a file changed since, or the preprocessing). Entries of other file lists or
+    image sizes stay; so does anything that is not a readable index of this cache."""
+    for index in cache_dir.glob(f"{part}-*.json"):
+        try:
+            old = json.loads(index.read_text())
+            same = (old.get("part") == part and old.get("files") == meta["files"]
+                    and old.get("size") == meta["size"] and old.get("key") != meta["key"])
+        except (OSError, ValueError, AttributeError):
+            continue
+        if same:
+            data, idx = _paths(cache_dir, part, old["key"])
+            if idx != index:
+                continue
+            for p in (idx, data):  # the index first: a half-pruned entry is never used
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
+            log(f"pixel cache {cache_dir}: removed the superseded {part} entry {index.stem}")
 
 
 def build_array(cache_dir, part: str, key: str, pixels: np.ndarray, meta: dict):
