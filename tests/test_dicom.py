@@ -5,6 +5,7 @@ broken files), read through the one preprocessing, scored to CSV, and never leak
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import subprocess
 import sys
@@ -314,6 +315,15 @@ def test_score_mixed_folder_same_probabilities_uids_and_no_phi(tiny_exported, tm
     make(d / "e_j2k.dcm", v, syntax=JPEG2000Lossless)
     make(d / "f_noextension", v)
     Image.fromarray(grey).save(d / "g_png.png")
+    make(d / "h_bigendian.dcm", v, syntax=ExplicitVRBigEndian)
+    same = ["b_mono1.dcm", "c_rescale.dcm", "d_rle.dcm", "e_j2k.dcm", "f_noextension",
+            "g_png.png", "good.dcm", "h_bigendian.dcm"]
+    if importlib.util.find_spec("jpeg_ls"):  # encoders of the dev extra
+        same.append(make(d / "i_jpegls.dcm", v, syntax=JPEGLSLossless).name)
+    if importlib.util.find_spec("gdcm"):
+        same.append(jpeg_lossless(make(tmp_path / "src.dcm", v), d / "j_jpeglossless.dcm").name)
+    make(d / "k_jpeg_baseline.dcm", grey, bits_stored=8, syntax=JPEGBaseline8Bit)
+    make(d / "l_j2k_lossy.dcm", v, syntax=JPEG2000)
     (tmp_path / "bad").mkdir()
     broken = broken_files(tmp_path / "bad", grey)
     out = tmp_path / "out.csv"
@@ -327,11 +337,10 @@ def test_score_mixed_folder_same_probabilities_uids_and_no_phi(tiny_exported, tm
                                                   "Modality", "ViewPosition",
                                                   "BodyPartExamined"]
     by = {Path(r["path"]).name: r for r in rows}
-    assert len(rows) == 7 + len(broken) + 1  # bad/good.dcm is scored
+    assert len(rows) == len(same) + 3 + len(broken)  # + a_plain, k, l (good.dcm is in bad/)
     ref = by["a_plain.dcm"]
     p_cols = [h for h in head if h.startswith("p_")]
-    for name in ("b_mono1.dcm", "c_rescale.dcm", "d_rle.dcm", "e_j2k.dcm", "f_noextension",
-                 "g_png.png", "good.dcm"):  # the same picture: the same probabilities
+    for name in same:  # the same picture: the same probabilities
         r = by[name]
         assert r["label"] and not r["error"], (name, r)
         assert all(abs(float(r[c]) - float(ref[c])) <= 1e-4 for c in p_cols), name
@@ -340,6 +349,7 @@ def test_score_mixed_folder_same_probabilities_uids_and_no_phi(tiny_exported, tm
         assert r["sop_uid"].startswith("1.2.") and r["sop_uid"] != ref["sop_uid"]
         assert (r["Modality"], r["ViewPosition"], r["BodyPartExamined"]) == ("DX", "PA", "CHEST")
     assert by["g_png.png"]["sop_uid"] == by["g_png.png"]["Modality"] == ""
+    assert by["k_jpeg_baseline.dcm"]["label"] and by["l_j2k_lossy.dcm"]["label"]  # lossy: scored
     for name, fragment in broken.items():
         assert not by[name]["label"] and fragment in by[name]["error"], (name, by[name])
     assert by["ct.dcm"]["study_uid"] and by["ct.dcm"]["Modality"] == "CT"
