@@ -20,7 +20,8 @@ The pixel pipeline, in the standard's order (pydicom's own functions do the LUT 
    bits, or the window's output range as pydicom computes it) is scaled to 0..255. Without any
    VOI, the range of the values present is scaled to 0..255, Pixel Padding Value (and Pixel
    Padding Range Limit) excluded from that range;
-5. MONOCHROME1 is inverted (255 - v), after the VOI step;
+5. MONOCHROME1 is inverted (255 - v), after the VOI step; so is MONOCHROME2 with Presentation
+   LUT Shape INVERSE (MONOCHROME1 with INVERSE, as the DX module pairs them, is inverted once);
 6. padding pixels are set to 0 (black).
 
 No patient data (name, ID, birth date, ...) is ever read into a message: reasons name tags and
@@ -220,10 +221,19 @@ def to_8bit(stored: np.ndarray, ds) -> np.ndarray:
         raise DicomError(f"DICOM VOI LUT or window cannot be applied: {_first_line(exc)}") \
             from None
     grey = _scale(values, lo, hi)
-    if _text(ds.get("PhotometricInterpretation")) == "MONOCHROME1":
+    if _inverted(ds):
         grey = 255 - grey
     grey[pad] = 0
     return grey
+
+
+def _inverted(ds) -> bool:
+    """MONOCHROME1 is shown inverted (with or without Presentation LUT Shape INVERSE, which the
+    DX module pairs with it: one inversion); so is MONOCHROME2 with Presentation LUT Shape
+    INVERSE."""
+    if _text(ds.get("PhotometricInterpretation")) == "MONOCHROME1":
+        return True
+    return _text(ds.get("PresentationLUTShape")).upper() == "INVERSE"
 
 
 def _window_range(ds) -> tuple[float, float]:

@@ -142,7 +142,7 @@ def test_12bit_monochrome2_without_voi_is_the_picture(tmp_path, grey):
     assert np.array_equal(grey_of(f), grey)
 
 
-@pytest.mark.parametrize("variant", ["mono1", "rescale", "signed", "implicit", "big_endian",
+@pytest.mark.parametrize("variant", ["mono1", "mono1_inverse", "mono2_inverse", "rescale", "signed", "implicit", "big_endian",
                                      "rle", "j2k_lossless", "jpeg_ls", "jpeg_lossless",
                                      "padding", "bits16"])
 def test_same_picture_stored_differently_gives_the_same_pixels(tmp_path, grey, variant):
@@ -150,6 +150,10 @@ def test_same_picture_stored_differently_gives_the_same_pixels(tmp_path, grey, v
     kw: dict = {}
     if variant == "mono1":
         v, kw = 4095 - v, {"photometric": "MONOCHROME1"}
+    elif variant == "mono1_inverse":  # how the DX module pairs them: one inversion
+        v, kw = 4095 - v, {"photometric": "MONOCHROME1", "PresentationLUTShape": "INVERSE"}
+    elif variant == "mono2_inverse":
+        v, kw = 4095 - v, {"PresentationLUTShape": "INVERSE"}
     elif variant == "rescale":  # modality values 2 * stored - 1024: the same picture
         kw = {"RescaleSlope": 2, "RescaleIntercept": -1024}
     elif variant == "signed":
