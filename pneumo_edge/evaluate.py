@@ -64,6 +64,9 @@ def run_evaluation(runtime, folder, batch: int = 32, warn=None, *,
     px, labels, failed = decode_labelled(lf.samples, card.image_size)
     gone = {f.path for f in failed}
     ok = [str(path) for path, _ in lf.samples if str(path) not in gone]
+    if len(ok) != len(px):  # a decoder that names a file differently: never misattribute
+        raise PneumoError(f"{folder}: {len(px)} images decoded but {len(ok)} file names "
+                          "matched; cannot tell which probability belongs to which file")
     if len(px) == 0:
         first = f" (first: skipping {failed[0]})" if failed else ""
         raise DataError(f"{folder}: none of its {len(failed)} image files could be decoded"

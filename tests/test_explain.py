@@ -241,3 +241,18 @@ def test_overlay_colours_and_blend():
         blend(grey, np.full((8, 8), np.nan))
     im = render(grey, heat, Legend("what it shows", "0", "max"), ["a", "b"])
     assert im.width > 320 and im.height > 320
+
+
+def test_score_explain_options_are_checked(tiny_exported, tmp_path):
+    from click.testing import CliRunner
+
+    from pneumo_edge.cli import main
+
+    res = CliRunner().invoke(main, ["score", str(tmp_path), "--model", str(tiny_exported),
+                                    "--explain", str(tmp_path / "x"), "--explain-which", "some"])
+    assert res.exit_code == 2 and "--explain-which" in res.output
+    res = CliRunner().invoke(main, ["score", str(tmp_path), "--model", str(tiny_exported),
+                                    "-o", str(tmp_path / "o.csv"), "--resume",
+                                    "--explain", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "--explain cannot be combined with --resume" in res.output
+    assert not (tmp_path / "x").exists()

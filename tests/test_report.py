@@ -115,6 +115,23 @@ def test_eval_json_carries_the_report_figures(report):
     assert len(m["gallery"]["false_positives"]) == min(fp, 4)
 
 
+def test_eval_report_without_torch(tiny_exported, tiny_labelled, tmp_path):
+    """The edge install has no torch and no matplotlib: eval --report must not need them."""
+    import os
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['matplotlib'] = None\n"
+            "from pneumo_edge.cli import main\n"
+            f"main(['eval', '--model', {str(tiny_exported)!r}, '--data', "
+            f"{str(tiny_labelled)!r}, '--runtime', 'onnx', '--out', "
+            f"{str(tmp_path / 'e.json')!r}, '--report', {str(tmp_path / 'r.html')!r}, "
+            "'--resamples', '100'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, ORT_DISABLE_TELEMETRY="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "bootstrap" in (tmp_path / "r.html").read_text(encoding="utf-8")
+
+
 def test_report_is_self_contained(report):
     html = (report / "r.html").read_text(encoding="utf-8")
     assert "<script" not in html.lower()
