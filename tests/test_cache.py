@@ -105,7 +105,7 @@ def test_training_from_the_cache_equals_training_from_memory(tmp_path, capfd):
     """Same seed, same data: the cached run's history and selected model are the in-memory
     run's; a second cached run reuses the cache."""
     data = tmp_path / "data"
-    write_labelled(data / "train", per_class=12, seed=6)
+    write_labelled(data / "train", per_class=8, seed=6)
     common = dict(data=str(data), arch="resnet18", image_size=32, epochs=2, min_epochs=1,
                   workers=0, device="cpu", batch_size=4, amp=False, augment="basic",
                   time_budget=None, force=True)
@@ -117,10 +117,12 @@ def test_training_from_the_cache_equals_training_from_memory(tmp_path, capfd):
         assert [r[k] for r in a["history"]] == [r[k] for r in b["history"]], k
     assert a["threshold"] == b["threshold"] and a["test"] == b["test"]
     capfd.readouterr()
-    train(TrainConfig(out=str(tmp_path / "cached"), **common))
+    from pneumo_edge.train.loop import _load_data
+
+    again = _load_data(TrainConfig(out=str(tmp_path / "cached"), **common))
     err = capfd.readouterr().err
-    assert "train 16 images reused" in err or "reused" in err
-    assert "decoded and stored" not in err
+    assert ": train 12 images reused" in err and "decoded and stored" not in err
+    assert isinstance(again["train"][0], cache.PixelFile)
 
 
 def test_cache_and_no_cache_exclude_each_other(tmp_path):
