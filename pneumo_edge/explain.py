@@ -178,8 +178,8 @@ def caption(path: str, expl: Explanation, card, threshold: float, label: str) ->
     name = Path(path).name
     name = name if len(name) <= 60 else name[:28] + "..." + name[-28:]
     p = float(expl.probs[card.positive_index])
-    return [name, f"label {label}   P({card.positive_class}) = {p:.3f}   "
-                  f"threshold {threshold:.3f}",
+    return [name, (f"label {label}   P({card.positive_class}) = {p:.3f}   "
+                  f"threshold {threshold:.3f}"),
             f"{expl.method}; {card.image_size}x{card.image_size} px as the model sees them"]
 
 

@@ -35,8 +35,8 @@ def chart(title: str, xlabel: str, ylabel: str, lines=(), points=(), diagonal=Fa
     [(x, y, colour, label)] marked with a ring, ``bars`` [(x0, x1, height, colour)] drawn
     under the lines (heights in [0, 1]), optional y = x diagonal."""
     n_legend = len(lines) + len(points)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H + 28 + 14 * n_legend}" '
-           f'role="img" aria-label="{esc(title)}">',
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H + 28 + 14 * n_legend}" '
+           f'role="img" aria-label="{esc(title)}">'),
            f'<text x="{W / 2}" y="14" text-anchor="middle" font-weight="bold">{esc(title)}</text>',
            '<g transform="translate(0,20)">']
     for k in range(6):
@@ -157,8 +157,8 @@ def card_section(card, m: dict) -> str:
 
 def data_section(m: dict) -> str:
     counts = ", ".join(f"{c}: {n}" for c, n in m["counts"].items())
-    out = [f"<p>Folder <code>{esc(m['data'])}</code>: {esc(counts)} image files; "
-           f"{m['n']} evaluated, {m['skipped_unreadable']} could not be decoded.</p>"]
+    out = [(f"<p>Folder <code>{esc(m['data'])}</code>: {esc(counts)} image files; "
+           f"{m['n']} evaluated, {m['skipped_unreadable']} could not be decoded.</p>")]
     if m["failed"]:
         out.append('<table><tr><th class="l">file not evaluated</th><th class="l">reason</th>'
                    "</tr>" + _rows([[(f["path"], "l"), (f["reason"], "l")]
@@ -246,17 +246,17 @@ def build_html(m: dict, card, pictures: dict | None = None, method: str = "") ->
         f"<title>pneumo-edge evaluation: {esc(m['data'])}</title>",
         f"<style>{CSS}</style></head><body>",
         f"<h1>pneumo-edge evaluation of {esc(m['data'])}</h1>",
-        f"<p class='note'>Written {when} by pneumo-edge eval. Research software, not a medical "
-        "device.</p>",
+        (f"<p class='note'>Written {when} by pneumo-edge eval. Research software, not a medical "
+        "device.</p>"),
         "<h2>Model</h2>", card_section(card, m),
         "<h2>Data</h2>", data_section(m),
         "<h2>Metrics with 95 % confidence intervals</h2>", metrics_section(m),
         "<h2>Confusion matrix</h2>", confusion_section(m, card),
         "<h2>Curves and calibration</h2>", '<div class="charts">',
         roc_chart(m), pr_chart(m), reliability_chart(m["calibration"]), "</div>",
-        f"<p class='note'>Calibration: {esc(m['calibration']['binning'])}; ECE is the "
+        (f"<p class='note'>Calibration: {esc(m['calibration']['binning'])}; ECE is the "
         "image-weighted mean gap between observed and predicted; Brier is the mean squared "
-        "error of the probability. Bars: share of images per bin.</p>",
+        "error of the probability. Bars: share of images per bin.</p>"),
         "<h2>Operating points</h2>", threshold_section(m),
         "<h2>Gallery</h2>",
         (f"<p class='note'>Heatmaps: {esc(method)}.</p>" if method else ""),

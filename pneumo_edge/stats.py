@@ -46,7 +46,7 @@ def groups_of(paths) -> tuple[np.ndarray, str]:
     from pathlib import Path
 
     ids = [patient_id(p) for p in paths]
-    uniq, inverse = np.unique(np.array(ids, dtype=object), return_inverse=True)
+    _, inverse = np.unique(np.array(ids, dtype=object), return_inverse=True)
     named = any(i != Path(p).name.lower() for i, p in zip(ids, paths))
     unit = "patient" if named else "image"
     return inverse.astype(np.int64), unit
@@ -78,7 +78,7 @@ def bootstrap_ci(truth, p, threshold: float, groups=None, *, resamples: int = RE
         v = np.array(draws[k], np.float64)
         v = v[np.isfinite(v)]
         lo, hi = (np.quantile(v, [lo_q, hi_q]) if len(v) else (np.nan, np.nan))
-        out[k] = {"value": point[k], "low": float(lo), "high": float(hi), "valid": int(len(v))}
+        out[k] = {"value": point[k], "low": float(lo), "high": float(hi), "valid": len(v)}
     return out
 
 

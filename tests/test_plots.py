@@ -7,8 +7,9 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="training plots need matplotlib")
 
-from pneumo_edge.card import Card  # noqa: E402
-from pneumo_edge.train.plots import cell_text, confusion_figure, curves_figure  # noqa: E402
+from pneumo_edge.train.plots import cell_text, confusion_figure, curves_figure
+
+from pneumo_edge.card import Card
 
 
 def _history(n: int) -> list[dict]:

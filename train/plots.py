@@ -96,7 +96,7 @@ def confusion_figure(matrices: dict, card, title: str = ""):
     """One panel per set (name -> ``[[tn, fp], [fn, tp]]``): counts and row rates."""
     plt = _plt()
     neg = "not " + card.positive_class if len(card.classes) > 2 else \
-        [c for c in card.classes if c != card.positive_class][0]
+        next(c for c in card.classes if c != card.positive_class)
     names = [neg, card.positive_class]
     fig, axes = plt.subplots(1, len(matrices), figsize=(4.3 * len(matrices), 4.3),
                              squeeze=False)
