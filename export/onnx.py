@@ -29,6 +29,7 @@ from pathlib import Path
 from pneumo_edge import modeldir
 from pneumo_edge.card import Card
 from pneumo_edge.errors import ModelError
+from pneumo_edge.export.tensorrt import uint8_input_problems
 
 CARD_KEY = modeldir.ONNX_CARD_KEY
 DEFAULT_OPSET = 18
@@ -116,6 +117,9 @@ def check_onnx(proto, card: Card, *, half: bool, shown: str | os.PathLike = "") 
             "outputs": [(OUTPUT_NAME, "FLOAT", [BATCH_DIM, len(card.classes)])]}
     if io != want:
         raise ModelError(f"{shown}: inputs/outputs are {io}, expected {want}")
+    problems = uint8_input_problems(proto)
+    if problems:
+        raise ModelError(f"{shown}: {problems[0]}")
     if half:
         problems = fp16_problems(proto)
         if problems:

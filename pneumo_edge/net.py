@@ -66,10 +66,14 @@ class XrayNet(nn.Module):
         return self.backbone(self.normalise(image))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(self.logits(image).float(), dim=1)
+        x = self.normalise(image)
+        probs = torch.softmax(self.backbone(x).float(), dim=1)
         if self.tta == "flip":
-            mirrored = torch.softmax(self.logits(torch.flip(image, dims=[3])).float(), dim=1)
-            probs = (probs + mirrored) * 0.5
+            # mirrored after normalising (which a mirror does not change): the uint8 input then
+            # feeds only the Cast, as TensorRT requires of a UINT8 network input
+            mirrored = torch.softmax(self.backbone(torch.flip(x, dims=[3])).float(), dim=1)
+            # a mean, not (a + b) * 0.5: no fp32 constant in the fp16 graph
+            probs = torch.stack([probs, mirrored]).mean(dim=0)
         return probs
 
 

@@ -185,3 +185,31 @@ def test_cli_import_stays_light():
             "print([m for m in ('torch', 'onnx', 'onnxruntime', 'tensorrt') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_flip_tta_model_exports_with_the_uint8_input_feeding_only_a_cast(tmp_path, half):
+    """Before: the mirror was taken of the uint8 input, so the graph had a Slice on it, which
+    TensorRT refuses for a UINT8 network input (and export did not notice). Now the mirror is
+    taken after normalisation, and every export checks the rule."""
+    import onnxruntime as ort
+    import torch
+
+    from pneumo_edge.export.onnx import export_onnx
+    from pneumo_edge.net import build_model
+
+    torch.manual_seed(0)
+    net = build_model("resnet18", 2, norm="image", tta="flip").eval()
+    card = Card(classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", image_size=64,
+                threshold=0.5, arch="resnet18", net={"norm": "image", "tta": "flip"})
+    path = export_onnx(net, card, tmp_path / "m.onnx", weights_sha256="0" * 64, half=half)
+    proto = onnx.load(str(path))
+    assert [n.op_type for n in proto.graph.node if "image" in n.input] == ["Cast"]
+    x = np.random.default_rng(0).integers(0, 256, (3, 1, 64, 64), dtype=np.uint8)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x})[0]
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+        one_sided = torch.softmax(net.backbone(net.normalise(torch.from_numpy(x))), 1).numpy()
+    assert np.abs(got - want).max() < (2e-3 if half else 1e-5)
+    assert np.abs(want - one_sided).max() > 1e-4  # the mirror really is averaged in
