@@ -217,8 +217,11 @@ def train(**opts):
 @click.option("--resamples", default=2000, type=click.IntRange(100),
               help="Bootstrap resamples (of patients when file names carry patient ids) for "
                    "the 95 % confidence intervals.")
+@click.option("--gallery", default=4, type=click.IntRange(0),
+              help="Most confident false negatives and false positives listed (each with an "
+                   "occlusion heatmap in --report: about 226 model calls per image).")
 @friendly
-def eval_(model, data, runtime, batch, out, report, resamples):
+def eval_(model, data, runtime, batch, out, report, resamples, gallery):
     """Metrics and confusion matrix of a model on a labelled folder.
 
     Exit 2 when no image of the folder could be decoded, 1 (no metrics written) when the
@@ -232,7 +235,7 @@ def eval_(model, data, runtime, batch, out, report, resamples):
     if report and Path(report).is_dir():
         raise PneumoError(f"{report}: is a folder; --report names the HTML file to write")
     rt = open_runtime(model, runtime)
-    ev = run_evaluation(rt, data, batch, resamples=resamples)
+    ev = run_evaluation(rt, data, batch, resamples=resamples, gallery=gallery)
     m = ev.metrics
     click.echo(format_metrics(m, rt.card))
     home = Path(model) if Path(model).is_dir() else Path(model).parent

@@ -95,7 +95,7 @@ def report(tiny_exported, tiny_labelled, tmp_path_factory):
     res = CliRunner().invoke(main, ["eval", "--model", str(tiny_exported), "--data",
                                     str(tiny_labelled), "--runtime", "onnx", "--out",
                                     str(out / "eval.json"), "--report", str(out / "r.html"),
-                                    "--resamples", "300"])
+                                    "--resamples", "300", "--gallery", "2"])
     assert res.exit_code == 0, res.output
     return out
 
@@ -111,8 +111,8 @@ def test_eval_json_carries_the_report_figures(report):
     assert {"ece", "brier", "bins"} <= set(m["calibration"])
     assert any(r["threshold"] == m["threshold"] for r in m["threshold_table"])
     (_, fp), (fn, _) = m["confusion_matrix"]
-    assert len(m["gallery"]["false_negatives"]) == min(fn, 4)
-    assert len(m["gallery"]["false_positives"]) == min(fp, 4)
+    assert len(m["gallery"]["false_negatives"]) == min(fn, 2)
+    assert len(m["gallery"]["false_positives"]) == min(fp, 2)
 
 
 def test_eval_report_without_torch(tiny_exported, tiny_labelled, tmp_path):
