@@ -152,6 +152,12 @@ def card_section(card, m: dict) -> str:
              ("classes", ", ".join(card.classes)), ("positive class", card.positive_class),
              ("threshold", f"{card.threshold:.4f}" + (f" (rule {src})" if src else "")),
              ("created", card.created or "n/a")]
+    for key, name in (("val", "validation"), ("test", "test")):  # what training recorded
+        rec = card.metrics.get(key) if isinstance(card.metrics, dict) else None
+        if isinstance(rec, dict) and "n" in rec:
+            items.append((f"{name} at training ({rec['n']} images)",
+                          ", ".join(f"{LABELS.get(k, k)} {num(rec.get(k))}"
+                                    for k in ("recall", "specificity", "roc_auc"))))
     return "<table>" + _rows([[(k, "l"), (v, "l")] for k, v in items]) + "</table>"
 
 
