@@ -153,3 +153,22 @@ def test_a_superseded_entry_is_removed_others_stay(samples, tmp_path):
     assert Path(px.path).name in new and "notes.txt" in after
     assert gone == {old48.name, old48.with_suffix(".json").name}
     assert old40.is_file() and old40.with_suffix(".json").is_file()
+
+
+def test_the_key_follows_the_preprocessing_code_and_decoders(samples, monkeypatch):
+    from pneumo_edge import dicom, images
+
+    base = cache.cache_key(samples, 48)
+    assert cache.cache_key(samples, 48) == base
+    real = cache._source_sha
+    for module in (images, dicom):  # an edit to either module of the one preprocessing
+        monkeypatch.setattr(cache, "_source_sha",
+                            lambda m, target=module: "edited" if m is target else real(m))
+        assert cache.cache_key(samples, 48) != base
+    monkeypatch.setattr(cache, "_source_sha", real)
+    from importlib import metadata
+
+    version = metadata.version
+    monkeypatch.setattr(metadata, "version",
+                        lambda pkg: "0.0-other" if pkg == "pillow" else version(pkg))
+    assert cache.cache_key(samples, 48) != base

@@ -5,7 +5,8 @@ Each part (train, val, test, the shifted validation) is one flat file of uint8 p
 ``[N, 1, S, S]`` (``PART-KEY.u8``) plus an index (``PART-KEY.json``: labels, skipped files).
 KEY is a sha256 of everything the pixels depend on: the file list with each file's label, size
 and modification time, the image size, :data:`PREPROCESS_VERSION`, the source of the one
-preprocessing (pneumo_edge/images.py) and Pillow's version. A changed file or setting gives a
+preprocessing (pneumo_edge/images.py and pneumo_edge/dicom.py) and the versions of the decoders
+(Pillow, numpy, pydicom and its JPEG plugins). A changed file or setting gives a
 new key, hence a rebuild; a file whose index is missing, unreadable or does not match its size
 is rebuilt too. Files are written to a temporary name and renamed; the index is written last,
 so a half-built cache is never used. A new entry removes the one it supersedes (same part, file
@@ -48,16 +49,37 @@ def _source_sha(module) -> str:
         return "unknown"
 
 
+#: the modules whose code turns a file into pixels, and the packages they decode with
+PREPROCESS_MODULES = ("pneumo_edge.images", "pneumo_edge.dicom")
+DECODER_PACKAGES = ("pillow", "numpy", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg",
+                    "pylibjpeg-openjpeg", "pylibjpeg-rle", "python-gdcm")
+
+
+def preprocess_fingerprint() -> dict:
+    """What the pixels depend on besides the files: the version constant, the source of the
+    preprocessing modules and the versions of the decoders installed."""
+    import importlib
+    from importlib import metadata
+
+    fp = {"version": PREPROCESS_VERSION}
+    for name in PREPROCESS_MODULES:
+        try:
+            fp[name] = _source_sha(importlib.import_module(name))
+        except ImportError:
+            fp[name] = "absent"
+    for pkg in DECODER_PACKAGES:
+        try:
+            fp[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            fp[pkg] = "absent"
+    return fp
+
+
 def cache_key(samples, size: int, extra: dict | None = None) -> str:
     """sha256 over the file list (path, label, size, mtime) and the preprocessing settings."""
-    import PIL
-
-    from pneumo_edge import images
-
     h = hashlib.sha256()
-    h.update(json.dumps({"version": PREPROCESS_VERSION, "size": size,
-                         "images_py": _source_sha(images), "pillow": PIL.__version__,
-                         "extra": extra or {}}, sort_keys=True).encode())
+    h.update(json.dumps({**preprocess_fingerprint(), "size": size, "extra": extra or {}},
+                        sort_keys=True).encode())
     for path, label in samples:
         try:
             st = os.stat(path)
