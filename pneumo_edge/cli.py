@@ -174,7 +174,7 @@ class Duration(click.ParamType):
 @click.option("--force", is_flag=True,
               help="Replace the model in --out (only the files training and export write "
                    "there; nothing else is deleted).")
-@click.option("--cache", default="", type=click.Path(file_okay=False),
+@click.option("--cache", default="", type=click.Path(file_okay=False), show_default=False,
               help="Folder of decoded pixels, reused by later runs and shared by every "
                    "torchrun rank (rebuilt when the files, --image-size or the preprocessing "
                    "change). Default: OUT/pixel-cache.")
