@@ -235,3 +235,31 @@ def test_a_hand_set_world_without_a_rendezvous_is_a_usage_error(monkeypatch):
     d = dist_.from_env({"WORLD_SIZE": "2", "RANK": "0"})
     with pytest.raises(dist_.UsageError, match="torchrun"):
         dist_.init(d, torch.device("cpu"))
+
+
+def _dying_peer_worker(rank, port, result_file):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank), PNEUMO_EDGE_DIST_TIMEOUT="20")
+    d = dist_.init(dist_.from_env(), torch.device("cpu"))
+    dist_.barrier(d)
+    if rank == 1:
+        os._exit(0)  # gone without a word, as a killed rank would be
+    t0 = time.monotonic()
+    try:
+        dist_.gather(d, "still here")
+        Path(result_file).write_text("no error")
+    except dist_.RankFailed as exc:
+        Path(result_file).write_text(f"{time.monotonic() - t0:.1f}\n{exc}")
+
+
+def test_without_torchrun_a_dead_peer_is_a_clear_error_not_a_hang(tmp_path):
+    """Launched some other way (no torchrun agent to stop the job), a rank whose peer died
+    gets RankFailed (exit 1), naming itself, within the collective timeout."""
+    result = tmp_path / "result.txt"
+    torch.multiprocessing.spawn(_dying_peer_worker, nprocs=2, join=True,
+                                args=(_free_port(), str(result)))
+    seconds, message = result.read_text().split("\n", 1)
+    assert float(seconds) < 60
+    assert message.startswith("rank 0 of 2: gathering results failed"), message
+    assert "another training process stopped or timed out" in message
+    assert dist_.RankFailed.exit_code == 1
