@@ -95,30 +95,41 @@ def _auto(t: modeldir.Target) -> tuple[Runtime, str]:
     cannot run here, or a reduced-precision file without passing parity for this exact file, is
     skipped with its reason; a model directory that contradicts itself (modeldir.Refused) is an
     error, never skipped past."""
-    tried = []
+    tried: list[tuple[str, str]] = []
     gpu = gpu_present()
     for name, dev in AUTO_PLAN:
         label = f"{name}{'/' + dev if dev else ''}"
         why_not = _unavailable(t.dir, name, dev, gpu)
         if why_not:
-            tried.append(f"{label}: {why_not}")
+            tried.append((label, why_not))
             continue
         try:
             rt = _open(t, name, dev)
         except modeldir.Refused:
             raise
         except _CANNOT_START as exc:
-            tried.append(f"{label}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+            tried.append((label, str(exc).splitlines()[0] if str(exc) else repr(exc)))
             continue
         form = modeldir.BY_RUNTIME[name]
         if form.precision == "fp32":
-            return rt, "auto: fp32" + (f"; skipped {'; '.join(tried)}" if tried else "")
+            return rt, "auto: fp32" + _skipped(tried)
         evidence = modeldir.parity_evidence(t.dir, form, rt.sha256)
         if evidence.passed:
-            return rt, f"auto: {evidence.why}" + (f"; skipped {'; '.join(tried)}" if tried
-                                                  else "")
-        tried.append(f"{label}: {evidence.why}")
-    raise RuntimeUnavailable(f"{t.dir}: no runtime can run this model here: " + "; ".join(tried))
+            return rt, f"auto: {evidence.why}" + _skipped(tried)
+        tried.append((label, evidence.why))
+    raise RuntimeUnavailable(f"{t.dir}: no runtime can run this model here:"
+                             + _skipped(tried).removeprefix("; skipped"))
+
+
+def _skipped(tried: list[tuple[str, str]]) -> str:
+    """``; skipped a: why; b, c: why`` with the runtimes that share a reason together."""
+    if not tried:
+        return ""
+    by_reason: dict[str, list[str]] = {}
+    for label, why in tried:
+        by_reason.setdefault(why, []).append(label)
+    return "; skipped " + "; ".join(f"{', '.join(labels)}: {why}"
+                                     for why, labels in by_reason.items())
 
 
 def _unavailable(d: Path, name: str, dev: str | None, gpu: bool) -> str:
