@@ -133,9 +133,22 @@ def format_metrics(m: dict, card) -> str:
         [c for c in card.classes if c != card.positive_class][0]
     pos = card.positive_class
     w = max(len(neg), len(pos), 9)
-    lines = [f"{k:<12} {m[k]:.4f}" for k in METRIC_KEYS]
+    ci = m.get("confidence_intervals", {})
+    lines = [f"{k:<12} {m[k]:.4f}" + _interval(ci, k) for k in METRIC_KEYS]
+    if ci:
+        lines.append(f"{'':<12} 95 % intervals: {ci['method']}")
+    if "calibration" in m:
+        lines.append(f"{'calibration':<12} ECE {m['calibration']['ece']:.4f}, "
+                     f"Brier {m['calibration']['brier']:.4f}")
     corner = "true \\ pred"
     lines += [f"{'threshold':<12} {m['threshold']:.4f}", f"{'images':<12} {m['n']}", "",
               f"{corner:<{w}}  {neg:>{w}}  {pos:>{w}}",
               f"{neg:<{w}}  {tn:>{w}}  {fp:>{w}}", f"{pos:<{w}}  {fn:>{w}}  {tp:>{w}}"]
     return "\n".join(lines)
+
+
+def _interval(ci: dict, key: str) -> str:
+    v = ci.get("metrics", {}).get(key)
+    if not v or not (np.isfinite(v["low"]) and np.isfinite(v["high"])):
+        return ""
+    return f"  ({v['low']:.4f} - {v['high']:.4f})"

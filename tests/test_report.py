@@ -111,6 +111,13 @@ def test_eval_json_carries_the_report_figures(report):
     assert {"ece", "brier", "bins"} <= set(m["calibration"])
     assert any(r["threshold"] == m["threshold"] for r in m["threshold_table"])
     (_, fp), (fn, _) = m["confusion_matrix"]
+    from pneumo_edge.card import Card
+    from pneumo_edge.evaluate import format_metrics
+
+    text = format_metrics(m, Card(classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA",
+                                  image_size=64, threshold=m["threshold"], arch="resnet18"))
+    lo = ci["metrics"]["accuracy"]["low"]
+    assert f"({lo:.4f} - " in text and "300 resamples" in text and "ECE" in text
     assert len(m["gallery"]["false_negatives"]) == min(fn, 2)
     assert len(m["gallery"]["false_positives"]) == min(fp, 2)
 
