@@ -113,7 +113,16 @@ def occlusion(runtime, image: np.ndarray, target: int, patch: int | None = None,
 
 
 def _probs(runtime, pixels: np.ndarray) -> np.ndarray:
-    p = np.asarray(runtime(pixels), dtype=np.float64)
+    from pneumo_edge.errors import ModelError
+
+    try:
+        p = np.asarray(runtime(pixels), dtype=np.float64)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 -- each backend raises its own types
+        text = " ".join(str(exc).split())[:200]
+        raise ModelError(f"the {runtime.name} runtime failed on a batch "
+                         f"{tuple(pixels.shape)}: {text}") from None
     if not np.isfinite(p).all():
         raise PneumoError(f"the {runtime.name} runtime produced non-finite probabilities")
     return p

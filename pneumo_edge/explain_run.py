@@ -21,7 +21,7 @@ import numpy as np
 
 from pneumo_edge.atomic import write_bytes_atomic, write_text_atomic
 from pneumo_edge.csvout import PROB_DIGITS, csv_text, one_line
-from pneumo_edge.errors import PneumoError, UsageError
+from pneumo_edge.errors import ModelError, PneumoError, UsageError
 from pneumo_edge.explain import Explainer, picture_png
 
 EXPLAIN_CSV = "explain.csv"
@@ -80,7 +80,9 @@ class ExplainSink:
             return
         try:
             expl = self.explainer(image)
-        except PneumoError as exc:
+        except ModelError:  # the runtime itself failed: the run stops (exit 2)
+            raise
+        except PneumoError as exc:  # e.g. non-finite probabilities for this image
             self.rows.append([csv_text(path), "", *blank, "", one_line(str(exc))])
             self.failed += 1
             return

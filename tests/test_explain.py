@@ -257,3 +257,19 @@ def test_score_explain_options_are_checked(tiny_exported, tmp_path):
                                     "--explain", str(tmp_path / "x")])
     assert res.exit_code == 2 and "--explain cannot be combined with --resume" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_failing_runtime_stops_with_one_error(onnx_rt, tmp_path):
+    """A runtime that raises (a mismatched or broken model) ends the run with a ModelError
+    (exit 2), never a traceback and never as many error rows as there are images."""
+    from pneumo_edge.errors import ModelError
+    from pneumo_edge.explain import Explainer
+
+    class Broken:  # a real runtime, fed a batch of the wrong size
+        name, card = onnx_rt.name, onnx_rt.card
+
+        def __call__(self, pixels):
+            return onnx_rt(pixels[:, :, :10, :10])
+
+    with pytest.raises(ModelError, match="onnx runtime failed"):
+        Explainer(Broken(), "occlusion")(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.uint8))
