@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pneumo_edge import modeldir
 from pneumo_edge.errors import PneumoError
 from pneumo_edge.overlay import Legend
 
@@ -147,7 +148,7 @@ class Explainer:
         if method not in METHODS:
             raise PneumoError(f"unknown explain method {method!r}; choose {' or '.join(METHODS)}")
         if method == "gradcam" and not hasattr(runtime, "model"):
-            raise PneumoError(f"gradcam needs the torch model (model.pt and torch); the "
+            raise PneumoError(f"gradcam needs the torch model ({modeldir.MODEL_PT} and torch); the "
                               f"{runtime.name} runtime has none: use --method occlusion")
         self.rt, self.method, self.batch = runtime, method, batch
         self.card = runtime.card

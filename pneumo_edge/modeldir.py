@@ -80,6 +80,9 @@ PARITY_FORMS = (*EXPORTED_FORMS, BY_RUNTIME["torch-fp16"])
 #: what one training run writes (``train --force`` replaces exactly these)
 TRAINING_OUTPUTS = (MODEL_PT, LAST_PT, CARD_JSON, METRICS_JSON, HISTORY_CSV, CURVES_PNG,
                     CONFUSION_PNG)
+#: the folder of decoded training pixels a run keeps for later runs (default of ``train --cache``;
+#: keyed by its inputs and reused, never removed by ``--force``; not needed on an edge box)
+PIXEL_CACHE = "pixel-cache"
 #: what ``pneumo-edge export`` writes from those (stale once the weights change)
 EXPORT_OUTPUTS = (ONNX_FP32, ONNX_FP16, ONNX_INT8, ENGINE, SIDECAR, PARITY_JSON, TIMING_CACHE)
 

@@ -385,7 +385,8 @@ def test_torch_save_atomic_round_trips(tmp_path):
 
 
 def test_training_and_export_write_exactly_the_listed_files(tiny_run, tiny_exported):
-    assert sorted(os.listdir(tiny_run)) == sorted(modeldir.TRAINING_OUTPUTS)
+    assert sorted(os.listdir(tiny_run)) == sorted([*modeldir.TRAINING_OUTPUTS,
+                                                   modeldir.PIXEL_CACHE])
     exported = set(os.listdir(tiny_exported)) - set(modeldir.TRAINING_OUTPUTS)
     assert exported == {"model.onnx", "model.fp16.onnx", "model.int8.onnx", "parity.json"}
     assert exported <= set(modeldir.EXPORT_OUTPUTS)

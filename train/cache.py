@@ -28,13 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumo_edge import modeldir
 from pneumo_edge.atomic import fsync_dir, write_json_atomic
 from pneumo_edge.images import ImageError, load_image
 
 #: bump when what the cache stores changes meaning (layout, preprocessing call, shift set)
 PREPROCESS_VERSION = 1
 #: default cache folder inside the run's output folder
-DEFAULT_SUBDIR = "pixel-cache"
+DEFAULT_SUBDIR = modeldir.PIXEL_CACHE
 CHUNK = 256  # images decoded per step while building
 
 
