@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumo_edge import modeldir
-from pneumo_edge.atomic import fsync_dir, write_json_atomic
+from pneumo_edge.atomic import write_atomic, write_bytes_atomic, write_json_atomic
 from pneumo_edge.images import ImageError, load_image
 
 #: bump when what the cache stores changes meaning (layout, preprocessing call, shift set)
@@ -196,7 +196,6 @@ def build(cache_dir, part: str, key: str, samples, size: int, workers: int = 2, 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     data, index = _paths(cache_dir, part, key)
-    tmp = data.with_name(f".{data.name}.tmp-{os.getpid()}")
     labels, skipped = [], []
 
     def one(item):
@@ -205,8 +204,8 @@ def build(cache_dir, part: str, key: str, samples, size: int, workers: int = 2, 
         except ImageError as exc:
             return exc
 
-    try:
-        with open(tmp, "wb") as f, ThreadPoolExecutor(max(1, workers)) as pool:
+    def write_pixels(f):
+        with ThreadPoolExecutor(max(1, workers)) as pool:
             for lo in range(0, len(samples), CHUNK):
                 chunk = samples[lo:lo + CHUNK]
                 for (path, label), px in zip(chunk, pool.map(one, chunk)):
@@ -216,13 +215,8 @@ def build(cache_dir, part: str, key: str, samples, size: int, workers: int = 2, 
                     else:
                         f.write(px.tobytes())
                         labels.append(int(label))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, data)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(cache_dir)
+
+    write_atomic(data, write_pixels)
     meta = {"key": key, "part": part, "n": len(labels), "size": size,
             "version": PREPROCESS_VERSION, "files": files_sha(samples), "labels": labels,
             "skipped": skipped}
@@ -266,16 +260,7 @@ def build_array(cache_dir, part: str, key: str, pixels: np.ndarray, meta: dict):
     """Store already computed pixels (the shifted validation set) under ``key``."""
     cache_dir = Path(cache_dir)
     data, index = _paths(cache_dir, part, key)
-    tmp = data.with_name(f".{data.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(np.ascontiguousarray(pixels, np.uint8).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, data)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_bytes_atomic(data, np.ascontiguousarray(pixels, np.uint8).tobytes())
     size = int(pixels.shape[-1])
     meta = {**meta, "key": key, "part": part, "n": len(pixels), "size": size,
             "version": PREPROCESS_VERSION}
