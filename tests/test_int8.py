@@ -191,3 +191,16 @@ def test_no_int8_skips_it_and_its_parity(copy_run, tiny_run):
     assert not (run / modeldir.ONNX_INT8).exists()
     e = json.loads((run / modeldir.PARITY_JSON).read_text())["forms"]["onnx-int8"]
     assert e["status"] == "skipped" and "--no-int8" in e["reason"]
+
+
+def test_int8_export_is_deterministic(tiny_exported, tmp_path):
+    """Same model, same card seed: the same calibration images and, byte for byte, the INT8
+    file export wrote."""
+    from pneumo_edge.export.quantize import calibration_pixels, quantize_int8
+
+    card = Card.load(tiny_exported)
+    weights = modeldir.sha256_file(tiny_exported / modeldir.MODEL_PT)
+    pixels, _ = calibration_pixels(card, QuantOptions())
+    again = quantize_int8(tiny_exported / modeldir.ONNX_FP32, tmp_path / "again.onnx", card,
+                          pixels, weights_sha256=weights, opts=QuantOptions())
+    assert again.read_bytes() == (tiny_exported / modeldir.ONNX_INT8).read_bytes()
