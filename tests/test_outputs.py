@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pneumo_edge.cli import main
+from pneumo_edge.runtimes import open_runtime
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = ["path", "label", "p_NORMAL", "p_PNEUMONIA", "error"]
@@ -128,7 +129,8 @@ def test_output_file_gets_a_provenance_record(tiny_exported, tmp_path):
     assert code == 1, err
     rec = json.loads((tmp_path / "out.csv.json").read_text())
     m = rec["model"]
-    assert m["runtime"] == "onnx" and m["device"] == "cpu" and m["precision"] == "fp32"
+    here = open_runtime(tiny_exported, "onnx", log=lambda m: None).device  # cpu, or a GPU
+    assert m["runtime"] == "onnx" and m["device"] == here and m["precision"] == "fp32"
     assert Path(m["file"]) == (tiny_exported / "model.onnx").resolve()
     assert m["sha256"] == sha256(tiny_exported / "model.onnx")
     assert Path(m["directory"]) == tiny_exported.resolve()

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from pneumo_edge.cli import main
+from pneumo_edge.runtimes import open_runtime
 from pneumo_edge.score import run_score
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +94,8 @@ def test_ray_csv_equals_local_scoring(ray_cluster, tiny_exported, inputs, tmp_pa
     got, ref = table(tmp_path / "ray.csv"), table(tmp_path / "local.csv")
     same_rows(got, ref)
     assert len(got) - 1 == local.files and local.failed >= 7
-    assert any("ray actors ran: onnx on cpu" in m for m in logs)
+    here = open_runtime(tiny_exported, "onnx", log=lambda m: None).device  # cpu, or a GPU
+    assert any(f"ray actors ran: onnx on {here}" in m for m in logs), logs
     assert (tmp_path / "ray.csv.json").is_file() and not (tmp_path / "ray.csv.partial").exists()
     assert ray_cluster.is_initialized()  # a cluster it did not start is left running
 
