@@ -25,7 +25,7 @@ def _pixels(n, size=64, seed=0):
 
 # --- onnxruntime -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["onnx", "onnx-fp16"])
+@pytest.mark.parametrize("name", ["onnx", "onnx-fp16", "onnx-int8"])
 def test_onnx_runtime_runs_any_batch(tiny_exported, name):
     pytest.importorskip("onnxruntime", reason="needs onnxruntime")
     rt = open_runtime(tiny_exported, name, device="cpu")
@@ -45,14 +45,20 @@ def test_onnx_runtime_refuses_a_file_from_another_model(copy_run, tiny_exported)
         open_runtime(run, "onnx", device="cpu")
 
 
-def test_onnx_runtime_imports_no_torch(tiny_exported):
+@pytest.mark.parametrize("name,device", [
+    ("onnx", "'cpu'"), ("onnx-int8", "'cpu'"),
+    pytest.param("auto", "None", marks=pytest.mark.skipif(
+        gpu_present(), reason="auto tries torch-fp16 on a GPU machine"))])
+def test_onnx_runtime_imports_no_torch(tiny_exported, name, device):
+    """Also auto's choice of INT8 on a CPU (reading parity.json's evidence) imports no torch."""
     pytest.importorskip("onnxruntime", reason="needs onnxruntime")
     code = ("import sys; from pneumo_edge.runtimes import open_runtime; import numpy as np; "
-            f"rt = open_runtime({str(tiny_exported)!r}, 'onnx', device='cpu'); "
-            "rt(np.zeros((2, 1, 64, 64), np.uint8)); "
-            "print('torch' in sys.modules, 'tensorrt' in sys.modules)")
+            f"rt = open_runtime({str(tiny_exported)!r}, {name!r}, device={device}, "
+            "log=lambda m: None); rt(np.zeros((2, 1, 64, 64), np.uint8)); "
+            "print(rt.name, 'torch' in sys.modules, 'tensorrt' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False False"
+    assert out.stdout.split()[1:] == ["False", "False"]
+    assert out.stdout.split()[0] == ("onnx-int8" if name == "auto" else name)
 
 
 def _cuda_claimed(monkeypatch):
