@@ -90,13 +90,16 @@ def positions(size: int, patch: int, stride: int) -> list[int]:
 
 
 def occlusion(runtime, image: np.ndarray, target: int, patch: int | None = None,
-              stride: int | None = None, batch: int = 32) -> tuple[np.ndarray, float]:
+              stride: int | None = None, batch: int = 32,
+              base: float | None = None) -> tuple[np.ndarray, float]:
     """(map ``[S, S]`` of mean probability drops, the unoccluded probability) for one uint8
-    ``image [1, S, S]``, running ``runtime`` on batches of occluded copies."""
+    ``image [1, S, S]``, running ``runtime`` on batches of occluded copies. ``base``: the
+    unoccluded probability when the caller has it already (else one more model call)."""
     size = image.shape[-1]
     dp, ds = default_patch(size)
     patch, stride = patch or dp, stride or ds
-    base = _probs(runtime, image[None])[0, target]
+    if base is None:
+        base = _probs(runtime, image[None])[0, target]
     fill = np.uint8(round(float(image.mean())))
     offsets = [(y, x) for y in positions(size, patch, stride) for x in positions(size, patch, stride)]
     total = np.zeros((size, size), np.float64)
@@ -169,7 +172,8 @@ class Explainer:
                             "this image's maximum: where the network found evidence for it",
                             "0", "max" if top > 0 else "0 (no evidence)")
         else:
-            raw, _ = occlusion(self.rt, image, self.pos, self.patch, self.stride, self.batch)
+            raw, _ = occlusion(self.rt, image, self.pos, self.patch, self.stride, self.batch,
+                               base=probs[self.pos])
             top = float(raw.max())
             heat = np.clip(raw, 0, None) / top if top > 0 else np.zeros_like(raw)
             legend = Legend(f"Occlusion: drop of P({pos_name}) when a {self.patch}x"

@@ -23,14 +23,13 @@ import hashlib
 import json
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from pneumo_edge import modeldir
 from pneumo_edge.atomic import write_atomic, write_bytes_atomic, write_json_atomic
-from pneumo_edge.images import ImageError, load_image
+from pneumo_edge.evaluate import decode_labelled
 
 #: bump when what the cache stores changes meaning (layout, preprocessing call, shift set)
 PREPROCESS_VERSION = 1
@@ -198,23 +197,15 @@ def build(cache_dir, part: str, key: str, samples, size: int, workers: int = 2, 
     data, index = _paths(cache_dir, part, key)
     labels, skipped = [], []
 
-    def one(item):
-        try:
-            return load_image(item[0], size)
-        except ImageError as exc:
-            return exc
-
     def write_pixels(f):
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for lo in range(0, len(samples), CHUNK):
-                chunk = samples[lo:lo + CHUNK]
-                for (path, label), px in zip(chunk, pool.map(one, chunk)):
-                    if isinstance(px, ImageError):
-                        log(f"warning: skipping {px}")
-                        skipped.append(px.path)
-                    else:
-                        f.write(px.tobytes())
-                        labels.append(int(label))
+        for lo in range(0, len(samples), CHUNK):
+            pixels, chunk_labels, failed = decode_labelled(samples[lo:lo + CHUNK], size,
+                                                           workers=max(1, workers))
+            f.write(pixels.tobytes())
+            labels.extend(int(y) for y in chunk_labels)
+            for exc in failed:
+                log(f"warning: skipping {exc}")
+                skipped.append(exc.path)
 
     write_atomic(data, write_pixels)
     meta = {"key": key, "part": part, "n": len(labels), "size": size,
