@@ -406,10 +406,6 @@ def stale_source(engine_path: str | os.PathLike, meta: dict) -> str:
 
 # ----------------------------------------------------------------------------- parity evidence
 
-#: the largest parity.json read (it lists a few forms; anything far bigger is not ours)
-PARITY_CAP = 4 << 20
-
-
 @dataclass(frozen=True)
 class Evidence:
     """What parity.json says about one file: ``passed`` only when its entry passed for exactly
@@ -426,9 +422,8 @@ def parity_evidence(d: str | os.PathLike, form: Form, sha256: str) -> Evidence:
     if not os.path.lexists(path):
         return Evidence(False, f"no {PARITY_JSON} (run: pneumo-edge export {d})")
     try:
-        report = json.loads(read_regular(path, PARITY_CAP).decode("utf-8"))
-        entry = report["forms"][form.runtime]
-    except (ModelError, ValueError, KeyError, TypeError) as exc:
+        entry = read_json(path, "parity report")["forms"][form.runtime]
+    except (ModelError, KeyError, TypeError) as exc:
         why = exc if isinstance(exc, ModelError) else f"no usable entry for {form.runtime}"
         return Evidence(False, f"{path}: {why}")
     if not isinstance(entry, dict) or entry.get("status") != "pass":
