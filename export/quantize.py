@@ -90,8 +90,7 @@ def pick_balanced(samples: list, n: int, n_classes: int, seed: int) -> list:
     share = -(-n // n_classes)
     picked = [s for group in by_class for s in group[:share]]
     rest = [s for group in by_class for s in group[share:]]
-    picked += rest[:max(0, n - len(picked))]
-    picked = picked[:n] if len(picked) > n else picked
+    picked = (picked + rest)[:n]
     order = rng.permutation(len(picked))
     return [picked[i] for i in order]
 
