@@ -31,9 +31,9 @@ from pathlib import Path
 
 def write_cache(where: Path, n: int, size: int) -> Path:
     import numpy as np
+    from pneumo_edge.train import cache
 
     from pneumo_edge.atomic import write_json_atomic
-    from pneumo_edge.train import cache
 
     key = f"{n:08d}{size:04d}".ljust(64, "0")
     data, index = cache._paths(where, "train", key)
@@ -52,7 +52,6 @@ def epoch(index: str, mode: str) -> dict:
     """Run in a child: one epoch over the cache, returns peak RSS and seconds."""
     import numpy as np
     import torch
-
     from pneumo_edge.train import cache
     from pneumo_edge.train.data import PixelDataset
 

@@ -1,4 +1,4 @@
-"""DICOM decode speed: images/s through the one preprocessing (``pneumo_edge.images.load_image``:
+"""DICOM decode speed: images/s through the one preprocessing (``pneumo_edge.inputs.images.load_image``:
 header checks, decode, Modality/VOI LUT, 8-bit, resize) per transfer syntax.
 
 Files are clinical-size CR-like images made from real X-rays of the bundled samples: upscaled
@@ -108,8 +108,8 @@ def syntaxes():
 
 
 def rate(files: list[Path], size: int, threads: int) -> float:
-    from pneumo_edge.images import load_image
-    from pneumo_edge.pipeline import decode_batches
+    from pneumo_edge.inputs.images import load_image
+    from pneumo_edge.inputs.pipeline import decode_batches
 
     load_image(files[0], size)  # warm-up: imports, decoder plugin lookup
     t0 = time.perf_counter()

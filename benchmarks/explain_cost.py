@@ -32,10 +32,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-gradcam", action="store_true")
     args = ap.parse_args(argv)
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-    from pneumo_edge.bench import cpu_summary, machine_info
-    from pneumo_edge.explain import Explainer, default_patch, positions
-    from pneumo_edge.folders import walk_images
-    from pneumo_edge.images import load_image
+    from pneumo_edge.commands.bench import cpu_summary, machine_info
+    from pneumo_edge.explain.methods import Explainer, default_patch, positions
+    from pneumo_edge.inputs.folders import walk_images
+    from pneumo_edge.inputs.images import load_image
     from pneumo_edge.runtimes import open_runtime
 
     before = machine_info()

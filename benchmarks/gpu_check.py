@@ -89,7 +89,7 @@ def skip(reason: str) -> dict:
 # ----------------------------------------------------------------------------- environment
 
 def environment(torch, dev: str) -> dict:
-    from pneumo_edge.bench import machine_info
+    from pneumo_edge.commands.bench import machine_info
     from pneumo_edge.runtimes import has_package
 
     info = {"machine": machine_info(), "torch": torch.__version__,
@@ -126,7 +126,7 @@ def train_tiny(work: Path, dev: str, dry: bool) -> dict:
     from conftest import write_labelled
     from pneumo_edge.train.loop import TrainConfig, train
 
-    from pneumo_edge.card import Card
+    from pneumo_edge.model.card import Card
 
     data, out = work / "data", work / "run"
     write_labelled(data / "train", per_class=8 if dry else 16, seed=0)
@@ -331,7 +331,7 @@ def run_pytest(timeout: float) -> dict:
 def bench_torch(work: Path, dev: str, arch: str, size: int, batches, iters: int) -> dict:
     from run_all import make_model_dir
 
-    from pneumo_edge.bench import bench_runtime
+    from pneumo_edge.commands.bench import bench_runtime
     from pneumo_edge.runtimes.torch_rt import TorchRuntime
 
     model = make_model_dir(work / "bench_model", arch, size, export=False)
@@ -352,7 +352,7 @@ def bench_torch(work: Path, dev: str, arch: str, size: int, batches, iters: int)
 
 
 def end_to_end(run: Path, dev: str, batch: int) -> dict:
-    from pneumo_edge.bench import bench_end_to_end, list_files
+    from pneumo_edge.commands.bench import bench_end_to_end, list_files
     from pneumo_edge.runtimes import open_runtime
     from pneumo_edge.runtimes.torch_rt import TorchRuntime
 

@@ -79,7 +79,7 @@ def variants(model, dev, graphs: bool):
 def bench_variant(name, net, fmt, batch, size, dev, warmup, iters):
     import torch
 
-    from pneumo_edge.bench import latency_row
+    from pneumo_edge.commands.bench import latency_row
 
     rng = np.random.default_rng(0)
     x_host = rng.integers(0, 256, (batch, 1, size, size), dtype=np.uint8)
@@ -126,8 +126,8 @@ def bench_variant(name, net, fmt, batch, size, dev, warmup, iters):
 def run(args) -> dict:
     import torch
 
-    from pneumo_edge.bench import machine_info, run_bench
-    from pneumo_edge.torchload import load_model
+    from pneumo_edge.commands.bench import machine_info, run_bench
+    from pneumo_edge.model.torchload import load_model
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gpu_torch.py: torch sees no CUDA GPU (use --device cpu for a smoke "
@@ -174,7 +174,7 @@ def run(args) -> dict:
 
 
 def markdown(result: dict) -> str:
-    from pneumo_edge.bench import cpu_summary
+    from pneumo_edge.commands.bench import cpu_summary
 
     m = result["machine"]
     lines = ["## PyTorch on the GPU (benchmarks/gpu_torch.py)", "",
@@ -221,7 +221,7 @@ def main(argv=None):
     if a.write:
         if not str(a.device).startswith("cuda"):
             raise SystemExit("--write is for GPU figures; not writing CPU smoke-test figures")
-        from pneumo_edge.bench import update_section
+        from pneumo_edge.commands.bench import update_section
 
         update_section(a.results, "gpu_torch", markdown(result))
         print(f"updated {a.results}", file=sys.stderr)

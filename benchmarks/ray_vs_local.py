@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/ray_vs_local.py [--model demo-out/r18] [--data FOLDER]
         [--images 480] [--runtime onnx] [--batch 32] [--rounds 2]
 
-Both run pneumo_edge.score.run_score on the same files with -o (the CLI's code path), in this
+Both run pneumo_edge.commands.score.run_score on the same files with -o (the CLI's code path), in this
 process, alternating. The Ray figure is measured on an already started local Ray instance
 (``ray.init(num_cpus=<cores>)``, started once and not timed: its start-up is printed
 separately), so it shows Ray Data's per-run overhead (planning, actor start and model load,
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def files_from(data: Path, n: int) -> list[Path]:
-    from pneumo_edge.folders import walk_images
+    from pneumo_edge.inputs.folders import walk_images
 
     return [Path(p) for p in walk_images([str(data)]).files[:n]]
 
@@ -44,7 +44,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from pneumo_edge.score import run_score
+    from pneumo_edge.commands.score import run_score
 
     work = Path(tempfile.mkdtemp(prefix="rayb", dir="/tmp"))
     try:

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/run_all.py --quick    # few iterations, for checking the script
 
 1. A ResNet50 model directory at 224 px with random weights (speed does not depend on the
-   weights): :func:`pneumo_edge.net.build_model` + ``save_model`` + a :class:`Card`,
+   weights): :func:`pneumo_edge.model.net.build_model` + ``save_model`` + a :class:`Card`,
    exported to model.onnx and model.fp16.onnx by the export code (``run_export``, parity
    skipped: there is nothing to be faithful to).
 2. ``pneumo-edge bench`` on it (a subprocess, exactly the command users run): torch, onnx and
@@ -52,10 +52,10 @@ def make_model_dir(out, arch: str = "resnet50", size: int = 224, *, export: bool
     """A model directory with random weights (for speed only) and, with ``export``, its
     model.onnx and model.fp16.onnx from the export code."""
     import torch
-
-    from pneumo_edge.card import Card
     from pneumo_edge.train.checkpoint import save_model
-    from pneumo_edge.net import build_model
+
+    from pneumo_edge.model.card import Card
+    from pneumo_edge.model.net import build_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +196,7 @@ def default_data(count: int) -> tuple[str, dict | None]:
 
 
 def header_md(bench: dict, busy_now: list[str], quick: bool) -> str:
-    from pneumo_edge.bench import cpu_summary
+    from pneumo_edge.commands.bench import cpu_summary
 
     m = bench["machine"]
     flags = ", ".join(k for k, v in m["cpu_flags"].items() if v) or "none"
@@ -228,7 +228,7 @@ def header_md(bench: dict, busy_now: list[str], quick: bool) -> str:
 
 
 def bench_md(bench: dict) -> str:
-    from pneumo_edge.bench import cpu_summary, markdown_table
+    from pneumo_edge.commands.bench import cpu_summary, markdown_table
 
     s = bench["settings"]
     model = bench["model"]
@@ -265,9 +265,9 @@ def bench_md(bench: dict) -> str:
              f"(mean {d['megapixels_mean']}), aspect {d['aspect_min']}-{d['aspect_max']}, "
              f"{d['kib_mean']:.0f} KiB on average; half 8-bit grey, half RGB. "
              if (d := bench.get("data_description")) else "")
-            + "decode = scoring's decoder alone (`pneumo_edge.pipeline.decode_batches` -> "
-            "`pneumo_edge.images.load_image`); compute = the runtime alone on the decoded "
-            "batches; end to end = scoring's loop (`pneumo_edge.score.score_files`: decode "
+            + "decode = scoring's decoder alone (`pneumo_edge.inputs.pipeline.decode_batches` -> "
+            "`pneumo_edge.inputs.images.load_image`); compute = the runtime alone on the decoded "
+            "batches; end to end = scoring's loop (`pneumo_edge.commands.score.score_files`: decode "
             "overlapped with the model, CSV rows built but not written); bound = the slower of "
             "decode and compute. On this CPU-only box both share the same cores.",
             "",
@@ -367,7 +367,7 @@ def main(argv=None):
     bench = run_json(cli + bench_cmd + ["--json"])
     bench["command"] = "pneumo-edge " + " ".join(bench_cmd)
     bench["data_description"] = described
-    from pneumo_edge.bench import format_table
+    from pneumo_edge.commands.bench import format_table
 
     print(format_table(bench))
     train = run_json([py, str(HERE / "train_step.py"), "--no-write", "--steps",
@@ -382,7 +382,7 @@ def main(argv=None):
     sys.path.insert(0, str(HERE))
     import train_step
 
-    from pneumo_edge.bench import update_section
+    from pneumo_edge.commands.bench import update_section
 
     out = Path(a.results)
     keep_gpu = out.exists() and "<!-- gpu_torch:begin -->" in out.read_text(encoding="utf-8") \

@@ -17,7 +17,7 @@
    ImageFolder, PIL .convert("RGB"), Resize((224, 224)), ToTensor, Normalize, DataLoader batch 32
    with 2 workers, eager fp32 torchvision ResNet50 under no_grad). Both timings include building
    the model and the data pipeline, and exclude interpreter start and imports. A third entry,
-   "candidate", runs scoring's own loop (pneumo_edge.score.score_files, -o sink) with a
+   "candidate", runs scoring's own loop (pneumo_edge.commands.score.score_files, -o sink) with a
    bench-only frozen torch bf16 runtime: what a bf16 runtime choice would give.
 4. Reports images/s of both, the ratio, and the machine's limit for the default path:
    1000 / (decode ms/image + compute ms/image), both measured alone on all cores.
@@ -68,9 +68,9 @@ def make_model(d: Path) -> Path:
     import torch
     from pneumo_edge.export.main import run_export
     from pneumo_edge.train.checkpoint import save_model
-    from pneumo_edge.net import build_model
 
-    from pneumo_edge.card import Card
+    from pneumo_edge.model.card import Card
+    from pneumo_edge.model.net import build_model
 
     d.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -109,7 +109,7 @@ def machine() -> dict:
 
 def measure_decode(files, workers=None) -> tuple[list[np.ndarray], dict]:
     """Scoring's decode pipeline alone: (pixel batches, ms/image wall and CPU per image)."""
-    from pneumo_edge.pipeline import decode_batches, default_workers
+    from pneumo_edge.inputs.pipeline import decode_batches, default_workers
 
     workers = workers or default_workers()
     t0 = time.perf_counter()
@@ -232,7 +232,7 @@ def setup_seconds(model_dir: Path) -> float:
 
 
 def compute_paths(model_dir: Path, batches, skip_fp16: bool) -> dict:
-    from pneumo_edge.card import Card
+    from pneumo_edge.model.card import Card
     from pneumo_edge.runtimes import open_runtime
     from pneumo_edge.runtimes.onnx_rt import OnnxRuntime
 
@@ -305,8 +305,8 @@ def run_baseline(folder: Path, model_dir: Path, workers: int = 2) -> tuple[float
 def run_candidate(files, model_dir: Path, out_csv: Path) -> float:
     """Scoring's own loop and CSV sink with the bench-only frozen torch bf16 runtime (its
     tracing included); seconds."""
-    from pneumo_edge.csvout import PartialSink, header
-    from pneumo_edge.score import score_files
+    from pneumo_edge.commands.score import score_files
+    from pneumo_edge.outputs.csvout import PartialSink, header
 
     t0 = time.perf_counter()
     rt = TorchBf16(model_dir)
@@ -533,7 +533,7 @@ def _cell(fn, r) -> str:
 
 
 def _md_parts(runs) -> str:
-    rows = [("decode, pneumo_edge.images (draft), default threads, wall",
+    rows = [("decode, pneumo_edge.inputs.images (draft), default threads, wall",
              lambda r: f"{r['decode']['ms_per_image']:.2f} ({r['decode']['threads']} threads; "
                        f"{r['decode']['cpu_ms_per_image']:.2f} CPU)"),
             ("decode, 1 thread", lambda r: f"{r['decode_1_thread']['ms_per_image']:.2f}"),

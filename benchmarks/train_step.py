@@ -3,7 +3,7 @@
 What is timed is exactly what ``pneumo-edge train`` runs per batch: the training loop's own
 :func:`pneumo_edge.train.loop.train_one_epoch` (channels_last input, ``autocast`` as ``--amp``
 sets it, class-weighted cross-entropy, backward, AdamW step, ``loss.item()``), on a model from
-:func:`pneumo_edge.net.build_model` and the optimiser from the loop's ``_optimizer``.
+:func:`pneumo_edge.model.net.build_model` and the optimiser from the loop's ``_optimizer``.
 Input batches are random uint8 ``[B, 1, S, S]`` tensors already in memory, so data loading
 and augmentation are *not* included (they run in DataLoader workers during real training).
 
@@ -53,11 +53,11 @@ class StepClock:
 def measure(mode: str, arch: str, size: int, batch: int, warmup: int, steps: int,
             threads: int | None = None, seed: int = 0) -> dict:
     import torch
+    from pneumo_edge.train.loop import TrainConfig, _optimizer, train_one_epoch
     from torch import nn
 
-    from pneumo_edge.bench import latency_row
-    from pneumo_edge.train.loop import TrainConfig, _optimizer, train_one_epoch
-    from pneumo_edge.net import build_model
+    from pneumo_edge.commands.bench import latency_row
+    from pneumo_edge.model.net import build_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -92,7 +92,7 @@ def measure(mode: str, arch: str, size: int, batch: int, warmup: int, steps: int
 
 def run(arch="resnet50", size=224, batch=32, warmup=3, steps=10, modes=("fp32", "bf16"),
         threads=None, log=None) -> dict:
-    from pneumo_edge.bench import machine_info
+    from pneumo_edge.commands.bench import machine_info
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     machine = machine_info()
@@ -109,7 +109,7 @@ def run(arch="resnet50", size=224, batch=32, warmup=3, steps=10, modes=("fp32", 
 
 
 def markdown(result: dict) -> str:
-    from pneumo_edge.bench import cpu_summary
+    from pneumo_edge.commands.bench import cpu_summary
 
     m = result["machine"]
     r0 = result["rows"][0]
@@ -157,7 +157,7 @@ def main(argv=None):
                  tuple(m.strip() for m in a.modes.split(",") if m.strip()), a.threads)
     print(json.dumps(result, indent=2))
     if not a.no_write:
-        from pneumo_edge.bench import update_section
+        from pneumo_edge.commands.bench import update_section
 
         update_section(a.results, "train_step", markdown(result))
         print(f"updated {a.results}", file=sys.stderr)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def load_split(card, root: Path, key: str):
-    from pneumo_edge.evaluate import decode_labelled
+    from pneumo_edge.commands.evaluate import decode_labelled
 
     files = card.split.get(key, [])
     samples = [(str(root / f), card.classes.index(Path(f).parent.name)) for f in files]
@@ -26,12 +26,12 @@ def load_split(card, root: Path, key: str):
 def main() -> None:
     import numpy as np
     import torch
-
-    from pneumo_edge.card import Card
-    from pneumo_edge.metrics import binary_metrics, choose_threshold
-    from pneumo_edge.net import build_model
     from pneumo_edge.train.loop import predict
     from pneumo_edge.train.shift import shifted_set
+
+    from pneumo_edge.evaluation.metrics import binary_metrics, choose_threshold
+    from pneumo_edge.model.card import Card
+    from pneumo_edge.model.net import build_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)

@@ -28,8 +28,8 @@ from pneumo_edge.export.quantize import QuantOptions, calibration_pixels, quanti
 from pneumo_edge.export.report import format_table, write_report
 from pneumo_edge.export.tensorrt import BuildOptions, build_engine, trt_missing
 
-from pneumo_edge import modeldir
 from pneumo_edge.errors import ModelError, PneumoError
+from pneumo_edge.model import modeldir
 
 
 def _err(msg: str) -> None:
@@ -139,7 +139,7 @@ def load_checkpoint(run: Path):
     except ImportError as exc:
         raise PneumoError(f"export needs torch, torchvision and onnx ({exc.name} missing): "
                           "pip install 'pneumo-edge[train]'") from None
-    from pneumo_edge.torchload import load_checked
+    from pneumo_edge.model.torchload import load_checked
 
     model, card, ckpt = load_checked(run / modeldir.MODEL_PT)
     return model, card, ckpt.sha256

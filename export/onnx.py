@@ -3,7 +3,7 @@
 Both take ``image`` uint8 ``[N, 1, S, S]`` and return ``probs`` float32 ``[N, C]`` with a dynamic
 batch dimension ``N``; normalisation and softmax are inside the graph (XrayNet), and the model
 card travels in ``metadata_props`` (with the sha256 of the model.pt it came from; the keys are
-:mod:`pneumo_edge.modeldir`'s).
+:mod:`pneumo_edge.model.modeldir`'s).
 
 Exporter and opset: the torch.export-based exporter (``dynamo=True``) at opset 18.
 - torch 2.15 still accepts ``dynamo=False`` but warns that the TorchScript exporter will be
@@ -26,10 +26,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from pneumo_edge import modeldir
-from pneumo_edge.card import Card
-from pneumo_edge.errors import ModelError
 from pneumo_edge.export.tensorrt import uint8_input_problems
+
+from pneumo_edge.errors import ModelError
+from pneumo_edge.model import modeldir
+from pneumo_edge.model.card import Card
 
 CARD_KEY = modeldir.ONNX_CARD_KEY
 DEFAULT_OPSET = 18

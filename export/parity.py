@@ -2,7 +2,7 @@
 
 Every form (model.onnx, model.fp16.onnx, model.int8.onnx, model.fp16.engine, and torch-fp16 on
 CUDA) runs on the same decoded pixels as the torch fp32 reference (decoded once, by
-pneumo_edge.images). Per form: max and mean |delta p|, label agreement at the card's threshold,
+pneumo_edge.inputs.images). Per form: max and mean |delta p|, label agreement at the card's threshold,
 accuracy / precision / recall (sensitivity) / specificity / F1 and ROC AUC with their deltas
 against torch. A form fails when it exceeds its precision's tolerance; the report then names the
 smallest tolerance that would have passed (like Polygraphy's comparator).
@@ -10,7 +10,7 @@ smallest tolerance that would have passed (like Polygraphy's comparator).
 A form is "skipped" only when it was not built or cannot run on this machine (no GPU, no
 TensorRT); a file that exists but fails to open or run is a failure. parity.json records each
 file's sha256: ``auto`` picks a reduced-precision form only when its entry passed for that exact
-file (pneumo_edge.modeldir.parity_evidence).
+file (pneumo_edge.model.modeldir.parity_evidence).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_edge import modeldir
-from pneumo_edge.card import Card
+from pneumo_edge.commands.evaluate import decode_labelled, predict
 from pneumo_edge.errors import DataError, ModelError, RuntimeUnavailable
-from pneumo_edge.evaluate import decode_labelled, predict
-from pneumo_edge.folders import scan_labelled
-from pneumo_edge.metrics import binary_metrics
+from pneumo_edge.evaluation.metrics import binary_metrics
+from pneumo_edge.inputs.folders import scan_labelled
+from pneumo_edge.model import modeldir
+from pneumo_edge.model.card import Card
 from pneumo_edge.versions import installed_versions
 
 CHECKED_METRICS = ("accuracy", "precision", "recall", "specificity", "f1")

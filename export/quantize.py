@@ -12,7 +12,7 @@ The recipe (each choice measured on the default-recipe ResNet50; figures in expo
   dequantized before the classifier, so the logits and probabilities a clinician reads are
   computed in float from int8 features, never rounded to an 8-bit grid.
 - Calibration images come from the training split recorded in the card, never from the
-  validation images parity runs on, are decoded by pneumo_edge.images (the one preprocessing),
+  validation images parity runs on, are decoded by pneumo_edge.inputs.images (the one preprocessing),
   and are sampled class-balanced (both classes represented however unbalanced the split is),
   deterministically under the card's seed.
 """
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_edge import modeldir
-from pneumo_edge.card import Card
+from pneumo_edge.commands.evaluate import decode_labelled
 from pneumo_edge.errors import DataError, ModelError
-from pneumo_edge.evaluate import decode_labelled
-from pneumo_edge.folders import scan_labelled
+from pneumo_edge.inputs.folders import scan_labelled
+from pneumo_edge.model import modeldir
+from pneumo_edge.model.card import Card
 
 #: calibration images by default (class-balanced); chosen by measurement (export/INT8.md)
 DEFAULT_CALIB_IMAGES = 128

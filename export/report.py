@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pneumo_edge import modeldir
+from pneumo_edge.model import modeldir
 
 PARITY_FILE = modeldir.PARITY_JSON
 COLUMNS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pneumo_edge import modeldir
 from pneumo_edge.errors import ModelError, PneumoError, RuntimeUnavailable
+from pneumo_edge.model import modeldir
 from pneumo_edge.runtimes import gpu_present, has_package
 from pneumo_edge.runtimes.trt_rt import INSTALL_HINT
 

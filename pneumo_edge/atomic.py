@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from pneumo_edge.card import json_safe
 from pneumo_edge.errors import PneumoError
+from pneumo_edge.model.card import json_safe
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[BinaryIO], None]) -> Path:

@@ -15,8 +15,9 @@ import sys
 
 import click
 
-from pneumo_edge import __version__, modeldir
+from pneumo_edge import __version__
 from pneumo_edge.errors import PneumoError
+from pneumo_edge.model import modeldir
 
 RUNTIME_CHOICES = ["auto", *modeldir.RUNTIMES]
 
@@ -229,7 +230,7 @@ def eval_(model, data, runtime, batch, out, report, resamples, gallery):
     from pathlib import Path
 
     from pneumo_edge.atomic import write_json_atomic
-    from pneumo_edge.evaluate import format_metrics, run_evaluation
+    from pneumo_edge.commands.evaluate import format_metrics, run_evaluation
     from pneumo_edge.runtimes import open_runtime
 
     if report and Path(report).is_dir():
@@ -243,7 +244,7 @@ def eval_(model, data, runtime, batch, out, report, resamples, gallery):
     write_json_atomic(out, m)
     click.echo(f"wrote {out}", err=True)
     if report:
-        from pneumo_edge.report import write_report
+        from pneumo_edge.outputs.html_report import write_report
 
         write_report(ev, rt, report)
         click.echo(f"wrote {report}", err=True)
@@ -273,7 +274,7 @@ def bench(model, runtime, batch, warmup, iters, max_time, data, limit, threads, 
     Each row: WARMUP untimed calls, then ITERS timed calls on a uint8 batch of the model's size;
     images/s = batch / mean latency. Runtimes return host arrays, so GPU work is synchronised.
     """
-    from pneumo_edge.bench import format_table, parse_batches, parse_runtimes, run_bench
+    from pneumo_edge.commands.bench import format_table, parse_batches, parse_runtimes, run_bench
 
     try:
         names = parse_runtimes(runtime)
@@ -337,7 +338,7 @@ def score(paths, model, runtime, batch, threshold, output, resume, workers, quie
     reason), 2 for usage errors and when the CSV cannot be written. With -o FILE, FILE.json
     records the model file and its sha256, runtime, threshold, versions and counts.
     """
-    from pneumo_edge.score import run_score
+    from pneumo_edge.commands.score import run_score
 
     try:
         summary = run_score(paths, model, runtime=runtime, batch=batch, threshold=threshold,
@@ -372,7 +373,7 @@ def explain(paths, model, out, method, runtime, batch, force):
 
     Exit 0 when every image file was explained, 1 when some could not be (their rows carry
     the reason), 2 for usage errors."""
-    from pneumo_edge.explain_run import run_explain
+    from pneumo_edge.commands.explain import run_explain
 
     sys.exit(run_explain(paths, model, out, method=method, runtime=runtime, force=force,
                          batch=batch))

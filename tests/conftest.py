@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumo_edge import modeldir
+from pneumo_edge.model import modeldir
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 PER_CLASS = 16

@@ -57,7 +57,7 @@ assert len(rows) - 1 == len(files), (len(rows) - 1, len(files))
 assert all(r[1] and not r[-1] for r in rows[1:]), "some rows have no label"
 print(f"{len(files)} rows, all scored")
 EOF
-"$venv/bin/python" -c "import sys, pneumo_edge.cli, pneumo_edge.score; assert 'torch' not in sys.modules"
+"$venv/bin/python" -c "import sys, pneumo_edge.cli, pneumo_edge.commands.score; assert 'torch' not in sys.modules"
 
 echo "== scoring DICOM (uncompressed, RLE, JPEG 2000 lossless; one without extension)"
 mkdir "$work/dicom"

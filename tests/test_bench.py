@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import copy_model_dir
 
-from pneumo_edge import bench
-from pneumo_edge.card import Card
 from pneumo_edge.cli import main
+from pneumo_edge.commands import bench
 from pneumo_edge.errors import PneumoError
+from pneumo_edge.model.card import Card
 from pneumo_edge.runtimes import RUNTIMES
 
 ROW_KEYS = {"runtime", "batch", "p50_ms", "p90_ms", "p99_ms", "images_per_s", "mean_ms",
@@ -263,7 +263,7 @@ def test_cli_missing_model(tmp_path):
 
 
 def test_cli_import_stays_free_of_torch():
-    code = "import sys, pneumo_edge.cli, pneumo_edge.bench; sys.exit('torch' in sys.modules)"
+    code = "import sys, pneumo_edge.cli, pneumo_edge.commands.bench; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

@@ -12,10 +12,11 @@ from PIL import Image
 torch = pytest.importorskip("torch", reason="training needs torch")
 
 from conftest import write_labelled  # noqa: E402
-from pneumo_edge.folders import scan_labelled  # noqa: E402
-from pneumo_edge.images import load_image  # noqa: E402
 from pneumo_edge.train import cache  # noqa: E402
 from pneumo_edge.train.loop import TrainConfig, train  # noqa: E402
+
+from pneumo_edge.inputs.folders import scan_labelled  # noqa: E402
+from pneumo_edge.inputs.images import load_image  # noqa: E402
 
 
 @pytest.fixture
@@ -126,8 +127,9 @@ def test_training_from_the_cache_equals_training_from_memory(tmp_path, capfd):
 
 
 def test_cache_and_no_cache_exclude_each_other(tmp_path):
-    from pneumo_edge.errors import UsageError
     from pneumo_edge.train.config import check_config
+
+    from pneumo_edge.errors import UsageError
 
     with pytest.raises(UsageError, match="exclude each other"):
         check_config(TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"),
@@ -156,7 +158,7 @@ def test_a_superseded_entry_is_removed_others_stay(samples, tmp_path):
 
 
 def test_the_key_follows_the_preprocessing_code_and_decoders(samples, monkeypatch):
-    from pneumo_edge import dicom, images
+    from pneumo_edge.inputs import dicom, images
 
     base = cache.cache_key(samples, 48)
     assert cache.cache_key(samples, 48) == base

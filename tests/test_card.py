@@ -1,11 +1,11 @@
-"""pneumo_edge.card: JSON round-trip, validation, labelling."""
+"""pneumo_edge.model.card: JSON round-trip, validation, labelling."""
 
 import json
 
 import pytest
 
-from pneumo_edge.card import CARD_VERSION, Card
 from pneumo_edge.errors import ModelError
+from pneumo_edge.model.card import CARD_VERSION, Card
 
 
 def make(**kw):

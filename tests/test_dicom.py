@@ -29,9 +29,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from pneumo_edge import dicom
-from pneumo_edge.folders import scan_labelled, walk_images
-from pneumo_edge.images import ImageError, load_image
+from pneumo_edge.inputs import dicom
+from pneumo_edge.inputs.folders import scan_labelled, walk_images
+from pneumo_edge.inputs.images import ImageError, load_image
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "samples" / "chest_xray" / "train" / "PNEUMONIA"
@@ -294,7 +294,7 @@ def test_labelled_dicom_folder_is_a_dataset(tmp_path):
         make(tmp_path / cls / "x.dcm", picture(idx).astype(np.uint16) * 16)
     lf = scan_labelled(tmp_path)
     assert [Path(p).name for p, _ in lf.samples] == ["x.dcm", "x.dcm"]
-    from pneumo_edge.evaluate import decode_labelled
+    from pneumo_edge.commands.evaluate import decode_labelled
 
     px, labels, failed = decode_labelled(lf.samples, SIZE)
     assert px.shape == (2, 1, SIZE, SIZE) and list(labels) == [0, 1] and not failed
@@ -481,7 +481,7 @@ def _dicom_and_png_twins(root: Path, per_class: int = 6) -> tuple[Path, Path]:
 def test_eval_data_path_on_dicom_equals_the_same_pngs(tiny_exported, tmp_path):
     """eval, parity and quantisation read labelled folders with scan_labelled + decode_labelled:
     DICOM twins of PNG files give the same pixels and probabilities."""
-    from pneumo_edge.evaluate import decode_labelled
+    from pneumo_edge.commands.evaluate import decode_labelled
     from pneumo_edge.runtimes import open_runtime
 
     dcm, png = _dicom_and_png_twins(tmp_path)

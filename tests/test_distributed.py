@@ -24,8 +24,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="training needs torch")
 
 from conftest import write_labelled  # noqa: E402
-from pneumo_edge.card import Card  # noqa: E402
 from pneumo_edge.train import distributed as dist_  # noqa: E402
+
+from pneumo_edge.model.card import Card  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--arch", "resnet18", "--image-size", "32", "--epochs", "2", "--min-epochs", "1",
@@ -63,7 +64,7 @@ def test_two_gloo_processes_write_one_valid_model_directory(data, tmp_path):
     assert len((out / "history.csv").read_text().splitlines()) == 1 + 2
     assert log.count("best epoch") == 1 and log.count("epoch 1/2:") == 1
     # the written model runs: the torch runtime scores the training images with it
-    from pneumo_edge.evaluate import evaluate_folder
+    from pneumo_edge.commands.evaluate import evaluate_folder
     from pneumo_edge.runtimes import open_runtime
 
     m = evaluate_folder(open_runtime(out, "torch"), data / "train")
@@ -101,8 +102,9 @@ def _eval_worker(rank, world, port, seed, pixels, labels, batch, result_file):
 
 
 def _eval_setup(seed, pixels, labels, batch):
-    from pneumo_edge.net import build_model
     from pneumo_edge.train.data import PixelDataset
+
+    from pneumo_edge.model.net import build_model
 
     torch.manual_seed(seed)
     model = build_model("resnet18", 2, "none").eval()
@@ -114,8 +116,9 @@ def _eval_setup(seed, pixels, labels, batch):
 def test_gathered_evaluation_equals_one_process(tmp_path):
     """The same weights evaluated by two ranks give one process's loss, probabilities (in
     order), hence metrics and threshold; 11 images in batches of 4: an uneven last shard."""
-    from pneumo_edge.metrics import binary_metrics, choose_threshold
     from pneumo_edge.train.loop import evaluate
+
+    from pneumo_edge.evaluation.metrics import binary_metrics, choose_threshold
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (11, 1, 32, 32), dtype=np.uint8)

@@ -90,8 +90,8 @@ def test_torch_runtime_without_torch_is_a_clear_error(tiny_exported):
 
 
 def test_cli_and_scoring_modules_import_no_torch():
-    code = ("import sys, pneumo_edge.cli, pneumo_edge.score, pneumo_edge.pipeline, "
-            "pneumo_edge.csvout, pneumo_edge.runtimes.onnx_rt; "
+    code = ("import sys, pneumo_edge.cli, pneumo_edge.commands.score, pneumo_edge.inputs.pipeline, "
+            "pneumo_edge.outputs.csvout, pneumo_edge.runtimes.onnx_rt; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, cwd=REPO, check=False)

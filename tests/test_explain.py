@@ -29,7 +29,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def blob_images(n: int, seed: int = 123):
     """PNEUMONIA-like images (a bright blob), their model pixels, and the blob's centre found
     from the image itself (the brightest point after blurring), in model pixels."""
-    from pneumo_edge.images import to_pixels
+    from pneumo_edge.inputs.images import to_pixels
 
     rng = np.random.default_rng(seed)
     out = []
@@ -56,7 +56,7 @@ def randomised_run(tiny_run, tmp_path_factory):
     from conftest import copy_model_dir
     from pneumo_edge.train.checkpoint import save_model
 
-    from pneumo_edge.torchload import load_model
+    from pneumo_edge.model.torchload import load_model
 
     out = copy_model_dir(tiny_run, tmp_path_factory.mktemp("randomised") / "run",
                          files=("card.json", "model.pt"))
@@ -70,7 +70,7 @@ def randomised_run(tiny_run, tmp_path_factory):
 
 
 def test_occlusion_peaks_on_the_class_pattern(onnx_rt):
-    from pneumo_edge.explain import default_patch, occlusion
+    from pneumo_edge.explain.methods import default_patch, occlusion
 
     patch, _ = default_patch(IMAGE_SIZE)
     dists = []
@@ -87,7 +87,7 @@ def test_maps_depend_on_the_trained_weights(tiny_run, randomised_run):
     """Adebayo et al.'s model-parameter randomisation: the maps of the trained model and of
     the same network with random weights must differ clearly (low rank correlation)."""
     pytest.importorskip("torch")
-    from pneumo_edge.explain import gradcam, occlusion
+    from pneumo_edge.explain.methods import gradcam, occlusion
     from pneumo_edge.runtimes import open_runtime
 
     trained = open_runtime(tiny_run, "torch", log=lambda m: None)
@@ -111,7 +111,7 @@ def test_maps_depend_on_the_trained_weights(tiny_run, randomised_run):
 
 def test_gradcam_map_shape_and_tta(tiny_run):
     pytest.importorskip("torch")
-    from pneumo_edge.explain import Explainer
+    from pneumo_edge.explain.methods import Explainer
     from pneumo_edge.runtimes import open_runtime
 
     rt = open_runtime(tiny_run, "torch", log=lambda m: None)
@@ -123,7 +123,7 @@ def test_gradcam_map_shape_and_tta(tiny_run):
 
 
 def test_gradcam_needs_the_torch_model(onnx_rt):
-    from pneumo_edge.explain import Explainer
+    from pneumo_edge.explain.methods import Explainer
 
     with pytest.raises(PneumoError, match="gradcam needs the torch model"):
         Explainer(onnx_rt, "gradcam")
@@ -134,7 +134,7 @@ def _files(folder: Path) -> dict:
 
 
 def test_explain_folder_rows_pictures_and_refusals(tiny_exported, tiny_labelled, tmp_path):
-    from pneumo_edge.explain_run import EXPLAIN_CSV, run_explain
+    from pneumo_edge.commands.explain import EXPLAIN_CSV, run_explain
 
     data = tmp_path / "in"
     data.mkdir()
@@ -193,7 +193,7 @@ def test_occlusion_explain_is_torch_free(tiny_exported, tiny_labelled, tmp_path)
     img = min((tiny_labelled / "PNEUMONIA").iterdir())
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from pneumo_edge.explain_run import run_explain\n"
+        "from pneumo_edge.commands.explain import run_explain\n"
         f"c = run_explain([{str(img)!r}], {str(tiny_exported)!r}, {str(tmp_path / 'o')!r}, "
         "runtime='onnx', log=lambda m: None)\n"
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
@@ -210,7 +210,7 @@ def test_score_explain_writes_heatmaps_for_the_chosen_rows(tiny_exported, tiny_l
                                                            tmp_path, which):
     import io
 
-    from pneumo_edge.score import run_score
+    from pneumo_edge.commands.score import run_score
 
     buf = io.BytesIO()
     s = run_score([str(tiny_labelled)], tiny_exported, runtime="onnx", quiet=True,
@@ -228,7 +228,7 @@ def test_score_explain_writes_heatmaps_for_the_chosen_rows(tiny_exported, tiny_l
 
 
 def test_overlay_colours_and_blend():
-    from pneumo_edge.overlay import Legend, blend, colormap, render
+    from pneumo_edge.explain.overlay import Legend, blend, colormap, render
 
     lo, hi = colormap(np.array([0.0, 1.0]))
     assert lo[2] > lo[0] and hi[0] > hi[2]  # blue at the bottom, red at the top
@@ -263,7 +263,7 @@ def test_a_failing_runtime_stops_with_one_error(onnx_rt, tmp_path):
     """A runtime that raises (a mismatched or broken model) ends the run with a ModelError
     (exit 2), never a traceback and never as many error rows as there are images."""
     from pneumo_edge.errors import ModelError
-    from pneumo_edge.explain import Explainer
+    from pneumo_edge.explain.methods import Explainer
 
     class Broken:  # a real runtime, fed a batch of the wrong size
         name, card = onnx_rt.name, onnx_rt.card

@@ -11,11 +11,12 @@ from click.testing import CliRunner
 onnx = pytest.importorskip("onnx", reason="export needs onnx")
 ort = pytest.importorskip("onnxruntime", reason="these tests run the ONNX files")
 
-from pneumo_edge.card import Card  # noqa: E402
-from pneumo_edge.cli import main  # noqa: E402
-from pneumo_edge.errors import DataError, ModelError, PneumoError  # noqa: E402
 from pneumo_edge.export.main import run_export  # noqa: E402
 from pneumo_edge.export.onnx import CARD_KEY, fp16_problems, read_card  # noqa: E402
+
+from pneumo_edge.cli import main  # noqa: E402
+from pneumo_edge.errors import DataError, ModelError, PneumoError  # noqa: E402
+from pneumo_edge.model.card import Card  # noqa: E402
 from pneumo_edge.runtimes import has_package  # noqa: E402
 
 FILES = ("model.onnx", "model.fp16.onnx")
@@ -69,8 +70,8 @@ def test_fp16_graph_computes_in_fp16(tiny_exported):
 
 @pytest.mark.parametrize("name,tol", [("model.onnx", 1e-4), ("model.fp16.onnx", 1e-2)])
 def test_probabilities_match_torch(tiny_exported, tiny_labelled, name, tol):
-    from pneumo_edge.evaluate import decode_labelled
-    from pneumo_edge.folders import scan_labelled
+    from pneumo_edge.commands.evaluate import decode_labelled
+    from pneumo_edge.inputs.folders import scan_labelled
     from pneumo_edge.runtimes.torch_rt import TorchRuntime
 
     card = Card.load(tiny_exported)
@@ -194,9 +195,9 @@ def test_flip_tta_model_exports_with_the_uint8_input_feeding_only_a_cast(tmp_pat
     taken after normalisation, and every export checks the rule."""
     import onnxruntime as ort
     import torch
-
     from pneumo_edge.export.onnx import export_onnx
-    from pneumo_edge.net import build_model
+
+    from pneumo_edge.model.net import build_model
 
     torch.manual_seed(0)
     net = build_model("resnet18", 2, norm="image", tta="flip").eval()

@@ -1,11 +1,11 @@
-"""pneumo_edge.folders: walking, labelled folders, patient ids."""
+"""pneumo_edge.inputs.folders: walking, labelled folders, patient ids."""
 
 import os
 
 import pytest
 
 from pneumo_edge.errors import DataError
-from pneumo_edge.folders import patient_id, scan_labelled, walk_images
+from pneumo_edge.inputs.folders import patient_id, scan_labelled, walk_images
 
 
 def touch(p):
@@ -82,7 +82,7 @@ def test_folder_symlinks_not_followed_unless_asked_file_links_listed_per_path(tm
 
 LIST_AS_NOBODY = """
 import json, os, sys
-from pneumo_edge.folders import walk_images
+from pneumo_edge.inputs.folders import walk_images
 if os.geteuid() == 0:  # root lists anything: drop to nobody once the imports are done
     os.setgid(65534)
     os.setuid(65534)

@@ -13,8 +13,8 @@ import json
 import numpy as np
 import pytest
 
-from pneumo_edge.card import Card
 from pneumo_edge.errors import RuntimeUnavailable
+from pneumo_edge.model.card import Card
 
 pytestmark = pytest.mark.gpu
 

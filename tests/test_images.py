@@ -1,4 +1,4 @@
-"""pneumo_edge.images: the one preprocessing, on real decodes of generated files."""
+"""pneumo_edge.inputs.images: the one preprocessing, on real decodes of generated files."""
 
 import io
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo_edge.images import MAX_PIXELS, ImageError, load_image
+from pneumo_edge.inputs.images import MAX_PIXELS, ImageError, load_image
 
 
 def gradient(w=300, h=200):

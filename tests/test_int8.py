@@ -14,12 +14,11 @@ pytest.importorskip("onnxruntime", reason="INT8 runs in onnxruntime")
 
 from pneumo_edge.export.main import _check_calib_apart, run_export
 from pneumo_edge.export.parity import Tolerance, compare, default_tolerances
-from pneumo_edge.export.quantize import (QuantOptions, float_nodes, pick_balanced,
-                                         training_samples)
+from pneumo_edge.export.quantize import QuantOptions, float_nodes, pick_balanced, training_samples
 
-from pneumo_edge import modeldir
-from pneumo_edge.card import Card
 from pneumo_edge.errors import DataError, PneumoError
+from pneumo_edge.model import modeldir
+from pneumo_edge.model.card import Card
 from pneumo_edge.runtimes import gpu_present, open_runtime
 
 cpu_only = pytest.mark.skipif(gpu_present(), reason="auto prefers GPU forms on a GPU machine")

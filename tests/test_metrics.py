@@ -1,12 +1,17 @@
-"""pneumo_edge.metrics against cases computed by hand."""
+"""pneumo_edge.evaluation.metrics against cases computed by hand."""
 
 import math
 
 import numpy as np
 import pytest
 
-from pneumo_edge.metrics import (binary_metrics, choose_threshold, confusion_matrix, roc_auc,
-                                 validate_threshold_rule)
+from pneumo_edge.evaluation.metrics import (
+    binary_metrics,
+    choose_threshold,
+    confusion_matrix,
+    roc_auc,
+    validate_threshold_rule,
+)
 
 
 def test_hand_computed_case():

@@ -1,4 +1,4 @@
-"""The model directory (pneumo_edge.modeldir): which file runs, every copy of the card agrees
+"""The model directory (pneumo_edge.model.modeldir): which file runs, every copy of the card agrees
 with it, broken or hostile model files are refused with one line and exit 2, atomic writes.
 
 Real tiny models only (conftest's tiny_run / tiny_exported); the CLI where exit codes and
@@ -20,11 +20,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pneumo_edge import modeldir
-from pneumo_edge.card import Card
 from pneumo_edge.cli import main
 from pneumo_edge.errors import ModelError, PneumoError
-from pneumo_edge.modeldir import Refused
+from pneumo_edge.model import modeldir
+from pneumo_edge.model.card import Card
+from pneumo_edge.model.modeldir import Refused
 from pneumo_edge.runtimes import gpu_present, open_runtime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def test_score_runs_the_named_file_and_refuses_a_contradicting_runtime(tiny_expo
 
 def test_directory_with_only_model_onnx_scores_evals_and_benches(tiny_exported, copy_run,
                                                                  images, tiny_labelled):
-    from pneumo_edge import bench
+    from pneumo_edge.commands import bench
 
     run = copy_run(tiny_exported, files=["model.onnx"])
     assert os.listdir(run) == ["model.onnx"]
@@ -425,7 +425,7 @@ def _named_files(path: Path) -> list[str]:
 
 
 def test_only_modeldir_names_model_files():
-    """The edge package and export take every file name from pneumo_edge.modeldir (the CLI's
+    """The edge package and export take every file name from pneumo_edge.model.modeldir (the CLI's
     help texts may mention them)."""
     files = [*(REPO / "pneumo_edge").rglob("*.py"), *(REPO / "export").glob("*.py"),
              REPO / "train" / "checkpoint.py"]

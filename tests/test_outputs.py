@@ -95,9 +95,9 @@ def test_nan_model_gives_error_rows_never_a_label(nan_run, tmp_path):
 
 
 def test_score_rows_labels_only_the_finite_rows():
-    from pneumo_edge.card import Card
-    from pneumo_edge.pipeline import Batch
-    from pneumo_edge.score import NON_FINITE, score_rows
+    from pneumo_edge.commands.score import NON_FINITE, score_rows
+    from pneumo_edge.inputs.pipeline import Batch
+    from pneumo_edge.model.card import Card
 
     card = Card(classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", image_size=16,
                 threshold=0.5, arch="resnet18")

@@ -25,9 +25,9 @@ from pneumo_edge.export.parity import (
     suggestion,
 )
 
-from pneumo_edge.card import Card
 from pneumo_edge.cli import main
 from pneumo_edge.errors import DataError
+from pneumo_edge.model.card import Card
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ pytest.importorskip("matplotlib", reason="training plots need matplotlib")
 
 from pneumo_edge.train.plots import cell_text, confusion_figure, curves_figure
 
-from pneumo_edge.card import Card
+from pneumo_edge.model.card import Card
 
 
 def _history(n: int) -> list[dict]:

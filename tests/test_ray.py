@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 from pneumo_edge.cli import main
+from pneumo_edge.commands.score import run_score
 from pneumo_edge.runtimes import open_runtime
-from pneumo_edge.score import run_score
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "chest_xray"

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-
 from pneumo_edge.train.budget import Plan, lr_factor, parse_duration
 
 
@@ -64,8 +63,9 @@ def _samples(n_patients=60, seed=0):
 
 
 def test_three_way_split_keeps_patients_apart_and_is_deterministic():
-    from pneumo_edge.folders import patient_id
     from pneumo_edge.train.data import grouped_stratified_split
+
+    from pneumo_edge.inputs.folders import patient_id
 
     samples = _samples()
     sp = grouped_stratified_split(samples, 0.15, seed=3, test_fraction=0.15)

@@ -1,4 +1,4 @@
-"""eval's uncertainty figures (pneumo_edge.stats), its JSON, and the HTML report, rendered in a
+"""eval's uncertainty figures (pneumo_edge.evaluation.stats), its JSON, and the HTML report, rendered in a
 real browser (headless Chromium) when one is installed."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from pneumo_edge import stats
-from pneumo_edge.metrics import roc_auc
+from pneumo_edge.evaluation import stats
+from pneumo_edge.evaluation.metrics import roc_auc
 
 
 def _data(n=300, seed=0):
@@ -111,8 +111,8 @@ def test_eval_json_carries_the_report_figures(report):
     assert {"ece", "brier", "bins"} <= set(m["calibration"])
     assert any(r["threshold"] == m["threshold"] for r in m["threshold_table"])
     (_, fp), (fn, _) = m["confusion_matrix"]
-    from pneumo_edge.card import Card
-    from pneumo_edge.evaluate import format_metrics
+    from pneumo_edge.commands.evaluate import format_metrics
+    from pneumo_edge.model.card import Card
 
     text = format_metrics(m, Card(classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA",
                                   image_size=64, threshold=m["threshold"], arch="resnet18"))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import copy_model_dir
 
-from pneumo_edge.card import Card
 from pneumo_edge.errors import ModelError, RuntimeUnavailable
-from pneumo_edge.modeldir import Refused, read_sidecar, sha256_file, sidecar_path
+from pneumo_edge.model.card import Card
+from pneumo_edge.model.modeldir import Refused, read_sidecar, sha256_file, sidecar_path
 from pneumo_edge.runtimes import gpu_present, has_package, open_runtime
 from pneumo_edge.runtimes.trt_rt import check_sidecar, sidecar_mismatch
 

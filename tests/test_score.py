@@ -21,10 +21,10 @@ from click.testing import CliRunner
 from conftest import ctrl_c_enabled
 from PIL import Image
 
-from pneumo_edge import pipeline
-from pneumo_edge.card import Card
 from pneumo_edge.cli import main
-from pneumo_edge.folders import walk_images
+from pneumo_edge.inputs import pipeline
+from pneumo_edge.inputs.folders import walk_images
+from pneumo_edge.model.card import Card
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "chest_xray" / "train"
@@ -499,7 +499,7 @@ def test_resume_of_a_finished_file_from_other_input_leaves_it_alone(tiny_exporte
 
 
 def test_read_partial_keeps_exactly_the_whole_rows_at_any_cut():
-    from pneumo_edge.csvout import StdoutSink, read_partial
+    from pneumo_edge.outputs.csvout import StdoutSink, read_partial
 
     files = ["a.png", 'we,ird "q"\nname.png', "ü\n\n.png", "z.png"]
     buf = io.BytesIO()

@@ -10,10 +10,11 @@ from click.testing import CliRunner
 torch = pytest.importorskip("torch", reason="training needs torch")
 
 from conftest import ctrl_c_enabled, write_labelled  # noqa: E402
-from pneumo_edge.card import Card  # noqa: E402
-from pneumo_edge.cli import main  # noqa: E402
 from pneumo_edge.train.data import class_weights, grouped_stratified_split  # noqa: E402
 from pneumo_edge.train.loop import TrainConfig, train  # noqa: E402
+
+from pneumo_edge.cli import main  # noqa: E402
+from pneumo_edge.model.card import Card  # noqa: E402
 
 QUICK = dict(arch="resnet18", image_size=64, batch_size=16, workers=0, device="cpu", ema=0.0,
              amp=False, min_epochs=1)
@@ -62,8 +63,8 @@ def test_model_directory_contents_and_weights_only_checkpoint(learned):
 
 def test_card_threshold_and_metrics_reproduce_on_the_recorded_val_split(learned):
     """Re-run the saved model on the val files the card names: same metrics as recorded."""
-    from pneumo_edge.evaluate import decode_labelled, predict
-    from pneumo_edge.metrics import binary_metrics
+    from pneumo_edge.commands.evaluate import decode_labelled, predict
+    from pneumo_edge.evaluation.metrics import binary_metrics
     from pneumo_edge.runtimes import open_runtime
 
     data, out, _ = learned
@@ -98,7 +99,7 @@ def test_grouped_split_is_stratified_deterministic_and_leak_free():
     c = grouped_stratified_split(samples, 0.3, seed=8)
     assert a.val == b.val and a.val != c.val
     assert len(a.train) + len(a.val) == len(samples)
-    from pneumo_edge.folders import patient_id
+    from pneumo_edge.inputs.folders import patient_id
     assert not {patient_id(s[0]) for s in a.train} & {patient_id(s[0]) for s in a.val}
     for label in (0, 1):
         n = sum(s[1] == label for s in samples)
@@ -144,7 +145,7 @@ def test_local_weights_file_is_loaded_and_bad_ones_refused(tiny_dataset, tmp_pat
     torch.nn.init.constant_(src.conv1.weight, 0.01)
     wfile = tmp_path / "r18.pth"
     torch.save(src.state_dict(), wfile)
-    from pneumo_edge.net import build_model
+    from pneumo_edge.model.net import build_model
     m = build_model("resnet18", 2, str(wfile))
     assert torch.allclose(m.backbone.conv1.weight, torch.full_like(m.backbone.conv1.weight, 0.01))
     res = cli("train", "--data", tiny_dataset, "--out", tmp_path / "x", "--arch", "resnet50",

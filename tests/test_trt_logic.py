@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pneumo_edge.card import Card
 from pneumo_edge.errors import ModelError
-from pneumo_edge.modeldir import Refused
+from pneumo_edge.model.card import Card
+from pneumo_edge.model.modeldir import Refused
 from pneumo_edge.runtimes.trt_rt import EngineIO, check_engine_shapes
 
 S, C = 64, 2

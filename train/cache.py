@@ -5,7 +5,7 @@ Each part (train, val, test, the shifted validation) is one flat file of uint8 p
 ``[N, 1, S, S]`` (``PART-KEY.u8``) plus an index (``PART-KEY.json``: labels, skipped files).
 KEY is a sha256 of everything the pixels depend on: the file list with each file's label, size
 and modification time, the image size, :data:`PREPROCESS_VERSION`, the source of the one
-preprocessing (pneumo_edge/images.py and pneumo_edge/dicom.py) and the versions of the decoders
+preprocessing (pneumo_edge/inputs/images.py and pneumo_edge/inputs/dicom.py) and the versions of the decoders
 (Pillow, numpy, pydicom and its JPEG plugins). A changed file or setting gives a
 new key, hence a rebuild; a file whose index is missing, unreadable or does not match its size
 is rebuilt too. Files are written to a temporary name and renamed; the index is written last,
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_edge import modeldir
 from pneumo_edge.atomic import write_atomic, write_bytes_atomic, write_json_atomic
-from pneumo_edge.evaluate import decode_labelled
+from pneumo_edge.commands.evaluate import decode_labelled
+from pneumo_edge.model import modeldir
 
 #: bump when what the cache stores changes meaning (layout, preprocessing call, shift set)
 PREPROCESS_VERSION = 1
@@ -50,7 +50,7 @@ def _source_sha(module) -> str:
 
 
 #: the modules whose code turns a file into pixels, and the packages they decode with
-PREPROCESS_MODULES = ("pneumo_edge.images", "pneumo_edge.dicom")
+PREPROCESS_MODULES = ("pneumo_edge.inputs.images", "pneumo_edge.inputs.dicom")
 DECODER_PACKAGES = ("pillow", "numpy", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg",
                     "pylibjpeg-openjpeg", "pylibjpeg-rle", "python-gdcm")
 

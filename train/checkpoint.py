@@ -1,7 +1,7 @@
 """What training writes: model.pt (the selected weights plus the model card, loadable with
 ``torch.load(weights_only=True)``) and last.pt (the full training state for ``--resume``), both
 through the model directory's one atomic writer. Reading model.pt is
-:mod:`pneumo_edge.torchload` (the edge side needs it too)."""
+:mod:`pneumo_edge.model.torchload` (the edge side needs it too)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import json
 import os
 from pathlib import Path
 
-from pneumo_edge import modeldir
-from pneumo_edge.card import Card
+from pneumo_edge.model import modeldir
+from pneumo_edge.model.card import Card
 
-# the names belong to pneumo_edge.modeldir; these aliases keep the training loop's imports
+# the names belong to pneumo_edge.model.modeldir; these aliases keep the training loop's imports
 MODEL_FILE = modeldir.MODEL_PT
 LAST_FILE = modeldir.LAST_PT
 

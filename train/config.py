@@ -8,12 +8,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-from pneumo_edge.errors import UsageError
-from pneumo_edge.metrics import validate_threshold_rule
 from pneumo_edge.train.budget import SCHEDULES
 from pneumo_edge.train.data import AUGMENTS, class_weights
 
+from pneumo_edge.errors import UsageError
+from pneumo_edge.evaluation.metrics import validate_threshold_rule
 
 #: --select: the history column and its sign (higher is better)
 SELECT = {"val_loss": ("val_loss", -1), "val_f1": ("val_f1", 1),
@@ -40,8 +39,8 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     class_weights: str = "auto"
     augment: str | bool = "strong"  # none | basic | strong (True = basic, False = none)
-    norm: str = "image"  # the network's input normalisation (pneumo_edge.net)
-    tta: str = "none"  # test-time augmentation inside the network (pneumo_edge.net)
+    norm: str = "image"  # the network's input normalisation (pneumo_edge.model.net)
+    tta: str = "none"  # test-time augmentation inside the network (pneumo_edge.model.net)
     label_smoothing: float = 0.1
     ema: float = 0.998  # decay of the weights' moving average; 0 = off
     mixup: float = 0.0  # Beta(a, a) mixup; 0 = off

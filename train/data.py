@@ -1,6 +1,6 @@
 """Dataset, grouped stratified split and augmentation.
 
-Images are decoded once with :func:`pneumo_edge.images.load_image` (the one preprocessing) and
+Images are decoded once with :func:`pneumo_edge.inputs.images.load_image` (the one preprocessing) and
 kept in memory as uint8 ``[1, S, S]`` (S*S bytes each: 50 kB at 224 px). Augmentation works on
 those decoded grey pixels and yields the same uint8 format, so the model sees in training
 exactly the kind of input it gets at the edge.
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pneumo_edge.folders import patient_id
-from pneumo_edge.evaluate import decode_labelled
+from pneumo_edge.commands.evaluate import decode_labelled
+from pneumo_edge.inputs.folders import patient_id
 
 
 @dataclass

@@ -19,19 +19,20 @@ import time
 
 import numpy as np
 
-from pneumo_edge import modeldir
-from pneumo_edge.card import Card
-from pneumo_edge.metrics import METRIC_KEYS, binary_metrics, choose_threshold
+from pneumo_edge.evaluation.metrics import METRIC_KEYS, binary_metrics, choose_threshold
+from pneumo_edge.model import modeldir
+from pneumo_edge.model.card import Card
 
 #: rules compared in metrics.json (the configured one is always included)
 COMPARED_RULES = ("f1", "youden", "recall:0.95", "recall:0.98", "fixed:0.5")
 
 
 def final_evaluation(out, state, cfg, data, device, t_start, log) -> dict:
-    from pneumo_edge.net import build_model
     from pneumo_edge.train.checkpoint import save_model
     from pneumo_edge.train.loop import predict
     from pneumo_edge.train.shift import PERTURBATIONS
+
+    from pneumo_edge.model.net import build_model
 
     t0 = time.monotonic()
     best = state["best"]

@@ -13,22 +13,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
-from pneumo_edge import modeldir
-from pneumo_edge.errors import DataError, PneumoError, UsageError
-from pneumo_edge.folders import scan_labelled
-from pneumo_edge.metrics import METRIC_KEYS, binary_metrics
-from pneumo_edge.net import build_model
 from pneumo_edge.train import distributed as dist_
 from pneumo_edge.train import rundir
 from pneumo_edge.train.budget import Plan, lr_factor
-from pneumo_edge.train.config import (  # noqa: F401  (TrainConfig and check_config: the API)
-    SELECT, TrainConfig, check_config, default_amp, pick_device)
-from pneumo_edge.train.data import (Augment, PixelDataset, class_weights,
-                                    grouped_stratified_split, preload)
+from pneumo_edge.train.config import SELECT, TrainConfig, check_config, default_amp, pick_device  # noqa: F401  (TrainConfig and check_config: the API)
+from pneumo_edge.train.data import (
+    Augment,
+    PixelDataset,
+    class_weights,
+    grouped_stratified_split,
+    preload,
+)
 from pneumo_edge.train.shift import shifted_set
+from torch import nn
 
+from pneumo_edge.errors import DataError, PneumoError, UsageError
+from pneumo_edge.evaluation.metrics import METRIC_KEYS, binary_metrics
+from pneumo_edge.inputs.folders import scan_labelled
+from pneumo_edge.model import modeldir
+from pneumo_edge.model.net import build_model
 
 _QUIET = {"on": False}  # ranks other than 0 of a torchrun job keep quiet
 

@@ -1,6 +1,6 @@
 """What training writes into and reads back from its output folder: the checks before it is
 touched, --force, model.pt and card.json for the best epoch so far, last.pt for --resume, and
-history.csv. File names and the atomic writer belong to :mod:`pneumo_edge.modeldir`. In a
+history.csv. File names and the atomic writer belong to :mod:`pneumo_edge.model.modeldir`. In a
 torchrun job only rank 0 calls the writers here (train/loop.py guards each call); every rank
 may read (check_out, resume_state)."""
 
@@ -15,14 +15,14 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-
-from pneumo_edge import modeldir
-from pneumo_edge.card import Card
-from pneumo_edge.errors import PneumoError, UsageError
-from pneumo_edge.metrics import binary_metrics, choose_threshold
-from pneumo_edge.modeldir import CARD_JSON, HISTORY_CSV, LAST_PT, MODEL_PT
 from pneumo_edge.train.checkpoint import save_model
 from pneumo_edge.train.config import TrainConfig
+
+from pneumo_edge.errors import PneumoError, UsageError
+from pneumo_edge.evaluation.metrics import binary_metrics, choose_threshold
+from pneumo_edge.model import modeldir
+from pneumo_edge.model.card import Card
+from pneumo_edge.model.modeldir import CARD_JSON, HISTORY_CSV, LAST_PT, MODEL_PT
 from pneumo_edge.versions import installed_versions
 
 

@@ -2,7 +2,7 @@
 call it on uint8 ``[N, 1, S, S]`` batches of any size, get float32 probabilities ``[N, C]``.
 
 Names: ``torch``, ``torch-fp16``, ``onnx``, ``onnx-fp16``, ``onnx-int8``, ``trt`` (which file
-each one runs: :data:`pneumo_edge.modeldir.FORMS`) and ``auto``. Each backend module imports its
+each one runs: :data:`pneumo_edge.model.modeldir.FORMS`) and ``auto``. Each backend module imports its
 heavy package lazily, so nothing here needs torch, onnxruntime or a GPU to import.
 """
 
@@ -16,9 +16,9 @@ from typing import Protocol
 
 import numpy as np
 
-from pneumo_edge import modeldir
-from pneumo_edge.card import Card
 from pneumo_edge.errors import ModelError, RuntimeUnavailable
+from pneumo_edge.model import modeldir
+from pneumo_edge.model.card import Card
 
 RUNTIMES = modeldir.RUNTIMES
 

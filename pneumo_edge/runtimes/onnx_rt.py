@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_edge import modeldir
 from pneumo_edge.errors import ModelError, RuntimeUnavailable, UsageError
+from pneumo_edge.model import modeldir
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"

@@ -64,7 +64,7 @@ class TorchRuntime:
             import torch
         except ImportError:
             raise RuntimeUnavailable("torch is not installed (pip install 'pneumo-edge[train]')") from None
-        from pneumo_edge.torchload import load_checked
+        from pneumo_edge.model.torchload import load_checked
 
         self.name, self.precision, self._torch = PRECISIONS[precision], precision, torch
         device = resolve_device(torch, device)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_edge import modeldir
 from pneumo_edge.errors import ModelError, RuntimeUnavailable
+from pneumo_edge.model import modeldir
 
 INSTALL_HINT = "on an NVIDIA machine: pip install 'pneumo-edge[gpu]'"
 

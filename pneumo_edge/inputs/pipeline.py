@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pneumo_edge.images import ImageError, load_image
+from pneumo_edge.inputs.images import ImageError, load_image
 
 
 @dataclass

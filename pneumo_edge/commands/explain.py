@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from pneumo_edge.atomic import write_bytes_atomic, write_text_atomic
-from pneumo_edge.csvout import PROB_DIGITS, csv_text, one_line
 from pneumo_edge.errors import ModelError, PneumoError, UsageError
-from pneumo_edge.explain import Explainer, picture_png
+from pneumo_edge.explain.methods import Explainer, picture_png
+from pneumo_edge.outputs.csvout import PROB_DIGITS, csv_text, one_line
 
 EXPLAIN_CSV = "explain.csv"
 WHICH = ("positives", "all")
@@ -114,8 +114,8 @@ def run_explain(paths, model, out, *, method: str = "occlusion", runtime: str = 
                 force: bool = False, batch: int = 32, log=None) -> int:
     """What ``pneumo-edge explain`` does; returns the exit code (0 all explained, 1 some
     failed). Usage errors raise :class:`PneumoError` (exit 2) before anything is written."""
-    from pneumo_edge.folders import walk_images
-    from pneumo_edge.pipeline import decode_batches
+    from pneumo_edge.inputs.folders import walk_images
+    from pneumo_edge.inputs.pipeline import decode_batches
     from pneumo_edge.runtimes import open_runtime
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -161,7 +161,7 @@ class ExplainingSink:
         return self.inner.partial
 
     def write(self, rows) -> None:
-        from pneumo_edge.images import ImageError, load_image
+        from pneumo_edge.inputs.images import ImageError, load_image
 
         self.inner.write(rows)
         for row in rows:

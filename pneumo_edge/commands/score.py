@@ -1,8 +1,8 @@
 """``pneumo-edge score``: image files and folders -> one CSV row per image file.
 
 Folders are walked (sorted, recursively, symlink-loop safe, nothing twice); files decode on a
-thread pool while the model runs on the previous batch (:mod:`pneumo_edge.pipeline`); rows go
-to stdout or ``-o FILE`` batch by batch (:mod:`pneumo_edge.csvout`). A file that cannot be
+thread pool while the model runs on the previous batch (:mod:`pneumo_edge.inputs.pipeline`); rows go
+to stdout or ``-o FILE`` batch by batch (:mod:`pneumo_edge.outputs.csvout`). A file that cannot be
 scored gets a row with an empty label and the reason. Imports no torch unless the runtime is
 torch.
 """
@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pneumo_edge import provenance
-from pneumo_edge.csvout import (
+from pneumo_edge.errors import ModelError, PneumoError
+from pneumo_edge.inputs.folders import walk_images
+from pneumo_edge.inputs.pipeline import Batch, decode_batches, default_workers
+from pneumo_edge.outputs import provenance
+from pneumo_edge.outputs.csvout import (
     PROB_DIGITS,
     PartialSink,
     StdoutSink,
@@ -30,9 +33,6 @@ from pneumo_edge.csvout import (
     one_line,
     partial_path,
 )
-from pneumo_edge.errors import ModelError, PneumoError
-from pneumo_edge.folders import walk_images
-from pneumo_edge.pipeline import Batch, decode_batches, default_workers
 
 
 @dataclass
@@ -168,7 +168,7 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
     """What the ``score`` command does; returns the summary (its ``exit_code`` is 0 or 1).
 
     ``ray``: None scores here; a Ray address (``local``, ``auto``, ``HOST:PORT``) scores
-    on that cluster with :mod:`pneumo_edge.ray_score`, same rows and files.
+    on that cluster with :mod:`pneumo_edge.sources.ray`, same rows and files.
 
     Raises :class:`PneumoError` (exit 2) for usage errors, before writing anything, and
     :class:`WriteError` (exit 2) when the CSV cannot be written.
@@ -191,12 +191,12 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
     _run(rt, np.zeros((1, 1, rt.card.image_size, rt.card.image_size), np.uint8),
          len(rt.card.classes))  # a model that does not fit its card fails here, before any row
     if ray is not None:
-        from pneumo_edge.ray_score import RayScorer
+        from pneumo_edge.sources.ray import RayScorer
 
         rt = RayScorer(rt, ray, log=say)
     used = rt.card.threshold if threshold is None else threshold
     if explain:  # refuse to replace earlier heatmaps before anything is written
-        from pneumo_edge.explain_run import prepare_out
+        from pneumo_edge.commands.explain import prepare_out
         prepare_out(explain, walk.files, explain_force)
     s = Summary(files=len(walk.files), ignored=walk.ignored, links_skipped=walk.links_skipped)
     record = None
@@ -212,8 +212,8 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
         provenance.write(output, record)
     else:
         sink = StdoutSink(header(rt.card.classes, extra), stdout)
-    if explain:  # heatmaps of the rows as they are written (pneumo_edge.explain_run)
-        from pneumo_edge.explain_run import ExplainingSink
+    if explain:  # heatmaps of the rows as they are written (pneumo_edge.commands.explain)
+        from pneumo_edge.commands.explain import ExplainingSink
         sink = ExplainingSink(sink, explain, walk.files, rt, used, explain_which, explain_force,
                               log=say)
     if not walk.files:

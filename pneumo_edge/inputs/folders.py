@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pneumo_edge.errors import DataError
-from pneumo_edge.images import input_kind
+from pneumo_edge.inputs.images import input_kind
 
 
 @dataclass

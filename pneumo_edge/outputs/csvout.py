@@ -34,7 +34,7 @@ def dicom_columns(walk_dicom: int, tags=()) -> list[str]:
     """The DICOM columns of a run: ``study_uid,series_uid,sop_uid`` and then the chosen tags,
     present when at least one input file is DICOM or tags were asked for; none otherwise (a
     run without DICOM keeps the plain header). Unknown or identifying tags: PneumoError."""
-    from pneumo_edge.dicom import SAFE_TAGS, UID_COLUMNS
+    from pneumo_edge.inputs.dicom import SAFE_TAGS, UID_COLUMNS
 
     bad = [t for t in tags if t not in SAFE_TAGS]
     if bad:
@@ -48,8 +48,8 @@ def dicom_columns(walk_dicom: int, tags=()) -> list[str]:
 def dicom_values(path: str, tags=()) -> list[str]:
     """This file's values for :func:`dicom_columns`: its UIDs and tags when it is DICOM (empty
     where its header cannot be read), empty strings for other files."""
-    from pneumo_edge.dicom import identity
-    from pneumo_edge.images import input_kind
+    from pneumo_edge.inputs.dicom import identity
+    from pneumo_edge.inputs.images import input_kind
 
     if input_kind(path) != "dicom":
         return [""] * (3 + len(tags))

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pneumo_edge import modeldir
 from pneumo_edge.errors import PneumoError
-from pneumo_edge.overlay import Legend
+from pneumo_edge.explain.overlay import Legend
+from pneumo_edge.model import modeldir
 
 METHODS = ("gradcam", "occlusion")
 
@@ -32,7 +32,7 @@ METHODS = ("gradcam", "occlusion")
 # --- Grad-CAM (torch) --------------------------------------------------------------------------
 
 def gradcam(net, pixels: np.ndarray, target: int, layer: str = "layer4") -> np.ndarray:
-    """Grad-CAM maps ``[N, S, S]`` (>= 0, unscaled) of ``net`` (a :class:`pneumo_edge.net.XrayNet`)
+    """Grad-CAM maps ``[N, S, S]`` (>= 0, unscaled) of ``net`` (a :class:`pneumo_edge.model.net.XrayNet`)
     for class ``target`` on uint8 ``pixels [N, 1, S, S]``."""
     import torch
 
@@ -199,7 +199,7 @@ def caption(path: str, expl: Explanation, card, threshold: float, label: str) ->
 
 def picture_png(image: np.ndarray, path: str, expl: Explanation, card, threshold: float,
                 label: str) -> bytes:
-    from pneumo_edge.overlay import png_bytes, render
+    from pneumo_edge.explain.overlay import png_bytes, render
 
     return png_bytes(render(image[0], expl.heat, expl.legend,
                             caption(path, expl, card, threshold, label)))

@@ -26,8 +26,8 @@ from pneumo_edge.atomic import (  # noqa: F401
     write_json_atomic,
     write_text_atomic,
 )
-from pneumo_edge.card import Card
 from pneumo_edge.errors import ModelError
+from pneumo_edge.model.card import Card
 
 # ----------------------------------------------------------------------------- file names
 
@@ -47,7 +47,7 @@ PARITY_JSON = "parity.json"
 TIMING_CACHE = "trt_timing.cache"
 
 #: metadata_props key of the card in an exported ONNX file
-ONNX_CARD_KEY = "pneumo_edge.card"
+ONNX_CARD_KEY = "pneumo_edge.model.card"
 #: metadata_props key of the sha256 of the model.pt the ONNX file was exported from
 ONNX_WEIGHTS_KEY = "pneumo_edge.weights_sha256"
 

@@ -3,7 +3,7 @@
 It travels in three places and must round-trip exactly through each: ``card.json`` in the model
 directory, the ``card`` entry of ``model.pt``, and the ``metadata_props`` of the ONNX files
 (and the TensorRT engine's sidecar). Reading and writing those files, and checking that the
-copies agree, is :mod:`pneumo_edge.modeldir`'s job; this module is the card itself.
+copies agree, is :mod:`pneumo_edge.model.modeldir`'s job; this module is the card itself.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Card:
     threshold: float
     arch: str
     card_version: int = CARD_VERSION
-    #: network options for pneumo_edge.net.build_model (norm, tta); {} = the original network
+    #: network options for pneumo_edge.model.net.build_model (norm, tta); {} = the original network
     net: dict = field(default_factory=dict)
     input: dict = field(default_factory=dict)
     output: dict = field(default_factory=dict)
@@ -45,7 +45,7 @@ class Card:
                 "name": "image",
                 "dtype": "uint8",
                 "shape": ["N", 1, self.image_size, self.image_size],
-                "meaning": "8-bit grey pixels from pneumo_edge.images.load_image",
+                "meaning": "8-bit grey pixels from pneumo_edge.inputs.images.load_image",
             }
         if not self.output and isinstance(self.classes, list):
             self.output = {"name": "probs", "dtype": "float32", "shape": ["N", len(self.classes)]}
@@ -119,15 +119,15 @@ class Card:
             raise ModelError(f"model card is not valid JSON: {exc}") from None
 
     def save(self, run_dir: str | os.PathLike) -> Path:
-        """Write ``run_dir/card.json`` (see :func:`pneumo_edge.modeldir.write_card`)."""
-        from pneumo_edge.modeldir import write_card
+        """Write ``run_dir/card.json`` (see :func:`pneumo_edge.model.modeldir.write_card`)."""
+        from pneumo_edge.model.modeldir import write_card
 
         return write_card(run_dir, self)
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> Card:
-        """``card.json`` of a model directory (see :func:`pneumo_edge.modeldir.read_card`)."""
-        from pneumo_edge.modeldir import read_card
+        """``card.json`` of a model directory (see :func:`pneumo_edge.model.modeldir.read_card`)."""
+        from pneumo_edge.model.modeldir import read_card
 
         return read_card(run_dir)
 

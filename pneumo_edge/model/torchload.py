@@ -2,7 +2,7 @@
 (checked against card.json) and the file's sha256, from one read of the file.
 
 torch is imported inside the functions, so importing this module is cheap; the network itself
-is :mod:`pneumo_edge.net`.
+is :mod:`pneumo_edge.model.net`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pneumo_edge import modeldir
-from pneumo_edge.card import Card
 from pneumo_edge.errors import ModelError
+from pneumo_edge.model import modeldir
+from pneumo_edge.model.card import Card
 
 #: largest model.pt read into memory (a ResNet50 is ~100 MB)
 PT_CAP = 4 << 30
@@ -57,7 +57,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 def build_from(ckpt: Checkpoint, device: str = "cpu"):
     """The XrayNet of ``ckpt`` in eval mode on ``device``."""
-    from pneumo_edge.net import build_model
+    from pneumo_edge.model.net import build_model
 
     card = ckpt.card
     try:

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pneumo_edge import stats
 from pneumo_edge.errors import DataError, PneumoError
-from pneumo_edge.folders import scan_labelled
-from pneumo_edge.images import ImageError, load_image
-from pneumo_edge.metrics import METRIC_KEYS, binary_metrics
+from pneumo_edge.evaluation import stats
+from pneumo_edge.evaluation.metrics import METRIC_KEYS, binary_metrics
+from pneumo_edge.inputs.folders import scan_labelled
+from pneumo_edge.inputs.images import ImageError, load_image
 
 RESAMPLES = stats.RESAMPLES
 GALLERY = 4  # most confident false negatives and false positives shown

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pneumo_edge.folders import patient_id
-from pneumo_edge.metrics import roc_auc
+from pneumo_edge.evaluation.metrics import roc_auc
+from pneumo_edge.inputs.folders import patient_id
 
 #: metrics with a confidence interval, in report order (recall = sensitivity, precision = PPV)
 CI_KEYS = ("accuracy", "recall", "specificity", "precision", "npv", "f1", "roc_auc")
@@ -41,7 +41,7 @@ def rates(truth, pred) -> dict:
 
 def groups_of(paths) -> tuple[np.ndarray, str]:
     """Group index per image and the unit resampled: ``patient`` when file names carry patient
-    ids (:func:`pneumo_edge.folders.patient_id`; a file without one is its own patient), else
+    ids (:func:`pneumo_edge.inputs.folders.patient_id`; a file without one is its own patient), else
     ``image`` (every file its own group)."""
     from pathlib import Path
 

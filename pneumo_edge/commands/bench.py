@@ -24,9 +24,9 @@ run here (no GPU, package missing) is listed under ``skipped`` with the reason, 
 
 ``--data FOLDER`` adds an end-to-end pass over real files, per runtime, at one batch size (the
 largest asked for): decode + preprocess throughput alone (scoring's decoder,
-:func:`pneumo_edge.pipeline.decode_batches` calling :func:`pneumo_edge.images.load_image` on
+:func:`pneumo_edge.inputs.pipeline.decode_batches` calling :func:`pneumo_edge.inputs.images.load_image` on
 as many threads as scoring uses), compute throughput alone (the runtime over the decoded
-batches), end-to-end throughput (:func:`pneumo_edge.score.score_files`, scoring's own loop with
+batches), end-to-end throughput (:func:`pneumo_edge.commands.score.score_files`, scoring's own loop with
 decode overlapped with the model, rows built and discarded instead of written), and which of
 decode or compute bounds the pipeline (the slower one alone). On a CPU-only box decode and
 compute share the same cores, so end-to-end is below the smaller of the two.
@@ -206,13 +206,13 @@ def _sig(x: float, digits: int = 6) -> float:
 
 def decode_threads() -> int:
     """The decode thread count scoring uses by default, so the figures match a real run."""
-    from pneumo_edge.pipeline import default_workers
+    from pneumo_edge.inputs.pipeline import default_workers
 
     return default_workers()
 
 
 def list_files(folder, limit: int | None = None) -> list[str]:
-    from pneumo_edge.folders import walk_images
+    from pneumo_edge.inputs.folders import walk_images
 
     if not os.path.isdir(folder):
         raise PneumoError(f"{folder}: no such folder")
@@ -223,10 +223,10 @@ def list_files(folder, limit: int | None = None) -> list[str]:
 
 
 def bench_decode(files, size: int, batch: int, threads: int) -> tuple[list[np.ndarray], dict]:
-    """Decode + preprocess every file with scoring's decoder (:func:`pneumo_edge.pipeline.
+    """Decode + preprocess every file with scoring's decoder (:func:`pneumo_edge.inputs.pipeline.
     decode_batches`, ``threads`` threads, nothing else running); (pixel batches, stats).
     Files that cannot be decoded are counted; scoring would give them an error row."""
-    from pneumo_edge.pipeline import decode_batches
+    from pneumo_edge.inputs.pipeline import decode_batches
 
     t0 = time.perf_counter()
     batches = [b.pixels for b in decode_batches(files, size, batch, threads)]
@@ -262,9 +262,9 @@ class _Discard:
 
 def bench_end_to_end(rt, files, batch: int, threads: int | None = None) -> dict:
     """Decode alone, compute alone, and scoring's own overlapped loop
-    (:func:`pneumo_edge.score.score_files`) over ``files``; and which of decode or compute
+    (:func:`pneumo_edge.commands.score.score_files`) over ``files``; and which of decode or compute
     bounds the pipeline."""
-    from pneumo_edge.score import score_files
+    from pneumo_edge.commands.score import score_files
 
     threads = threads or decode_threads()
     pixels, dec = bench_decode(files, rt.card.image_size, batch, threads)
@@ -293,7 +293,7 @@ def bench_end_to_end(rt, files, batch: int, threads: int | None = None) -> dict:
         "end_to_end_wait_for_decode_s": round(summary.wait_s, 4),
         "bound": bound,
         "efficiency": round(e2e / ceiling, 3) if ceiling else None,
-        "pipeline": "pneumo_edge.score.score_files",
+        "pipeline": "pneumo_edge.commands.score.score_files",
     }
 
 
@@ -331,7 +331,7 @@ def parse_batches(spec) -> list[int]:
 def open_for_bench(model, name: str, log=None):
     """(runtime, None) or (None, reason it cannot run here). A model directory that
     contradicts itself (modeldir.Refused) is an error, not a skipped runtime."""
-    from pneumo_edge.modeldir import Refused
+    from pneumo_edge.model.modeldir import Refused
     from pneumo_edge.runtimes import open_runtime
 
     try:
@@ -352,7 +352,7 @@ def run_bench(model, runtimes="auto", batches=DEFAULT_BATCHES, warmup: int = DEF
     ``runtimes`` (a spec string or list of names) and batch size. Returns ``{"machine",
     "model", "settings", "rows", "skipped", "pipeline"}``; ``pipeline`` (end-to-end rows) is
     filled only with ``data``."""
-    from pneumo_edge import modeldir
+    from pneumo_edge.model import modeldir
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     names = parse_runtimes(runtimes) if isinstance(runtimes, str) else list(runtimes)

@@ -66,7 +66,7 @@ def end_record(record: dict, summary, status: str, exit_code: int | None) -> dic
 def write(output, record: dict) -> None:
     """Write ``record`` to ``FILE.json`` atomically; :class:`PneumoError` when it cannot be."""
     from pneumo_edge.atomic import write_text_atomic
-    from pneumo_edge.csvout import regular_or_absent
+    from pneumo_edge.outputs.csvout import regular_or_absent
 
     path = provenance_path(output)
     try:
@@ -81,7 +81,7 @@ def write(output, record: dict) -> None:
 
 def read(output) -> dict | None:
     """The record in ``FILE.json``, None when there is none; PneumoError when unreadable."""
-    from pneumo_edge.csvout import regular_or_absent
+    from pneumo_edge.outputs.csvout import regular_or_absent
 
     path = provenance_path(output)
     if regular_or_absent(path, one_link=False) is None:

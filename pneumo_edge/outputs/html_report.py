@@ -275,7 +275,7 @@ def build_html(m: dict, card, pictures: dict | None = None, method: str = "") ->
 def gallery_pictures(ev, runtime) -> dict:
     """Occlusion heatmaps (through ``runtime``, the model evaluated) of the gallery's images:
     gallery index -> PNG bytes."""
-    from pneumo_edge.explain import Explainer, picture_png
+    from pneumo_edge.explain.methods import Explainer, picture_png
 
     ex, card = Explainer(runtime, "occlusion"), runtime.card
     out = {}
@@ -289,7 +289,7 @@ def gallery_pictures(ev, runtime) -> dict:
 
 
 def write_report(ev, runtime, path) -> None:
-    """``path``: the HTML page for an :class:`pneumo_edge.evaluate.Evaluation` (atomic)."""
+    """``path``: the HTML page for an :class:`pneumo_edge.commands.evaluate.Evaluation` (atomic)."""
     from pneumo_edge.atomic import write_text_atomic
 
     pictures = gallery_pictures(ev, runtime)

@@ -1,5 +1,5 @@
 """DICOM files: recognising them, turning one into 8-bit grey, and the identity tags a CSV row may
-carry. :mod:`pneumo_edge.images` calls :func:`read_grey` and then does the same resize as for
+carry. :mod:`pneumo_edge.inputs.images` calls :func:`read_grey` and then does the same resize as for
 every other image, so a model sees the same pixels from DICOM wherever it runs.
 
 Which files are DICOM: the extensions ``.dcm`` and ``.dicom`` (any case), and any other regular

@@ -1,11 +1,11 @@
 """``pneumo-edge score ... --ray [ADDRESS]``: the same scoring on a Ray cluster, with Ray Data.
 
 The file list (walked on the driver, as local scoring walks it) becomes a Ray dataset of
-``(index, path bytes)``; tasks decode it with :func:`pneumo_edge.pipeline.decode_one` (the one
+``(index, path bytes)``; tasks decode it with :func:`pneumo_edge.inputs.pipeline.decode_one` (the one
 preprocessing and its error reasons); an actor pool runs the model (each actor opens the model
 file once, the very file the driver opened and checked: same sha256, or the actor refuses; one
 GPU per actor when the cluster has GPUs); the results stream back to the driver in input order
-and go through :func:`pneumo_edge.score.score_files` like local batches. So the CSV (header,
+and go through :func:`pneumo_edge.commands.score.score_files` like local batches. So the CSV (header,
 rows, error rows, number formats, DICOM columns), the ``-o`` file with its provenance record,
 and ``--resume`` are local scoring's own: rows are written in input order to ``FILE.partial``
 as they arrive, and a rerun with ``--resume`` skips the rows already written. The driver is the
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pneumo_edge.errors import ModelError, PneumoError, UsageError
-from pneumo_edge.pipeline import Batch
+from pneumo_edge.inputs.pipeline import Batch
 
 INSTALL_HINT = "--ray needs Ray Data: pip install 'pneumo-edge[ray]' (or pip install 'ray[data]')"
 _ADDRESS = re.compile(r"^(auto|local|ray://[^\s]+|[A-Za-z0-9_.\-\[\]:]+:\d+)$")
@@ -61,7 +61,7 @@ class RayBatch(Batch):
 
 
 class RayScorer:
-    """Stands in for the driver's runtime in :func:`pneumo_edge.score.score_files`: it has the
+    """Stands in for the driver's runtime in :func:`pneumo_edge.commands.score.score_files`: it has the
     runtime's name, card, file and sha256 (for the provenance record), runs it for the local
     pre-flight check, and supplies the decoded-and-scored batches from Ray (``batches``)."""
 
@@ -80,7 +80,7 @@ class RayScorer:
         return self.rt(pixels)
 
     def batches(self, files, size, batch, workers=None, start=0, known=None):
-        """Like :func:`pneumo_edge.pipeline.decode_batches`: ``files[start:]`` as batches in
+        """Like :func:`pneumo_edge.inputs.pipeline.decode_batches`: ``files[start:]`` as batches in
         input order, each carrying its probabilities."""
         if start >= len(files):
             return
@@ -192,7 +192,7 @@ def dataset(ray, files, start, known, size, batch, rt, actors=None):
 
 def _decode(block: dict, size: int) -> dict:
     """Decode task: pixels (zeros for a failed file) and the reason it failed."""
-    from pneumo_edge.pipeline import decode_one
+    from pneumo_edge.inputs.pipeline import decode_one
 
     n = len(block["i"])
     pixels = np.zeros((n, 1, size, size), np.uint8)

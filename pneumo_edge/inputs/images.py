@@ -28,7 +28,7 @@ How each pixel type becomes 8-bit grey (one rule per type, never a silent clip):
 - anything else: refused (unsupported pixel mode).
 
 DICOM files (``.dcm``/``.dicom`` any case, or any other file with ``DICM`` at byte 128) go
-through :mod:`pneumo_edge.dicom` (Modality LUT, VOI LUT, MONOCHROME1 inversion, no draft) to
+through :mod:`pneumo_edge.inputs.dicom` (Modality LUT, VOI LUT, MONOCHROME1 inversion, no draft) to
 8-bit grey, then through the same resize as every other image.
 """
 
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pneumo_edge.dicom import DICOM_EXTENSIONS, DicomError, is_dicomdir, sniff
+from pneumo_edge.inputs.dicom import DICOM_EXTENSIONS, DicomError, is_dicomdir, sniff
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 
@@ -127,7 +127,7 @@ def decode_grey(
 
 
 def _decode_dicom(path, max_pixels: int) -> Image.Image:
-    from pneumo_edge.dicom import read_grey
+    from pneumo_edge.inputs.dicom import read_grey
 
     try:
         return Image.fromarray(read_grey(path, max_pixels=max_pixels))
