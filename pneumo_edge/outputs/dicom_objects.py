@@ -1,0 +1,474 @@
+"""DICOM result objects: a Structured Report per scored DICOM image (and, with a heatmap, an RGB
+Secondary Capture of it), built with highdicom, for ``score --dicom-out DIR`` and the DICOM node.
+
+**Where they go.** ``DIR/<source SOPInstanceUID>/<model sha256[:12]>.sr.dcm`` (and ``.sc.dcm``):
+the name is a function of the source image and the model file, so whether the result of one
+model for one image exists is one ``stat`` (:func:`existing_sr`). The SC is written first, the SR
+last, each atomically (temporary file, fsync, rename); the SR is the commit mark: when it is on
+disk both are. :func:`write_result_objects` keeps an SR that exists with the same threshold
+(``--resume`` and a restarted node never make a second SR for the same source and model) and
+replaces it, SC included, when the threshold differs (a rerun with another ``--threshold``).
+
+**The SR** (Comprehensive SR, ``1.2.840.10008.5.1.4.1.1.88.33``) holds TID 1500 "Measurement
+Report", highdicom's :class:`~highdicom.sr.MeasurementReport`: the template PACS viewers and
+AI result consumers (e.g. OHIF, IHE AIR) read, and the only report template highdicom builds.
+The one image-level finding has no region, so it is one TID 1501 measurement group (not a
+planar or volumetric ROI group), with:
+
+- Finding (DCM 121071) = SCT 233604007 "Pneumonia"; tracking identifier and UID;
+- qualitative evaluation SCT 233604007 "Pneumonia" = SCT 52101004 "Present" or SCT 272519000
+  "Absent" (DICOM CID 240 "Present-Absent"), from the label at the threshold;
+- measurement DCM 122157 "Probability" = the positive class's probability, unit UCUM ``1``,
+  rounded to the CSV's 6 decimals (a round trip reads back the CSV's number exactly);
+- measurement DCM 122411 "Threshold Value" = the threshold used, unit UCUM ``1``;
+- TID 4019 algorithm identification: name ``pneumo-edge``, its version, parameters giving the
+  model file's name and sha256, runtime, precision, positive class, where the threshold came
+  from (``card`` or ``--threshold override``), and prevalence / input quality when given;
+- the source image referenced from the group (SOP class + instance UID) and in the image
+  library; procedure reported SCT 399208008 "Plain chest X-ray"; device observer ``pneumo-edge``
+  (UID derived from the model's sha256);
+- a root "Qualitative Evaluations" container (UMLS C0034375) with a Comment (DCM 121106):
+  "RESEARCH USE ONLY. NOT FOR DIAGNOSTIC USE. ..."; the series description says the same.
+
+Both objects join the source's study (same Study Instance UID; patient, study and equipment
+modules copied from the source's header, which is why the PACS files them with the study) in a
+new series per study and model (series UID derived from both; SR series number 9901, SC 9902),
+with new random SOP Instance UIDs. The SC (RGB, 8 bit) references the source in Source Image
+Sequence and has ``BurnedInAnnotation YES``: a banner with "NOT FOR DIAGNOSTIC USE" and the
+probability is drawn into its pixels above the heatmap picture.
+
+Patient data is copied into these objects only; reasons raised here (:class:`DicomOutError`)
+name attributes, never values, and highdicom's and pydicom's warnings are silenced.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pneumo_edge.errors import PneumoError
+from pneumo_edge.outputs.csvout import PROB_DIGITS
+
+SR_SUFFIX, SC_SUFFIX = ".sr.dcm", ".sc.dcm"
+SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
+MANUFACTURER = "pneumo-edge"
+SERIES_DESCRIPTION = "pneumo-edge: RESEARCH USE ONLY, NOT FOR DIAGNOSTIC USE"
+STATEMENT = ("RESEARCH USE ONLY. NOT FOR DIAGNOSTIC USE. Produced by pneumo-edge, an automated "
+             "research classifier; it has not been cleared by any regulator and must not be "
+             "used to diagnose or treat patients.")
+BANNER = "NOT FOR DIAGNOSTIC USE - research use only"
+#: the CSV column (after the DICOM columns, before ``error``) with the SR's path
+SR_COLUMN = "dicom_sr"
+#: the source attributes an SR needs to reference the image and join its study
+_REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
+#: Type 2 patient/study attributes highdicom copies: empty when the source lacks them
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+          "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class DicomOutError(PneumoError):
+    """No result objects for this source; ``str()`` is the reason (names tags, no values)."""
+
+
+@dataclass(frozen=True)
+class ResultInfo:
+    """What one SR records about one scored image."""
+
+    probability: float  # of the positive class
+    label: str
+    positive_class: str
+    threshold: float
+    threshold_source: str  # "card" or "--threshold override"
+    model_sha256: str
+    model_file: str  # name only
+    runtime: str
+    precision: str
+    version: str  # pneumo_edge.__version__
+    prevalence: float | None = None  # calibration prevalence (issue 20), when known
+    qc: str = ""  # input quality note, "" when none
+
+    @classmethod
+    def from_runtime(cls, runtime, probability: float, label: str, threshold: float,
+                     threshold_source: str, **extra) -> ResultInfo:
+        """The fields that come from an opened runtime (:mod:`pneumo_edge.runtimes`)."""
+        from pneumo_edge import __version__
+
+        return cls(probability=float(probability), label=label,
+                   positive_class=runtime.card.positive_class, threshold=float(threshold),
+                   threshold_source=threshold_source, model_sha256=runtime.sha256,
+                   model_file=Path(runtime.path).name, runtime=runtime.name,
+                   precision=runtime.precision, version=__version__, **extra)
+
+    @property
+    def present(self) -> bool:
+        return self.label == self.positive_class
+
+    @property
+    def rounded(self) -> float:
+        """The probability as the CSV writes it."""
+        return round(float(self.probability), PROB_DIGITS)
+
+
+# --- where the objects are ---------------------------------------------------------------------
+
+def object_paths(out_dir, sop_uid: str, model_sha256: str) -> tuple[Path, Path]:
+    """(SR path, SC path) of the results of the model with ``model_sha256`` for the source image
+    with SOP Instance UID ``sop_uid``."""
+    if not (isinstance(sop_uid, str) and _UID.match(sop_uid) and len(sop_uid) <= 64):
+        raise DicomOutError("the source's SOPInstanceUID is missing or not a valid UID")
+    if not re.fullmatch(r"[0-9a-f]{12,}", model_sha256 or ""):
+        raise ValueError("model_sha256 must be a hex digest")
+    folder = Path(out_dir) / sop_uid
+    stem = model_sha256[:12]
+    return folder / (stem + SR_SUFFIX), folder / (stem + SC_SUFFIX)
+
+
+def existing_sr(out_dir, sop_uid: str, model_sha256: str) -> Path | None:
+    """The SR of this model for this source when it has been written, else None."""
+    sr = object_paths(out_dir, sop_uid, model_sha256)[0]
+    return sr if sr.is_file() and not sr.is_symlink() else None
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def write_result_objects(source, info: ResultInfo, out_dir, heatmap_rgb: np.ndarray | None = None
+                         ) -> list[Path]:
+    """Write the SR (and, with ``heatmap_rgb`` uint8 ``[H, W, 3]``, the SC before it) for the
+    DICOM image ``source`` (a path or a pydicom Dataset; its pixel data is not used) under
+    ``out_dir`` (created when missing, its parent must exist); returns the paths, SR first.
+    An SR already there with the same threshold is kept (nothing is written).
+
+    :class:`DicomOutError`: this source cannot get objects (reason, no values); other
+    :class:`PneumoError`: the files cannot be written."""
+    header = _evidence(source)
+    sr_path, sc_path = object_paths(out_dir, header.SOPInstanceUID, info.model_sha256)
+    if existing_sr(out_dir, header.SOPInstanceUID, info.model_sha256) and \
+            _recorded_threshold(sr_path) == float(info.threshold):
+        return [sr_path] + ([sc_path] if sc_path.is_file() else [])
+    _folder(Path(out_dir), sr_path.parent)
+    written = []
+    if heatmap_rgb is not None:
+        sc = _build(build_sc, header, info, heatmap_rgb)
+        written.append(_save(sc, sc_path))
+    sr = _build(build_sr, header, info)
+    return [_save(sr, sr_path), *written]
+
+
+def _build(fn, *args):
+    _quiet()
+    try:
+        return fn(*args)
+    except (DicomOutError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 -- a header value highdicom refuses: its text may
+        # quote the value (patient data), so only its type
+        raise DicomOutError(f"the source's header cannot be copied into a DICOM result "
+                            f"({type(exc).__name__})") from None
+
+
+def _folder(out_dir: Path, folder: Path) -> None:
+    """Create ``out_dir`` (parent must exist) and ``folder`` in it; never through a link."""
+    for d in (out_dir, folder):
+        if os.path.islink(d) or (d.exists() and not d.is_dir()):
+            raise PneumoError(f"{d}: exists and is not a folder (--dicom-out)")
+        if not d.exists():
+            if not d.parent.is_dir():
+                raise PneumoError(f"{d.parent}: no such folder for --dicom-out")
+            try:
+                d.mkdir(exist_ok=True)
+            except OSError as exc:
+                raise PneumoError(f"{d}: cannot create ({exc.strerror or exc})") from None
+            from pneumo_edge.atomic import fsync_dir
+
+            fsync_dir(d.parent)
+
+
+def _save(ds, path: Path) -> Path:
+    from pneumo_edge.atomic import write_atomic
+
+    return write_atomic(path, lambda f: ds.save_as(f, enforce_file_format=True))
+
+
+def _evidence(source):
+    """The source's header (no pixel data) with the attributes an SR needs; Type 2 patient and
+    study attributes it lacks are added empty."""
+    from pydicom.dataset import Dataset
+
+    if isinstance(source, Dataset):
+        header = Dataset()
+        for elem in source:
+            if elem.tag < 0x7FE00010:  # pixel data and anything after it stay behind
+                header.add(elem)
+        if hasattr(source, "file_meta"):
+            header.file_meta = source.file_meta
+    else:
+        from pneumo_edge.inputs.dicom import DicomError, read_header
+
+        try:
+            header = read_header(source)
+        except DicomError as exc:
+            raise DicomOutError(str(exc)) from None
+    missing = [k for k in _REQUIRED if not str(header.get(k, "") or "").strip()]
+    if missing:
+        raise DicomOutError(f"the source has no {missing[0]}: no DICOM result can reference it")
+    for k in _TYPE2:
+        if k not in header:
+            setattr(header, k, None)
+    return header
+
+
+def _recorded_threshold(sr_path: Path) -> float | None:
+    try:
+        return read_result(sr_path)["threshold"]
+    except Exception:  # noqa: BLE001 -- an unreadable SR is rewritten
+        return None
+
+
+# --- the objects -----------------------------------------------------------------------------
+
+def _codes():
+    from highdicom.sr import CodedConcept
+
+    def c(value, scheme, meaning):
+        return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
+
+    return {
+        "pneumonia": c("233604007", "SCT", "Pneumonia"),
+        "present": c("52101004", "SCT", "Present"),
+        "absent": c("272519000", "SCT", "Absent"),
+        "probability": c("122157", "DCM", "Probability"),
+        "threshold": c("122411", "DCM", "Threshold Value"),
+        "no_units": c("1", "UCUM", "no units"),
+        "chest_xray": c("399208008", "SCT", "Plain chest X-ray"),
+        "qualitative": c("C0034375", "UMLS", "Qualitative Evaluations"),
+        "comment": c("121106", "DCM", "Comment"),
+    }
+
+
+def _parameters(info: ResultInfo) -> list[str]:
+    out = [f"model file: {info.model_file}", f"model sha256: {info.model_sha256}",
+           f"runtime: {info.runtime}", f"precision: {info.precision}",
+           f"positive class: {info.positive_class}",
+           f"threshold: {info.threshold:g} from {info.threshold_source}"]
+    if info.prevalence is not None:
+        out.append(f"prevalence: {info.prevalence:g}")
+    if info.qc:
+        out.append(f"input quality: {info.qc}")
+    return out
+
+
+def build_sr(header, info: ResultInfo):
+    """The Comprehensive SR (a highdicom dataset) for ``header``, the source image's header."""
+    import highdicom as hd
+    from highdicom.sr import (
+        AlgorithmIdentification,
+        ComprehensiveSR,
+        ContainerContentItem,
+        DeviceObserverIdentifyingAttributes,
+        Measurement,
+        MeasurementReport,
+        MeasurementsAndQualitativeEvaluations,
+        ObservationContext,
+        ObserverContext,
+        QualitativeEvaluation,
+        RelationshipTypeValues,
+        SourceImageForMeasurementGroup,
+        TextContentItem,
+        TrackingIdentifier,
+    )
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    k = _codes()
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=hd.UID(),
+                                               identifier="pneumo-edge pneumonia classification"),
+        finding_type=k["pneumonia"],
+        algorithm_id=AlgorithmIdentification(name="pneumo-edge", version=info.version,
+                                             parameters=_parameters(info)),
+        measurements=[Measurement(name=k["probability"], value=info.rounded, unit=k["no_units"]),
+                      Measurement(name=k["threshold"], value=float(info.threshold),
+                                  unit=k["no_units"])],
+        qualitative_evaluations=[QualitativeEvaluation(
+            k["pneumonia"], k["present"] if info.present else k["absent"])],
+        source_images=[SourceImageForMeasurementGroup.from_source_image(header)],
+    )
+    device = DeviceObserverIdentifyingAttributes(
+        uid=generate_uid(entropy_srcs=["pneumo-edge device", info.model_sha256]),
+        name="pneumo-edge", manufacturer_name=MANUFACTURER, model_name=info.model_file[:64])
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=ObserverContext(
+            observer_type=codes.cid270.Device, observer_identifying_attributes=device)),
+        procedure_reported=k["chest_xray"], imaging_measurements=[group],
+        referenced_images=[header] if _library_ok(header) else None)
+    notes = ContainerContentItem(name=k["qualitative"],
+                                 relationship_type=RelationshipTypeValues.CONTAINS)
+    notes.ContentSequence = [TextContentItem(name=k["comment"], value=STATEMENT,
+                                             relationship_type=RelationshipTypeValues.CONTAINS)]
+    report[0].ContentSequence.append(notes)
+    return ComprehensiveSR(
+        evidence=[header], content=report[0], series_instance_uid=_series_uid(header, info, "sr"),
+        series_number=SR_SERIES_NUMBER, sop_instance_uid=hd.UID(),
+        instance_number=_instance_number(header), manufacturer=MANUFACTURER, is_complete=True,
+        series_description=SERIES_DESCRIPTION, software_versions=info.version)
+
+
+def _library_ok(header) -> bool:
+    """Whether highdicom can describe the image in the image library (TID 1600, optional):
+    for projection radiographs it needs Patient Orientation and Imager Pixel Spacing."""
+    if str(header.get("Modality", "")) not in ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"):
+        return False
+    spacing = header.get("ImagerPixelSpacing")
+    return _orientation(header) is not None and spacing is not None and len(spacing) == 2
+
+
+def build_sc(header, info: ResultInfo, heatmap_rgb: np.ndarray):
+    """The RGB Secondary Capture (a highdicom dataset) of ``heatmap_rgb`` with the banner burned
+    in, in the study of ``header``."""
+    import highdicom as hd
+    from highdicom.sc import SCImage
+    from pydicom.dataset import Dataset
+
+    pixels = burn_in(heatmap_rgb, info)
+    orientation = _orientation(header)
+    sc = SCImage.from_ref_dataset(
+        header, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", series_instance_uid=_series_uid(header, info, "sc"),
+        series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(),
+        instance_number=_instance_number(header), manufacturer=MANUFACTURER,
+        patient_orientation=orientation or ("L", "F"), transfer_syntax_uid=_explicit(),
+        series_description=SERIES_DESCRIPTION, software_versions=info.version)
+    if orientation is None:  # unknown: Type 2, empty rather than guessed
+        sc.PatientOrientation = None
+    sc.BurnedInAnnotation = "YES"
+    if header.get("BodyPartExamined"):
+        sc.BodyPartExamined = header.BodyPartExamined
+    if header.get("Laterality") or not header.get("BodyPartExamined"):
+        sc.Laterality = header.get("Laterality") or None  # Type 2C: empty when unknown
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = header.SOPClassUID
+    ref.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    sc.SourceImageSequence = [ref]
+    sc.DerivationDescription = (f"pneumo-edge heatmap of P({info.positive_class}); "
+                                "NOT FOR DIAGNOSTIC USE")[:1024]
+    return sc
+
+
+def _explicit():
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    return ExplicitVRLittleEndian
+
+
+def _orientation(header) -> tuple[str, str] | None:
+    value = header.get("PatientOrientation")
+    try:
+        parts = [str(v) for v in value] if value is not None else []
+    except TypeError:
+        return None
+    ok = len(parts) == 2 and all(re.fullmatch(r"[AFHLPR]{1,3}", p) for p in parts)
+    return (parts[0], parts[1]) if ok else None
+
+
+def _series_uid(header, info: ResultInfo, kind: str) -> str:
+    """One series per study, model and kind: the same UID every time (restarts, reruns)."""
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=["pneumo-edge", kind, str(header.StudyInstanceUID),
+                                      info.model_sha256])
+
+
+def _instance_number(header) -> int:
+    try:
+        return max(1, int(str(header.get("InstanceNumber", "") or "1")))
+    except ValueError:
+        return 1
+
+
+def burn_in(rgb: np.ndarray, info: ResultInfo) -> np.ndarray:
+    """``rgb`` (uint8 ``[H, W, 3]``) with a banner above it: "NOT FOR DIAGNOSTIC USE" and the
+    probability, label and threshold."""
+    from PIL import Image, ImageDraw
+
+    from pneumo_edge.explain.overlay import font
+
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"heatmap_rgb must be uint8 [H, W, 3], not {rgb.dtype} {rgb.shape}")
+    lines = [BANNER, (f"P({info.positive_class}) = {info.rounded:.{PROB_DIGITS}f}   "
+                      f"label {info.label}   threshold {info.threshold:g} "
+                      f"({info.threshold_source})")]
+    line_h, width = 20, max(rgb.shape[1], 480)
+    im = Image.new("RGB", (width, rgb.shape[0] + line_h * len(lines) + 8), "black")
+    im.paste(Image.fromarray(rgb), (0, line_h * len(lines) + 8))
+    d = ImageDraw.Draw(im)
+    for i, text in enumerate(lines):
+        d.text((4, 4 + i * line_h), text, fill=(255, 60, 60) if i == 0 else "white",
+               font=font(14))
+    return np.asarray(im)
+
+
+def heatmap_picture(explainer, image: np.ndarray, threshold: float) -> np.ndarray:
+    """The heatmap overlay (uint8 RGB) of one uint8 ``image [1, S, S]`` explained by
+    ``explainer`` (:class:`pneumo_edge.explain.methods.Explainer`), captioned without the file
+    name (names can carry patient data): what :func:`write_result_objects` takes."""
+    from pneumo_edge.explain.methods import caption
+    from pneumo_edge.explain.overlay import render
+
+    card = explainer.card
+    expl = explainer(image)
+    label = card.classes[card.label_index(expl.probs, threshold)]
+    lines = caption("", expl, card, threshold, label)[1:]
+    return np.asarray(render(image[0], expl.heat, expl.legend, lines))
+
+
+# --- reading back ----------------------------------------------------------------------------
+
+def read_result(sr_path) -> dict:
+    """What an SR written here records: ``probability``, ``threshold``, ``present``,
+    ``parameters`` (the algorithm parameters), ``source_sop_uid``, ``study_uid``."""
+    import pydicom
+
+    ds = pydicom.dcmread(sr_path)
+    out: dict = {"study_uid": str(ds.StudyInstanceUID), "parameters": []}
+    for item in _walk(ds.ContentSequence):
+        code = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item \
+            else ""
+        if item.ValueType == "NUM" and code in ("122157", "122411"):
+            value = float(item.MeasuredValueSequence[0].NumericValue)
+            out["probability" if code == "122157" else "threshold"] = value
+        elif item.ValueType == "CODE" and code == "233604007":
+            out["present"] = item.ConceptCodeSequence[0].CodeValue == "52101004"
+        elif item.ValueType == "TEXT" and code == "111002":
+            out["parameters"].append(str(item.TextValue))
+        elif item.ValueType == "IMAGE" and "source_sop_uid" not in out:
+            out["source_sop_uid"] = str(
+                item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    return out
+
+
+def _walk(seq):
+    for item in seq:
+        yield item
+        if "ContentSequence" in item:
+            yield from _walk(item.ContentSequence)
+
+
+def _quiet() -> None:
+    """highdicom's and pydicom's warnings and log lines off (they may quote values)."""
+    import logging
+    import warnings
+
+    from pneumo_edge.inputs.dicom import _pydicom
+
+    _pydicom()
+    logger = logging.getLogger("highdicom")
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+        logger.propagate = False
+        warnings.filterwarnings("ignore", module=r"highdicom(\.|$)")
