@@ -323,9 +323,14 @@ def bench(model, runtime, batch, warmup, iters, max_time, data, limit, threads, 
                    "ViewPosition, BodyPartExamined, PhotometricInterpretation, "
                    "TransferSyntaxUID, SOPClassUID, BitsStored, Rows, Columns, Manufacturer, "
                    "ManufacturerModelName.")
+@click.option("--dicom-out", type=click.Path(file_okay=False), metavar="DIR",
+              help="Per scored DICOM input, write a DICOM Structured Report (and with --explain "
+                   "a heatmap Secondary Capture) in its study to "
+                   "DIR/<SOPInstanceUID>/<model sha256[:12]>.sr.dcm; the CSV's dicom_sr "
+                   "column names it. Research use only.")
 @friendly
 def score(paths, model, runtime, batch, threshold, output, resume, workers, quiet, ray,
-          follow_links, explain, explain_which, explain_force, dicom_columns):
+          follow_links, explain, explain_which, explain_force, dicom_columns, dicom_out):
     """Score image files and folders: CSV (path,label,p_<class>...,error) on stdout or -o.
 
     Inputs: .jpg .jpeg .png .bmp .tif .tiff, DICOM as .dcm/.dicom (any case), and any other
@@ -345,7 +350,8 @@ def score(paths, model, runtime, batch, threshold, output, resume, workers, quie
                             output=output, resume=resume, workers=workers, quiet=quiet, ray=ray,
                             follow_links=follow_links, explain=explain,
                             explain_which=explain_which, explain_force=explain_force,
-                            dicom_tags=[t.strip() for t in dicom_columns.split(",") if t.strip()])
+                            dicom_tags=[t.strip() for t in dicom_columns.split(",") if t.strip()],
+                            dicom_out=dicom_out)
     except BrokenPipeError:  # the reader stopped (`| head`): stop quietly, like other tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)

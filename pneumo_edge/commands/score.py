@@ -164,7 +164,8 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
               threshold: float | None = None, output=None, resume: bool = False,
               workers: int | None = None, quiet: bool = False, follow_links: bool = False,
               dicom_tags=(), stdout=None, log=None, explain=None,
-              explain_which: str = "positives", explain_force: bool = False) -> Summary:
+              explain_which: str = "positives", explain_force: bool = False,
+              dicom_out=None) -> Summary:
     """What the ``score`` command does; returns the summary (its ``exit_code`` is 0 or 1).
 
     ``ray``: None scores here; a Ray address (``local``, ``auto``, ``HOST:PORT``) scores
@@ -185,8 +186,12 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
                           "scored in one run)")
     if output:
         check_output(output)
+    if dicom_out:  # SR (+ heatmap SC) per scored DICOM input: pneumo_edge.outputs.dicom_objects
+        from pneumo_edge.outputs.dicom_objects import SR_COLUMN, check_out_dir
+        check_out_dir(dicom_out)
     walk = walk_images(paths, follow_links=follow_links)
     extra = dicom_columns(walk.dicom, tuple(dicom_tags))
+    columns = [*extra, SR_COLUMN] if dicom_out else extra
     rt = _open(model, runtime, say)
     _run(rt, np.zeros((1, 1, rt.card.image_size, rt.card.image_size), np.uint8),
          len(rt.card.classes))  # a model that does not fit its card fails here, before any row
@@ -206,12 +211,16 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
             output=output, inputs=paths, model=model, runtime=rt, threshold=used,
             threshold_from="card" if threshold is None else "--threshold",
             follow_links=follow_links, earlier=earlier)
-        sink = PartialSink(output, header(rt.card.classes, extra), walk.files, resume=resume,
+        sink = PartialSink(output, header(rt.card.classes, columns), walk.files, resume=resume,
                            log=say)
         _take_resumed(s, sink.resumed, say, sink.partial)
         provenance.write(output, record)
     else:
-        sink = StdoutSink(header(rt.card.classes, extra), stdout)
+        sink = StdoutSink(header(rt.card.classes, columns), stdout)
+    if dicom_out:
+        from pneumo_edge.outputs.dicom_objects import DicomOutSink
+        sink = DicomOutSink(sink, dicom_out, walk.files[s.resumed:], rt, used, threshold is None,
+                            explain_which if explain else None, log=say)
     if explain:  # heatmaps of the rows as they are written (pneumo_edge.commands.explain)
         from pneumo_edge.commands.explain import ExplainingSink
         sink = ExplainingSink(sink, explain, walk.files, rt, used, explain_which, explain_force,

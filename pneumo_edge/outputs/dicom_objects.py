@@ -147,8 +147,7 @@ def write_result_objects(source, info: ResultInfo, out_dir, heatmap_rgb: np.ndar
     :class:`PneumoError`: the files cannot be written."""
     header = _evidence(source)
     sr_path, sc_path = object_paths(out_dir, header.SOPInstanceUID, info.model_sha256)
-    if existing_sr(out_dir, header.SOPInstanceUID, info.model_sha256) and \
-            _recorded_threshold(sr_path) == float(info.threshold):
+    if is_current(sr_path, info):
         return [sr_path] + ([sc_path] if sc_path.is_file() else [])
     _folder(Path(out_dir), sr_path.parent)
     written = []
@@ -222,11 +221,15 @@ def _evidence(source):
     return header
 
 
-def _recorded_threshold(sr_path: Path) -> float | None:
+def is_current(sr_path: Path, info: ResultInfo) -> bool:
+    """Whether the SR at ``sr_path`` is there (a regular file) and records ``info``'s
+    threshold: :func:`write_result_objects` then keeps it."""
+    if not (sr_path.is_file() and not sr_path.is_symlink()):
+        return False
     try:
-        return read_result(sr_path)["threshold"]
+        return read_result(sr_path)["threshold"] == float(info.threshold)
     except Exception:  # noqa: BLE001 -- an unreadable SR is rewritten
-        return None
+        return False
 
 
 # --- the objects -----------------------------------------------------------------------------
@@ -472,3 +475,108 @@ def _quiet() -> None:
         logger.addHandler(logging.NullHandler())
         logger.propagate = False
         warnings.filterwarnings("ignore", module=r"highdicom(\.|$)")
+
+
+# --- score --dicom-out -------------------------------------------------------------------------
+
+THRESHOLD_SOURCES = ("card", "--threshold override")
+
+
+def check_out_dir(out_dir) -> Path:
+    """Refuse, before any work, a ``--dicom-out`` that is not a folder or whose parent is
+    missing (:class:`~pneumo_edge.errors.UsageError`, exit 2)."""
+    from pneumo_edge.errors import UsageError
+
+    out = Path(out_dir)
+    if os.path.islink(out) or (out.exists() and not out.is_dir()):
+        raise UsageError(f"{out}: exists and is not a folder (--dicom-out names a folder)")
+    if not out.exists() and not out.parent.is_dir():
+        raise UsageError(f"{out.parent}: no such folder for --dicom-out")
+    return out
+
+
+class DicomOutSink:
+    """``score --dicom-out DIR``: wraps the scoring CSV's sink. For each row of a DICOM input
+    that got a label, the SR (and with ``explain_which``, for the rows it selects, the heatmap
+    SC: occlusion through the scoring runtime) is written before the row reaches the CSV, and
+    the row's :data:`SR_COLUMN` (before ``error``) names it; error rows and other inputs get
+    nothing and an empty column. ``files``: the inputs of the rows still to come, in order."""
+
+    def __init__(self, sink, out_dir, files, runtime, threshold: float, from_card: bool,
+                 explain_which: str | None = None, log=None):
+        self.inner, self.files, self.next = sink, files, 0
+        self.out, self.rt, self.threshold = check_out_dir(out_dir), runtime, float(threshold)
+        self.source = THRESHOLD_SOURCES[0] if from_card else THRESHOLD_SOURCES[1]
+        self.which, self.explainer = explain_which, None
+        self.log = log or (lambda m: None)
+        self.written = self.kept = self.heatmaps = self.refused = 0
+
+    @property
+    def partial(self):
+        return self.inner.partial
+
+    def write(self, rows) -> None:
+        out = []
+        for row in rows:
+            path = self.files[self.next]
+            self.next += 1
+            out.append([*row[:-1], self._objects(path, row), row[-1]])
+        self.inner.write(out)
+
+    def _objects(self, path: str, row: list) -> str:
+        from pneumo_edge.inputs.images import input_kind
+
+        if not row[1] or input_kind(path) != "dicom":
+            return ""
+        card = self.rt.card
+        info = ResultInfo.from_runtime(self.rt, float(row[2 + card.positive_index]), row[1],
+                                       self.threshold, self.source)
+        try:
+            sr = object_paths(self.out, _sop_uid(path), info.model_sha256)[0]
+            if is_current(sr, info):
+                self.kept += 1
+                return str(sr)
+            rgb = self._heatmap(path, row[1])
+            paths = write_result_objects(path, info, self.out, rgb)
+        except DicomOutError as exc:
+            self.refused += 1
+            self.log(f"{path}: no DICOM result objects: {exc}")
+            return ""
+        self.written += 1
+        self.heatmaps += rgb is not None
+        return str(paths[0])
+
+    def _heatmap(self, path: str, label: str) -> np.ndarray | None:
+        if self.which is None or (self.which == "positives"
+                                  and label != self.rt.card.positive_class):
+            return None
+        from pneumo_edge.errors import ModelError
+        from pneumo_edge.explain.methods import Explainer
+        from pneumo_edge.inputs.images import ImageError, load_image
+
+        self.explainer = self.explainer or Explainer(self.rt, "occlusion")
+        try:
+            return heatmap_picture(self.explainer, load_image(path, self.rt.card.image_size),
+                                   self.threshold)
+        except ModelError:  # the runtime itself failed: the run stops (exit 2)
+            raise
+        except (ImageError, PneumoError) as exc:  # changed since scored, non-finite map: the
+            self.log(f"{path}: no heatmap SC: {exc}")  # SR still records the score
+            return None
+
+    def finish(self) -> None:
+        self.inner.finish()
+        self.log(f"--dicom-out {self.out}: {self.written} SR(s) written"
+                 + (f" ({self.heatmaps} with a heatmap SC)" if self.which else "")
+                 + (f", {self.kept} already there" if self.kept else "")
+                 + (f", {self.refused} DICOM inputs without result objects" if self.refused
+                    else ""))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _sop_uid(path) -> str:
+    from pneumo_edge.inputs.dicom import identity
+
+    return identity(path).uids[2]
