@@ -1,0 +1,143 @@
+"""``pneumo-edge listen``: the wiring. Open the model, repair ``--out DIR`` after any crash,
+start the sender and the DICOM server, score batches in the main thread until SIGTERM/SIGINT;
+then stop accepting, wait for open associations, score everything accepted, try the outbox once
+more, exit 0. One log line per event on stderr."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pneumo_edge.dicomnode.scp import Limits
+from pneumo_edge.errors import UsageError
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class NodeConfig:
+    """The ``listen`` options; a field with a default states it once, with the CLI's help."""
+
+    model: str
+    out: str
+    port: int = _opt(11112, "TCP port to listen on.")
+    ae_title: str = _opt("PNEUMO_EDGE", "This node's AE title (the called AE title).")
+    host: str = _opt("127.0.0.1", "Address to bind; anything but loopback needs --allow.")
+    allow: str | None = _opt(None, "AET[@IP],...: the calling AE titles (and addresses) that "
+                             "may associate; everyone else is refused and logged. Default: "
+                             "any AE title (loopback only).")
+    send_to: str | None = _opt(None, "AET@HOST:PORT: C-STORE the results (SR, SC) there, "
+                               "retried with back-off until sent. Default: keep them in "
+                               "OUT/dicom.")
+    explain: bool = _opt(False, "Also send an occlusion heatmap Secondary Capture per "
+                         "scored instance (about 226 model calls each).")
+    batch: int = _opt(16, "Instances per scoring batch.")
+    max_wait: float = _opt(2.0, "Seconds the oldest received instance waits for a fuller "
+                           "batch.")
+    runtime: str = _opt("auto", "auto picks what score would pick.")
+    limits: Limits = field(default_factory=Limits)
+
+
+def check(cfg: NodeConfig):
+    """(allowed peers, destination or None); UsageError (exit 2) for bad options."""
+    from pneumo_edge.dicomnode.outbox import Destination
+    from pneumo_edge.dicomnode.scp import is_loopback, parse_allow
+
+    if not 0 < cfg.port < 65536:
+        raise UsageError(f"--port {cfg.port}: not a TCP port")
+    if not cfg.ae_title.strip() or len(cfg.ae_title) > 16:
+        raise UsageError(f"--ae-title {cfg.ae_title!r}: an AE title is 1 to 16 characters")
+    if cfg.batch < 1 or cfg.max_wait < 0:
+        raise UsageError("--batch must be at least 1 and --max-wait at least 0")
+    allow = parse_allow(cfg.allow)
+    if not allow and not is_loopback(cfg.host):
+        raise UsageError(f"--host {cfg.host}: listening beyond this machine needs --allow "
+                         "(the calling AE titles that may send)")
+    return allow, Destination.parse(cfg.send_to) if cfg.send_to else None
+
+
+def run_node(cfg: NodeConfig, log=None, ready=None) -> int:
+    """Run until SIGTERM or SIGINT (or ``ready``'s caller sets the returned stop event);
+    returns the exit code."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    allow, dest = check(cfg)
+    from pneumo_edge.commands.score import _open
+    from pneumo_edge.dicomnode.outbox import Sender
+    from pneumo_edge.dicomnode.scp import Handlers, make_ae
+    from pneumo_edge.dicomnode.store import Store
+    from pneumo_edge.dicomnode.worker import Worker, wait_for_batch
+
+    store = Store(cfg.out)
+    tempfile.tempdir = str(store.spool)  # pynetdicom spools C-STOREs here: same disk, no copy
+    rt = _open(cfg.model, cfg.runtime, log)
+    worker = Worker(store, rt, send=dest is not None, explain=cfg.explain, log=log)
+    sender = Sender(store.out, dest, cfg.ae_title, log) if dest else None
+    stop, arrived = threading.Event(), threading.Event()
+    _on_signals(stop, arrived, log)
+    if sender:
+        sender.start()
+    ae = make_ae(cfg.ae_title, cfg.limits)
+    handlers = Handlers(store, allow, cfg.limits, arrived.set, log)
+    try:
+        server = ae.start_server((cfg.host, cfg.port), block=False,
+                                 evt_handlers=handlers.bindings())
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {cfg.host}:{cfg.port}: "
+                         f"{exc.strerror or exc}") from None
+    who = ", ".join(f"{p.ae_title}@{p.host}" if p.host else p.ae_title for p in allow)
+    log(f"listening as {cfg.ae_title} on {cfg.host}:{cfg.port}; allowed: {who or 'any AE title'}"
+        f"; results to {dest or (store.out / 'dicom')}")
+    if ready is not None:
+        ready(stop)
+    try:
+        _serve(store, worker, sender, cfg, stop, arrived, server, wait_for_batch, log)
+    finally:
+        if sender:
+            sender.stop(flush=True)
+    log("stopped")
+    return 0
+
+
+def _serve(store, worker, sender, cfg, stop, arrived, server, wait_for_batch, log) -> None:
+    stopping = False
+    while True:
+        if stop.is_set() and not stopping:
+            stopping = True
+            log("stopping: no new associations; finishing what was accepted")
+            server.shutdown()
+            _wait_associations(server, cfg.limits.timeout)
+        files = wait_for_batch(store, cfg.batch, cfg.max_wait, stop, arrived)
+        if not files:
+            if stopping:
+                return
+            continue
+        t0 = time.perf_counter()
+        rows = worker.score(files)
+        failed = sum(1 for r in rows if not r[1])
+        log(f"scored {len(rows)} instances in {time.perf_counter() - t0:.2f} s"
+            + (f" ({failed} could not be scored; see results.csv)" if failed else ""))
+        if sender:
+            sender.kick()
+
+
+def _wait_associations(server, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _on_signals(stop, arrived, log) -> None:
+    def handler(signum, frame):
+        if not stop.is_set():
+            log(f"received {signal.Signals(signum).name}")
+        stop.set()
+        arrived.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)

@@ -1,0 +1,89 @@
+"""The node's folders under ``--out DIR`` and the atomic inbox.
+
+- ``spool/``: where pynetdicom streams an instance while it arrives (emptied at start);
+- ``received/<SOP Instance UID>.dcm``: accepted, not yet scored. An instance is here, fsynced
+  with its folder, before the sender gets its success status;
+- ``scored/``: moved here once its row is in ``results.csv``;
+- ``staging/<name>/``, ``outbox/<name>/``, ``dicom/<name>/``: result objects being written,
+  waiting to be sent, and written or sent (see :mod:`pneumo_edge.dicomnode.worker`).
+
+A SOP Instance UID names the file, so an instance sent again (a sender that did not get its
+status because the node was killed retries) is recognised and not scored twice.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+from pneumo_edge.atomic import fsync_dir
+
+FOLDERS = ("spool", "received", "scored", "staging", "outbox", "dicom")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def instance_name(sop_uid) -> str | None:
+    """``<uid>.dcm`` for a well-formed SOP Instance UID (digits and dots, at most 64), else
+    None: an attacker's UID never becomes a path."""
+    uid = str(sop_uid or "").strip().rstrip("\0")
+    return f"{uid}.dcm" if len(uid) <= 64 and _UID.match(uid) else None
+
+
+class Store:
+    """The node's folders; :meth:`accept` is the only way an instance enters ``received/``."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        for name in FOLDERS:
+            (self.out / name).mkdir(parents=True, exist_ok=True)
+        self.spool = self.out / "spool"
+        self.received, self.scored = self.out / "received", self.out / "scored"
+        self._lock = threading.Lock()
+        for leftover in self.spool.iterdir():  # half-received before a crash: never acknowledged
+            _remove(leftover)
+        for leftover in self.received.glob(".tmp-*"):
+            _remove(leftover)
+
+    def known(self, name: str) -> bool:
+        return (self.received / name).exists() or (self.scored / name).exists()
+
+    def accept(self, spooled: str | os.PathLike, name: str) -> bool:
+        """Make the fully received file ``spooled`` durable as ``received/<name>``: fsync the
+        file, rename it in, fsync the folder. False when that instance is already here (not
+        stored twice). Raises OSError when the disk refuses (the sender then gets a failure)."""
+        with self._lock:
+            if self.known(name):
+                return False
+            fd = os.open(spooled, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(spooled, self.received / name)
+            fsync_dir(self.received)
+            return True
+
+    def pending(self) -> list[Path]:
+        """``received/`` files, oldest first (arrival order, then name)."""
+        files = [p for p in self.received.iterdir() if p.name.endswith(".dcm")
+                 and not p.name.startswith(".")]
+        return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+    def mark_scored(self, name: str) -> None:
+        src = self.received / name
+        if src.exists():
+            os.replace(src, self.scored / name)
+
+    def sync(self) -> None:
+        for name in ("received", "scored", "staging", "outbox", "dicom"):
+            fsync_dir(self.out / name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,198 @@
+"""Scoring what the node received, in batches, exactly once.
+
+``results.csv`` is the journal: the scoring CSV contract (:mod:`pneumo_edge.outputs.csvout`
+header and rows, the DICOM UID columns), one row per received instance, appended and fsynced
+per batch. A batch is committed in this order, each step atomic and durable:
+
+1. score the files (:func:`pneumo_edge.commands.score.score_files`, the one preprocessing);
+2. write the result objects of each scored row into ``staging/<uid>/``;
+3. append the rows to ``results.csv`` (the commit point);
+4. move ``staging/<uid>/`` to ``outbox/<uid>/`` (``dicom/<uid>/`` without ``--send-to``) and
+   ``received/<uid>.dcm`` to ``scored/``.
+
+After a kill at any point, :class:`Worker` repairs on start: a torn last row is cut; a received
+file that already has a row moves to ``scored/``; staged objects of committed rows move on, the
+others are deleted and made again when their instance is scored. So every instance gets one row
+and one set of objects.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pneumo_edge.atomic import fsync_dir
+from pneumo_edge.errors import PneumoError
+from pneumo_edge.outputs.csvout import (
+    _lock,
+    _parse,
+    _records,
+    csv_text,
+    dicom_columns,
+    header,
+    one_line,
+    open_new_or_regular,
+)
+
+
+class Results:
+    """``results.csv``: created with its header, or checked and its torn tail cut."""
+
+    def __init__(self, path: Path, head: list[str], on_row=None):
+        self.path = path
+        self._f = os.fdopen(open_new_or_regular(path), "r+b")
+        _lock(self._f, path)
+        keep = 0
+        for record, end in _records(self._f):
+            row = _parse(record, path)
+            if keep == 0 and row != head:
+                raise PneumoError(f"{path}: its header is not this model's {','.join(head)!r}; "
+                                  "use another --out folder for another model")
+            if keep and on_row is not None:
+                on_row(row)
+            keep = end
+        self._f.truncate(keep)
+        self._f.seek(keep)
+        if keep == 0:
+            self.append([head])
+
+    def append(self, rows) -> None:
+        import csv
+        import io
+
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(rows)
+        self._f.write(buf.getvalue().encode("utf-8"))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class _Rows:
+    """A sink for :func:`score_files` that keeps the rows."""
+
+    partial = None
+
+    def __init__(self):
+        self.rows: list[list[str]] = []
+
+    def write(self, rows) -> None:
+        self.rows.extend(rows)
+
+
+class Worker:
+    def __init__(self, store, runtime, *, send: bool, explain: bool = False,
+                 workers: int | None = None, log=print):
+        self.store, self.rt, self.log, self.workers = store, runtime, log, workers
+        self.send, self.explain = send, explain
+        self.card = runtime.card
+        from pneumo_edge.outputs.dicom_objects import SR_COLUMN
+
+        self.head = header(self.card.classes, [*dicom_columns(1), SR_COLUMN])
+        self.staging = store.out / "staging"
+        self.ready = store.out / ("outbox" if send else "dicom")
+        self.results = Results(store.out / "results.csv", self.head, self._recover_row)
+        self._recover_staging()
+        self._explainer = None
+
+    def _recover_row(self, row) -> None:
+        name = Path(row[0]).name
+        if (self.store.received / name).exists():
+            self.store.mark_scored(name)
+            self.log(f"recovered: {name} already has its row; not scored again")
+
+    def _recover_staging(self) -> None:
+        for d in sorted(self.staging.iterdir()):
+            if (self.store.scored / f"{d.name}.dcm").exists():
+                self._promote(d.name)
+            else:
+                shutil.rmtree(d, ignore_errors=True)
+        self.store.sync()
+
+    def score(self, files: list[Path]) -> list[list[str]]:
+        """Score, stage, commit and move ``files`` (one batch); returns their rows."""
+        from pneumo_edge.commands.score import score_files
+
+        sink = _Rows()
+        score_files([str(p) for p in files], self.rt, sink, batch=max(1, len(files)),
+                    workers=self.workers, dicom_tags=())
+        rows = [r[:-1] + [""] + r[-1:] for r in sink.rows]  # the SR column, before error
+        for row, f in zip(rows, files):
+            row[0] = csv_text(str(self.store.scored / f.name))
+            if row[1]:
+                self._stage(f, row)
+        fsync_dir(self.staging)
+        self.results.append(rows)
+        for f in files:
+            self.store.mark_scored(f.name)
+            self._promote(f.stem)
+        self.store.sync()
+        return rows
+
+    def _stage(self, src: Path, row: list[str]) -> None:
+        """The SR (+ SC) of one scored row into ``staging/<uid>/``; its final path into the
+        row's SR column. A source that cannot get them is logged (reason, no values)."""
+        from pneumo_edge.outputs.dicom_objects import ResultInfo, write_result_objects
+
+        out = self.staging / src.stem
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        card = self.card
+        info = ResultInfo.from_runtime(self.rt, float(row[2 + card.positive_index]), row[1],
+                                       card.threshold, "card")
+        try:
+            heat = self._heatmap(src) if self.explain else None
+            paths = write_result_objects(src, info, out, heat)
+        except Exception as exc:  # noqa: BLE001 -- one instance's objects never stop the node
+            shutil.rmtree(out, ignore_errors=True)
+            self.log(f"no result objects for {src.name}: {one_line(str(exc))[:200]}")
+            return
+        row[-2] = csv_text(str(self.store.out / "dicom" / paths[0].relative_to(self.staging)))
+
+    def _heatmap(self, src: Path) -> np.ndarray:
+        from pneumo_edge.explain.methods import Explainer
+        from pneumo_edge.inputs.images import load_image
+        from pneumo_edge.outputs.dicom_objects import heatmap_picture
+
+        if self._explainer is None:
+            self._explainer = Explainer(self.rt, "occlusion")
+        image = load_image(src, self.card.image_size)
+        return heatmap_picture(self._explainer, image, self.card.threshold)
+
+    def _promote(self, stem: str) -> None:
+        d = self.staging / stem
+        if not d.exists():
+            return
+        if not any(d.iterdir()):
+            d.rmdir()
+            return
+        target = self.ready / stem
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(d, target)
+
+
+def wait_for_batch(store, batch: int, max_wait: float, stop, arrived) -> list[Path]:
+    """The next batch: ``batch`` files, or fewer once the oldest waited ``max_wait`` seconds or
+    the node is stopping; [] when stopping and nothing is left."""
+    while True:
+        files = store.pending()
+        if files and (len(files) >= batch or stop.is_set()):
+            return files[:batch]
+        if files:
+            age = time.time() - files[0].stat().st_mtime
+            if age >= max_wait:
+                return files[:batch]
+            timeout = max_wait - age
+        elif stop.is_set():
+            return []
+        else:
+            timeout = 0.5
+        arrived.wait(min(timeout, 0.5))
+        arrived.clear()
