@@ -1,0 +1,215 @@
+"""DICOM result objects (issue 21 part 1): ``score --dicom-out`` writes an SR (and with --explain a
+heatmap SC) per scored DICOM input, in its study, valid for dciodvfy, carrying the CSV's number;
+nothing for error rows or other inputs; --resume writes no second SR; a --threshold override is
+recorded; no patient data leaves the DICOM objects."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pydicom = pytest.importorskip("pydicom")
+pytest.importorskip("highdicom")
+from test_dicom import PHI_ID, PHI_NAME, _score, make, picture
+
+from pneumo_edge.outputs import dicom_objects as dob
+
+PHI_DATE = "19470101"
+RICH = {"StudyDate": "20240102", "StudyTime": "101500", "StudyID": "S1",
+        "AccessionNumber": "ACC7731", "PatientSex": "F", "InstanceNumber": 3,
+        "ImagerPixelSpacing": [0.2, 0.2], "PatientOrientation": ["L", "F"],
+        "Manufacturer": "Acme", "ReferringPhysicianName": "Doe^J"}
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The "Error" lines dciodvfy prints for ``path`` (warnings are allowed)."""
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.skip("dciodvfy (Debian dicom3tools) is not installed")
+    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    return [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")]
+
+
+def inputs(root: Path) -> Path:
+    """Two CR/DX chest files (one with the usual study attributes, one MONOCHROME1 without
+    BodyPartExamined), a PNG, a CT slice and a broken .dcm."""
+    d = root / "in"
+    d.mkdir()
+    v = picture().astype(np.int32) * 16
+    make(d / "a_rich.dcm", v, **RICH)
+    make(d / "b_mono1.dcm", 4095 - v, photometric="MONOCHROME1", modality="CR", body_part=None)
+    Image.fromarray(picture(1)).save(d / "c.png")
+    make(d / "d_ct.dcm", v, modality="CT")
+    (d / "e_broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")
+    return d
+
+
+def rows_of(out: Path) -> dict[str, dict]:
+    return {Path(r["path"]).name: r for r in csv.DictReader(io.StringIO(out.read_text()))}
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_exported, tmp_path_factory):
+    """One run: score --dicom-out --explain --explain-which all on :func:`inputs`."""
+    root = tmp_path_factory.mktemp("dicom_out")
+    d = inputs(root)
+    proc = _score([d, "--model", tiny_exported, "--runtime", "onnx", "-o", root / "out.csv",
+                   "--dicom-out", root / "dcm", "--explain", root / "ex", "--explain-which", "all"])
+    return root, d, proc
+
+
+def test_sr_and_sc_are_valid_in_the_study_and_carry_the_csv_numbers(scored):
+    root, d, proc = scored
+    assert proc.returncode == 1, proc.stderr  # the CT and the broken file are error rows
+    rows = rows_of(root / "out.csv")
+    assert list(rows) == ["a_rich.dcm", "b_mono1.dcm", "c.png", "d_ct.dcm", "e_broken.dcm"]
+    written = sorted((root / "dcm").rglob("*.dcm"))
+    assert len(written) == 4  # SR + SC for each of the two scored DICOM files
+    for name in ("a_rich.dcm", "b_mono1.dcm"):
+        src = pydicom.dcmread(d / name)
+        row = rows[name]
+        sr_path = Path(row["dicom_sr"])
+        assert sr_path == root / "dcm" / src.SOPInstanceUID / (sr_path.name)
+        sr = pydicom.dcmread(sr_path)
+        got = dob.read_result(sr_path)
+        assert got["probability"] == float(row["p_PNEUMONIA"])  # the CSV's number, exactly
+        assert got["threshold"] == 0.5 and "threshold: 0.5 from card" in got["parameters"]
+        assert got["present"] == (row["label"] == "PNEUMONIA")
+        assert got["source_sop_uid"] == src.SOPInstanceUID
+        assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+        assert sr.StudyInstanceUID == src.StudyInstanceUID == row["study_uid"]
+        assert sr.SeriesInstanceUID != src.SeriesInstanceUID
+        assert str(sr.PatientName) == PHI_NAME and sr.PatientID == PHI_ID  # filed by the PACS
+        ref = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        assert ref.ReferencedSOPSequence[0].ReferencedSOPClassUID == src.SOPClassUID
+        sc = pydicom.dcmread(sr_path.with_name(sr_path.name.replace(".sr.", ".sc.")))
+        assert sc.StudyInstanceUID == src.StudyInstanceUID and sc.BurnedInAnnotation == "YES"
+        assert sc.PhotometricInterpretation == "RGB" and sc.pixel_array.shape[2] == 3
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        uids = {src.SOPInstanceUID, sr.SOPInstanceUID, sc.SOPInstanceUID}
+        assert len(uids) == 3
+    assert str(pydicom.dcmread(rows["a_rich.dcm"]["dicom_sr"]).AccessionNumber) == "ACC7731"
+    for path in written:
+        assert dciodvfy_errors(path) == [], path
+
+
+def test_nothing_for_error_rows_and_non_dicom_inputs(scored):
+    root, d, _ = scored
+    rows = rows_of(root / "out.csv")
+    for name in ("c.png", "d_ct.dcm", "e_broken.dcm"):
+        assert rows[name]["dicom_sr"] == ""
+    ct = pydicom.dcmread(d / "d_ct.dcm", stop_before_pixels=True)
+    assert not rows["d_ct.dcm"]["label"] and not (root / "dcm" / ct.SOPInstanceUID).exists()
+    assert len(list((root / "dcm").iterdir())) == 2
+
+
+def test_no_patient_data_outside_the_dicom_objects(scored):
+    root, _, proc = scored
+    text = (root / "out.csv").read_text() + proc.stdout + proc.stderr \
+        + (root / "out.csv.json").read_text() + (root / "ex" / "explain.csv").read_text()
+    for phi in (PHI_NAME, PHI_NAME.split("^")[0], PHI_ID, PHI_DATE, "ACC7731", "Doe"):
+        assert phi not in text
+
+
+def test_the_heatmap_has_the_warning_and_the_probability_burned_in(scored):
+    root, _, _ = scored
+    row = rows_of(root / "out.csv")["a_rich.dcm"]
+    sc = pydicom.dcmread(row["dicom_sr"].replace(".sr.dcm", ".sc.dcm"))
+    info = dob.ResultInfo(float(row["p_PNEUMONIA"]), row["label"], "PNEUMONIA", 0.5, "card",
+                          "0" * 64, "model.onnx", "onnx", "fp32", "x")
+    banner = dob.burn_in(np.zeros((10, 10, 3), np.uint8), info)[:48]  # the two text lines
+    assert np.array_equal(sc.pixel_array[:48, :banner.shape[1]], banner)
+    assert banner.any() and banner.shape[1] <= sc.Columns
+
+
+def test_resume_writes_no_second_sr(tiny_exported, tmp_path):
+    d = inputs(tmp_path)
+    out, dcm = tmp_path / "out.csv", tmp_path / "dcm"
+    args = [d, "--model", tiny_exported, "--runtime", "onnx", "-o", out, "--dicom-out", dcm]
+    assert _score(args).returncode == 1
+    full = out.read_text()
+    before = {p: (p.stat().st_mtime_ns, pydicom.dcmread(p).SOPInstanceUID)
+              for p in dcm.rglob("*.dcm")}
+    assert len(before) == 2 and not list(dcm.rglob("*.sc.dcm"))
+    lines = full.splitlines(keepends=True)
+    out.unlink()
+    Path(f"{out}.partial").write_text("".join(lines[:2]))  # a_rich's row, b_mono1's is lost
+    proc = _score([*args, "--resume"])
+    assert proc.returncode == 1, proc.stderr
+    assert out.read_text() == full
+    after = {p: (p.stat().st_mtime_ns, pydicom.dcmread(p).SOPInstanceUID)
+             for p in dcm.rglob("*.dcm")}
+    assert after == before  # b_mono1's SR was there: kept, not written again
+    assert "1 already there" in proc.stderr
+
+
+def test_threshold_override_is_recorded_and_replaces_the_sr(tiny_exported, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    make(d / "a.dcm", picture().astype(np.int32) * 16)
+    dcm = tmp_path / "dcm"
+    base = [d, "--model", tiny_exported, "--runtime", "onnx", "--dicom-out", dcm]
+    first = _score(base)
+    assert first.returncode == 0, first.stderr
+    sr_path = Path(next(csv.DictReader(io.StringIO(first.stdout)))["dicom_sr"])
+    uid = pydicom.dcmread(sr_path).SOPInstanceUID
+    proc = _score([*base, "--threshold", "0.999"])
+    assert proc.returncode == 0, proc.stderr
+    row = next(csv.DictReader(io.StringIO(proc.stdout)))
+    got = dob.read_result(row["dicom_sr"])
+    assert row["dicom_sr"] == str(sr_path) and row["label"] == "NORMAL"
+    assert got["threshold"] == 0.999 and not got["present"]
+    assert "threshold: 0.999 from --threshold override" in got["parameters"]
+    assert pydicom.dcmread(sr_path).SOPInstanceUID != uid
+    assert dciodvfy_errors(sr_path) == []
+
+
+def test_a_file_where_the_folder_should_be_is_a_usage_error(tiny_exported, tmp_path):
+    make(tmp_path / "a.dcm", picture().astype(np.int32) * 16)
+    (tmp_path / "taken").write_text("x")
+    proc = _score([tmp_path / "a.dcm", "--model", tiny_exported, "--dicom-out",
+                   tmp_path / "taken"])
+    assert proc.returncode == 2 and not proc.stdout
+    assert proc.stderr.count("\n") == 1 and "taken" in proc.stderr and "folder" in proc.stderr
+
+
+# -- the writer as the DICOM node calls it ---------------------------------------------------
+
+def info_for(p: float = 0.25) -> dob.ResultInfo:
+    return dob.ResultInfo(p, "NORMAL", "PNEUMONIA", 0.5, "card", "ab" * 32, "model.onnx",
+                          "onnx", "fp32", "0.1.0")
+
+
+def test_a_received_dataset_with_pixels_gets_an_sr_without_them(tmp_path):
+    src = pydicom.dcmread(make(tmp_path / "a.dcm", picture().astype(np.int32) * 16, **RICH))
+    assert dob.existing_sr(tmp_path / "out", src.SOPInstanceUID, "ab" * 32) is None
+    paths = dob.write_result_objects(src, info_for(0.1234567), tmp_path / "out",
+                                     np.full((40, 60, 3), 90, np.uint8))
+    assert [p.name for p in paths] == ["abababababab.sr.dcm", "abababababab.sc.dcm"]
+    assert dob.existing_sr(tmp_path / "out", src.SOPInstanceUID, "ab" * 32) == paths[0]
+    sr = pydicom.dcmread(paths[0])
+    assert "PixelData" not in sr and dob.read_result(paths[0])["probability"] == 0.123457
+    again = dob.write_result_objects(src, info_for(0.1234567), tmp_path / "out")
+    assert again == paths and pydicom.dcmread(paths[0]).SOPInstanceUID == sr.SOPInstanceUID
+    for p in paths:
+        assert dciodvfy_errors(p) == [], p
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the test sets them
+@pytest.mark.parametrize("uid", ["", "../../etc", "1.2.3/4"])
+def test_a_source_without_a_usable_sop_uid_gets_nothing(tmp_path, uid):
+    src = pydicom.dcmread(make(tmp_path / "a.dcm", picture().astype(np.int32) * 16))
+    src.SOPInstanceUID = uid
+    with pytest.raises(dob.DicomOutError) as err:
+        dob.write_result_objects(src, info_for(), tmp_path / "out")
+    assert "SOPInstanceUID" in str(err.value) and PHI_NAME not in str(err.value)
+    assert not (tmp_path / "out").exists()
