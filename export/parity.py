@@ -42,10 +42,19 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 @dataclass
 class Tolerance:
-    max_abs: float | None  # max |p_form - p_torch| over all images and classes (None: reported)
-    min_agreement: float  # share of images with the same label, 0..1
-    max_metric_delta: float  # max |metric_form - metric_torch| over CHECKED_METRICS
-    max_auc_delta: float | None = None  # |ROC AUC_form - ROC AUC_torch| (None: reported only)
+    """One precision's parity limits (defaults: :func:`default_tolerances`); ``metadata["help"]``
+    is what ``pneumo-edge export --help`` says after the precision's name."""
+
+    # max |p_form - p_torch| over all images and classes (None: reported)
+    max_abs: float | None = field(metadata={"help": "max |delta p|."})
+    # share of images with the same label, 0..1
+    min_agreement: float = field(metadata={"help": "share of images with the torch label."})
+    # max |metric_form - metric_torch| over CHECKED_METRICS
+    max_metric_delta: float = field(metadata={
+        "help": "max |delta| of accuracy, precision, sensitivity, specificity, F1 "
+                "(0.01 = 1 point)."})
+    # |ROC AUC_form - ROC AUC_torch| (None: reported only)
+    max_auc_delta: float | None = field(default=None, metadata={"help": "max |delta ROC AUC|."})
 
 
 def default_tolerances() -> dict[str, Tolerance]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +43,14 @@ FLOAT_TAIL_OPS = ("Gemm", "MatMul", "Softmax")
 
 @dataclass
 class QuantOptions:
-    calib_images: int = DEFAULT_CALIB_IMAGES
-    method: str = "minmax"
-    calib_data: str | None = None  # labelled FOLDER/CLASS/*; default: the card's training split
+    # (default and help: what `pneumo-edge export --help` shows for --calib-*)
+    calib_images: int = field(default=DEFAULT_CALIB_IMAGES, metadata={
+        "help": "INT8 calibration images, class-balanced, from the card's training split."})
+    method: str = field(default="minmax", metadata={"help": "INT8 activation range calibration."})
+    # labelled FOLDER/CLASS/*; default: the card's training split
+    calib_data: str | None = field(default=None, metadata={
+        "help": "Labelled folder FOLDER/CLASS/* of training images to calibrate INT8 on, when "
+                "the card's training images are not on this machine."})
     batch: int = 16
 
     def validate(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pneumo_edge.errors import ModelError, PneumoError, RuntimeUnavailable
@@ -26,11 +26,14 @@ TIMING_CACHE = modeldir.TIMING_CACHE
 
 @dataclass
 class BuildOptions:
-    batch_min: int = 1
-    batch_opt: int = 8
-    batch_max: int = 32
-    workspace_mib: int = 2048
-    timing_cache: str | None = None  # default: RUN/trt_timing.cache
+    # (default and help: what `pneumo-edge export --help` shows for the TensorRT options)
+    batch_min: int = field(default=1, metadata={"help": "TensorRT profile min batch."})
+    batch_opt: int = field(default=8, metadata={"help": "TensorRT profile opt batch."})
+    batch_max: int = field(default=32, metadata={"help": "TensorRT profile max batch."})
+    workspace_mib: int = field(default=2048, metadata={
+        "help": "TensorRT workspace memory pool limit, MiB."})
+    timing_cache: str | None = field(default=None, metadata={
+        "help": "TensorRT timing cache, reused across builds. Default: RUN/trt_timing.cache"})
 
     def validate(self) -> None:
         if not 1 <= self.batch_min <= self.batch_opt <= self.batch_max:

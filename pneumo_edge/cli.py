@@ -3,11 +3,30 @@
 Importing this module imports no torch, onnxruntime or tensorrt; each command imports what it
 needs when it runs. User errors, click's usage errors included, print one line ``error: ...``
 and exit 2; Ctrl-C exits 130. Every float option uses :class:`Finite` (no nan, no inf).
+
+Where an option's default and help live (issue 18 item 5: every default stated once):
+- An option with a library default is declared ``@from_field(OWNER, "name", type=...)``: its
+  default and help text are those of field ``name`` of the dataclass OWNER (a
+  ``dataclasses.field`` with ``metadata={"help": ...}``), read when the command first needs its
+  options (to run or to show --help). So ``import pneumo_edge.cli`` imports none of them, and
+  ``score`` never imports train/ or export/. The owners: TrainConfig (train/config.py),
+  ExportOptions (export/options.py), Tolerance (export/parity.py, per precision: see
+  :func:`tolerance_option`), QuantOptions (export/quantize.py), BuildOptions
+  (export/tensorrt.py), and EvalOptions, BenchOptions, ScoreOptions, ExplainOptions
+  (pneumo_edge/commands/options.py).
+- What stays here is click's part: the type and range, the flag shape, metavar, ``as_text=``
+  (how a default is written on the command line, e.g. 55m for 3300 seconds).
+- An option without a library default (a required path, an off-by-default flag, a CLI-only
+  switch) is a plain ``@click.option`` with its help here.
+To add an option with a default: give the dataclass field ``metadata={"help": ...}``, pass the
+value through in the command, and declare ``@from_field(OWNER, "name", type=...)`` here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import json
 import math
 import os
@@ -20,6 +39,14 @@ from pneumo_edge.errors import PneumoError
 from pneumo_edge.model import modeldir
 
 RUNTIME_CHOICES = ["auto", *modeldir.RUNTIMES]
+TRAIN = "pneumo_edge.train.config:TrainConfig"
+EXPORT = "pneumo_edge.export.options:ExportOptions"
+BUILD = "pneumo_edge.export.tensorrt:BuildOptions"
+QUANT = "pneumo_edge.export.quantize:QuantOptions"
+EVAL = "pneumo_edge.commands.options:EvalOptions"
+BENCH = "pneumo_edge.commands.options:BenchOptions"
+SCORE = "pneumo_edge.commands.options:ScoreOptions"
+EXPLAIN = "pneumo_edge.commands.options:ExplainOptions"
 
 
 class Finite(click.FloatRange):
@@ -40,9 +67,99 @@ class Finite(click.FloatRange):
         return super().convert(x, param, ctx)
 
 
+class LazyOption:
+    """Holds a command's place for a click.Option that :class:`Command` builds on first use."""
+
+    def __init__(self, build):
+        self.build = build
+
+
+def lazy_option(build):
+    """Decorator: the option ``build()`` returns, built when the command first needs it."""
+
+    def decorate(f):
+        if not hasattr(f, "__click_params__"):  # where click's own @option collects them
+            f.__click_params__ = []
+        f.__click_params__.append(LazyOption(build))
+        return f
+
+    return decorate
+
+
+def fields_of(owner) -> dict:
+    """The fields of a dataclass, or of ``"module:Class"`` (imported now), by name."""
+    if isinstance(owner, str):
+        module, _, name = owner.partition(":")
+        owner = getattr(importlib.import_module(module), name)
+    return {f.name: f for f in dataclasses.fields(owner)}
+
+
+def from_field(owner: str, name: str, *decls: str, as_text=None, **kw):
+    """The option for field ``name`` of the dataclass ``owner`` ("module:Class"): its default
+    (required when the field has none) and help are the field's; ``decls`` default to
+    ``--name-with-dashes``, the value arrives as ``name``; ``as_text`` writes the default as a
+    user would (for --help; the option's type parses it back); ``kw`` are click's (type,
+    is_flag...)."""
+
+    def build():
+        f = fields_of(owner)[name]
+        attrs = {"help": f.metadata.get("help")}
+        if f.default is not dataclasses.MISSING:
+            attrs["default"] = f.default if as_text is None else as_text(f.default)
+        elif f.default_factory is dataclasses.MISSING:
+            attrs["required"] = True
+        option = click.Option([*(decls or [f"--{name.replace('_', '-')}"]), name], **attrs, **kw)
+        option.library_default = f"{owner}.{name}"  # where it came from (tests/test_cli.py)
+        return option
+
+    return lazy_option(build)
+
+
+def tolerance_option(precision: str, name: str, decl: str, **kw):
+    """Parity option ``decl`` for field ``name`` of export.parity.Tolerance: the default is
+    ``default_tolerances()[precision]``'s, the help the field's after the precision's name."""
+
+    def build():
+        from pneumo_edge.export.parity import Tolerance, default_tolerances
+
+        default = getattr(default_tolerances()[precision], name)
+        text = f"{precision} {fields_of(Tolerance)[name].metadata['help']}"
+        if default is None:
+            text += " Default: reported, not checked."
+        option = click.Option([decl, f"{name}_{precision}"], default=default, help=text, **kw)
+        option.library_default = f"default_tolerances()[{precision!r}].{name}"
+        return option
+
+    return lazy_option(build)
+
+
+def take(cls, opts: dict, suffix: str = ""):
+    """The dataclass ``cls`` made of the options named like its fields (plus ``suffix``), which
+    leave ``opts``; fields without an option keep their default."""
+    return cls(**{f: opts.pop(f + suffix) for f in fields_of(cls) if f + suffix in opts})
+
+
+class Command(click.Command):
+    """A command whose :class:`LazyOption` places become click options on first use (parsing
+    or --help): only then are the modules that own their defaults imported."""
+
+    def get_params(self, ctx):
+        if any(isinstance(p, LazyOption) for p in self.params):
+            try:
+                self.params = [p.build() if isinstance(p, LazyOption) else p for p in self.params]
+            except ImportError as exc:
+                err = click.ClickException(f"{self.name} needs {exc.name}, which is not "
+                                           "installed here")
+                err.exit_code = 2
+                raise err from None
+        return super().get_params(ctx)
+
+
 class Cli(click.Group):
     """The command group: click's usage errors (unknown option, bad value, missing option or
     argument) become one line ``error: ... (see pneumo-edge CMD --help)`` and exit 2."""
+
+    command_class = Command
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
@@ -106,81 +223,54 @@ class Duration(click.ParamType):
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
+    @staticmethod
+    def text(seconds: float | None) -> str:
+        """How a duration in seconds reads: 3300 -> 55m, 5400 -> 1h30m, None -> none."""
+        if seconds is None:
+            return "none"
+        m, sec = divmod(round(seconds), 60)
+        h, m = divmod(m, 60)
+        return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (sec, "s")) if v) or "0s"
+
 
 @main.command()
-@click.option("--data", required=True, type=click.Path(file_okay=False),
-              help="ImageFolder root: DATA/train/CLASS/*, optional DATA/val and DATA/test "
-                   "(what is missing is split off train, grouped by patient).")
-@click.option("--out", required=True, type=click.Path(), help="Model directory to write.")
-@click.option("--arch", default="resnet50", type=click.Choice(["resnet50", "resnet18", "resnet34"]))
-@click.option("--weights", default="none",
-              help="imagenet (from the local torch hub cache), none, or a state-dict PATH.")
-@click.option("--image-size", default=224, type=click.IntRange(32, 1024))
-@click.option("--time-budget", default="55m", type=Duration(),
-              help="Wall time for the whole run (decoding and final evaluation included): the "
-                   "first epoch is timed and the schedule is fitted to finish in time. "
-                   "none = no budget.")
-@click.option("--epochs", default=None, type=click.IntRange(1),
-              help="Epochs; with a time budget, the most it may run. Default: what the budget "
-                   "allows (10 without a budget).")
-@click.option("--batch-size", default=32, type=click.IntRange(2))
-@click.option("--lr", default=1e-3, type=Finite(0, min_open=True), help="Peak learning rate.")
-@click.option("--optimizer", default="adamw", type=click.Choice(["adamw", "sgd"]))
-@click.option("--weight-decay", default=1e-4, type=Finite(0))
-@click.option("--clip-grad", default=0.0, type=Finite(0), help="Max grad norm; 0 = off.")
-@click.option("--scheduler", default="cosine",
-              type=click.Choice(["none", "step", "onecycle", "cosine"]))
-@click.option("--warmup-epochs", default=1.0, type=Finite(0),
-              help="Linear learning-rate warm-up (cosine).")
-@click.option("--class-weights", default="auto", help="auto (inverse frequency), none, or w1,w2.")
-@click.option("--augment", default="strong", type=click.Choice(["none", "basic", "strong"]),
-              help="basic: rotation, shift, flip, brightness/contrast; strong: also resized "
-                   "crops, gamma, blur and noise.")
-@click.option("--norm", default="image", type=click.Choice(["image", "imagenet"]),
-              help="Input normalisation inside the network: each image by its own mean/std, "
-                   "or fixed ImageNet statistics.")
-@click.option("--tta", default="none", type=click.Choice(["none", "flip"]),
-              help="Average the image and its mirror inside the network (every export too).")
-@click.option("--label-smoothing", default=0.1, type=Finite(0, 0.5),
-              help="Soft targets: 1-e on the true class.")
-@click.option("--ema", default=0.998, type=Finite(0, 1, max_open=True),
-              help="Decay of the weights' moving average, which is what gets evaluated and "
-                   "saved; 0 = off.")
-@click.option("--mixup", default=0.0, type=Finite(0), help="Mixup Beta(a, a); 0 = off.")
-@click.option("--val-fraction", default=0.15, type=Finite(0, 1, min_open=True, max_open=True),
-              help="Share of train held out for validation when DATA/val is absent.")
-@click.option("--test-fraction", default=0.15, type=Finite(0, 1, max_open=True),
-              help="Share of train held out as an internal test split when DATA/test is absent "
-                   "(never used for selection).")
-@click.option("--seed", default=42, type=int)
-@click.option("--select", default="val_auroc",
-              type=click.Choice(["val_loss", "val_f1", "val_auroc", "shifted_val_loss",
-                                 "shifted_val_auroc"]),
-              help="How the saved epoch is chosen.")
-@click.option("--min-epochs", default=3, type=click.IntRange(1),
-              help="Epochs before one can be selected.")
-@click.option("--threshold-for", default="youden",
-              help="Decision threshold rule: youden (best sensitivity + specificity), f1, "
-                   "recall:0.95 or fixed:0.5.")
-@click.option("--threshold-on", default="val+shifted", type=click.Choice(["val+shifted", "val"]),
-              help="Choose the threshold on validation pooled with shifted validation, or on "
-                   "validation alone.")
-@click.option("--positive-class", default="", help="Default: PNEUMONIA, else the last class.")
-@click.option("--amp/--no-amp", default=None,
-              help="Mixed precision. Default: on for CUDA and for CPUs with bf16 instructions "
-                   "(AMX, AVX-512 BF16), off otherwise.")
-@click.option("--workers", default=2, type=click.IntRange(0), help="DataLoader workers.")
-@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-@click.option("--force", is_flag=True,
-              help="Replace the model in --out (only the files training and export write "
-                   "there; nothing else is deleted).")
-@click.option("--cache", default="", type=click.Path(file_okay=False), show_default=False,
-              help="Folder of decoded pixels, reused by later runs and shared by every "
-                   "torchrun rank (rebuilt when the files, --image-size or the preprocessing "
-                   "change). Default: OUT/pixel-cache.")
-@click.option("--no-cache", is_flag=True,
-              help="Decode every image into memory instead of the pixel cache.")
+@from_field(TRAIN, "data", type=click.Path(file_okay=False))
+@from_field(TRAIN, "out", type=click.Path())
+@from_field(TRAIN, "arch", type=click.Choice(["resnet50", "resnet18", "resnet34"]))
+@from_field(TRAIN, "weights")
+@from_field(TRAIN, "image_size", type=click.IntRange(32, 1024))
+@from_field(TRAIN, "time_budget", type=Duration(), as_text=Duration.text)
+@from_field(TRAIN, "epochs", type=click.IntRange(1))
+@from_field(TRAIN, "batch_size", type=click.IntRange(2))
+@from_field(TRAIN, "lr", type=Finite(0, min_open=True))
+@from_field(TRAIN, "optimizer", type=click.Choice(["adamw", "sgd"]))
+@from_field(TRAIN, "weight_decay", type=Finite(0))
+@from_field(TRAIN, "clip_grad", type=Finite(0))
+@from_field(TRAIN, "scheduler", type=click.Choice(["none", "step", "onecycle", "cosine"]))
+@from_field(TRAIN, "warmup_epochs", type=Finite(0))
+@from_field(TRAIN, "class_weights")
+@from_field(TRAIN, "augment", type=click.Choice(["none", "basic", "strong"]))
+@from_field(TRAIN, "norm", type=click.Choice(["image", "imagenet"]))
+@from_field(TRAIN, "tta", type=click.Choice(["none", "flip"]))
+@from_field(TRAIN, "label_smoothing", type=Finite(0, 0.5))
+@from_field(TRAIN, "ema", type=Finite(0, 1, max_open=True))
+@from_field(TRAIN, "mixup", type=Finite(0))
+@from_field(TRAIN, "val_fraction", type=Finite(0, 1, min_open=True, max_open=True))
+@from_field(TRAIN, "test_fraction", type=Finite(0, 1, max_open=True))
+@from_field(TRAIN, "seed", type=int)
+@from_field(TRAIN, "select", type=click.Choice(["val_loss", "val_f1", "val_auroc",
+                                                "shifted_val_loss", "shifted_val_auroc"]))
+@from_field(TRAIN, "min_epochs", type=click.IntRange(1))
+@from_field(TRAIN, "threshold_for")
+@from_field(TRAIN, "threshold_on", type=click.Choice(["val+shifted", "val"]))
+@from_field(TRAIN, "positive_class")
+@from_field(TRAIN, "amp", "--amp/--no-amp")
+@from_field(TRAIN, "workers", type=click.IntRange(0))
+@from_field(TRAIN, "device")
+@from_field(TRAIN, "resume", is_flag=True)
+@from_field(TRAIN, "force", is_flag=True)
+@from_field(TRAIN, "cache", type=click.Path(file_okay=False), show_default=False)
+@from_field(TRAIN, "no_cache", is_flag=True)
 @friendly
 def train(**opts):
     """Train a class-weighted ResNet on an ImageFolder of chest X-rays, within a time budget.
@@ -207,20 +297,15 @@ def train(**opts):
               help="Model directory, or one model file in it (runs that file).")
 @click.option("--data", required=True, type=click.Path(),
               help="A labelled folder: DATA/CLASS/* with the model's classes.")
-@click.option("--runtime", default="auto", type=click.Choice(RUNTIME_CHOICES),
-              help="auto picks what score would pick.")
-@click.option("--batch", default=32, type=click.IntRange(1))
+@from_field(EVAL, "runtime", type=click.Choice(RUNTIME_CHOICES))
+@from_field(EVAL, "batch", type=click.IntRange(1))
 @click.option("--out", "out", type=click.Path(dir_okay=False),
               help="Metrics JSON to write. Default: MODEL/eval_<folder name>.json")
 @click.option("--report", type=click.Path(dir_okay=False),
               help="Also write this self-contained HTML report (curves, calibration, "
                    "confidence intervals, heatmaps of the most confident mistakes).")
-@click.option("--resamples", default=2000, type=click.IntRange(100),
-              help="Bootstrap resamples (of patients when file names carry patient ids) for "
-                   "the 95 % confidence intervals.")
-@click.option("--gallery", default=4, type=click.IntRange(0),
-              help="Most confident false negatives and false positives listed (each with an "
-                   "occlusion heatmap in --report: about 226 model calls per image).")
+@from_field(EVAL, "resamples", type=click.IntRange(100))
+@from_field(EVAL, "gallery", type=click.IntRange(0))
 @friendly
 def eval_(model, data, runtime, batch, out, report, resamples, gallery):
     """Metrics and confusion matrix of a model on a labelled folder.
@@ -252,20 +337,15 @@ def eval_(model, data, runtime, batch, out, report, resamples, gallery):
 
 @main.command()
 @click.option("--model", "model", required=True, type=click.Path(), help="Model directory.")
-@click.option("--runtime", default="auto",
-              help="auto (the runtime scoring would pick), all (every runtime, measured or "
-                   "skipped with the reason), or a comma list of torch,onnx,onnx-fp16,trt.")
-@click.option("--batch", default="1,8,32", help="Batch sizes, comma separated.")
-@click.option("--warmup", default=5, type=click.IntRange(0), help="Untimed calls per row.")
-@click.option("--iters", default=30, type=click.IntRange(1), help="Timed calls per row.")
-@click.option("--max-time", default=None, type=Finite(0, min_open=True),
-              help="Stop a row's timed calls after this many seconds (at least 5 calls).")
+@from_field(BENCH, "runtime")
+@from_field(BENCH, "batch")
+@from_field(BENCH, "warmup", type=click.IntRange(0))
+@from_field(BENCH, "iters", type=click.IntRange(1))
+@from_field(BENCH, "max_time", type=Finite(0, min_open=True))
 @click.option("--data", type=click.Path(file_okay=False),
               help="Also measure decode, compute and end-to-end throughput over this folder.")
-@click.option("--limit", default=None, type=click.IntRange(1),
-              help="Use only the first N image files of --data.")
-@click.option("--threads", default=None, type=click.IntRange(1),
-              help="Decode threads for --data. Default: what scoring uses.")
+@from_field(BENCH, "limit", type=click.IntRange(1))
+@from_field(BENCH, "threads", type=click.IntRange(1))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
 @friendly
 def bench(model, runtime, batch, warmup, iters, max_time, data, limit, threads, as_json):
@@ -292,18 +372,14 @@ def bench(model, runtime, batch, warmup, iters, max_time, data, limit, threads, 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--model", "model", required=True, type=click.Path(), help="Model directory.")
-@click.option("--runtime", default="auto", type=click.Choice(RUNTIME_CHOICES),
-              help="auto picks TensorRT, onnxruntime CUDA, torch CUDA, onnxruntime CPU, torch CPU.")
-@click.option("--batch", default=32, type=click.IntRange(1), help="Images per model call.")
-@click.option("--threshold", default=None, type=Finite(0, 1),
-              help="Decision threshold on the positive class. Default: the model card's.")
-@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
-              help="Write the CSV here (atomically, via FILE.partial) instead of stdout.")
+@from_field(SCORE, "runtime", type=click.Choice(RUNTIME_CHOICES))
+@from_field(SCORE, "batch", type=click.IntRange(1))
+@from_field(SCORE, "threshold", type=Finite(0, 1))
+@from_field(SCORE, "output", "-o", "--output", type=click.Path(dir_okay=False))
 @click.option("--resume", is_flag=True, help="Continue an interrupted -o run from FILE.partial.")
-@click.option("--workers", default=None, type=click.IntRange(1),
-              help="Decode threads. Default: the number of cores, at least 2.")
+@from_field(SCORE, "workers", type=click.IntRange(1))
 @click.option("-q", "--quiet", is_flag=True, help="No runtime line, progress bar or summary.")
-@click.option("--ray", "ray", default=None, is_flag=False, flag_value="local",
+@click.option("--ray", "ray", is_flag=False, flag_value="local",
               metavar="[ADDRESS]",
               help="Score on a Ray cluster with Ray Data (same CSV, -o and --resume): ADDRESS "
                    "is HOST:PORT, ray://HOST:PORT or auto; without one, a local Ray instance. "
@@ -314,15 +390,10 @@ def bench(model, runtime, batch, warmup, iters, max_time, data, limit, threads, 
 @click.option("--explain", type=click.Path(file_okay=False),
               help="Also write occlusion heatmaps (through the scoring runtime) and "
                    "explain.csv into this folder.")
-@click.option("--explain-which", default="positives", type=click.Choice(["positives", "all"]),
-              help="Which scored images get a heatmap with --explain.")
+@from_field(SCORE, "explain_which", type=click.Choice(["positives", "all"]))
 @click.option("--force-explain", "explain_force", is_flag=True,
               help="Replace heatmaps and explain.csv already in the --explain folder.")
-@click.option("--dicom-columns", default="", metavar="TAG,...",
-              help="Also write these non-identifying DICOM tags after the UIDs: Modality, "
-                   "ViewPosition, BodyPartExamined, PhotometricInterpretation, "
-                   "TransferSyntaxUID, SOPClassUID, BitsStored, Rows, Columns, Manufacturer, "
-                   "ManufacturerModelName.")
+@from_field(SCORE, "dicom_columns", metavar="TAG,...")
 @click.option("--dicom-out", type=click.Path(file_okay=False), metavar="DIR",
               help="Per scored DICOM input, write a DICOM Structured Report (and with --explain "
                    "a heatmap Secondary Capture) in its study to "
@@ -364,13 +435,9 @@ def score(paths, model, runtime, batch, threshold, output, resume, workers, quie
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="Folder for the pictures and explain.csv (created if missing; nothing "
                    "else in it is touched).")
-@click.option("--method", default="occlusion", type=click.Choice(["occlusion", "gradcam"]),
-              help="occlusion: through the deployed runtime (torch-free); gradcam: the torch "
-                   "model's last convolutional stage.")
-@click.option("--runtime", default="auto", type=click.Choice(RUNTIME_CHOICES),
-              help="For occlusion: which file to explain (auto as score).")
-@click.option("--batch", default=32, type=click.IntRange(1),
-              help="Occluded copies per model call.")
+@from_field(EXPLAIN, "method", type=click.Choice(["occlusion", "gradcam"]))
+@from_field(EXPLAIN, "runtime", type=click.Choice(RUNTIME_CHOICES))
+@from_field(EXPLAIN, "batch", type=click.IntRange(1))
 @click.option("--force", is_flag=True, help="Replace explain.csv and pictures of the same name.")
 @friendly
 def explain(paths, model, out, method, runtime, batch, force):
@@ -392,54 +459,32 @@ def explain(paths, model, out, method, runtime, batch, force):
 @click.option("--parity-data", type=click.Path(file_okay=False),
               help="Labelled folder FOLDER/CLASS/* for parity. Default: the card's val split.")
 @click.option("--skip-parity", is_flag=True, help="Export only; no parity check.")
-@click.option("--batch-min", default=1, type=click.IntRange(1), help="TensorRT profile min batch.")
-@click.option("--batch-opt", default=8, type=click.IntRange(1), help="TensorRT profile opt batch.")
-@click.option("--batch-max", default=32, type=click.IntRange(1), help="TensorRT profile max batch.")
-@click.option("--workspace", default=2048, type=click.IntRange(1),
-              help="TensorRT workspace memory pool limit, MiB.")
-@click.option("--timing-cache", type=click.Path(dir_okay=False),
-              help="TensorRT timing cache, reused across builds. Default: RUN/trt_timing.cache")
-@click.option("--opset", default=18, type=click.IntRange(18, 23),
-              help="ONNX opset; 18 parses in onnxruntime and TensorRT 10 and 11.")
-@click.option("--tol-fp32", default=1e-4, type=Finite(0), help="fp32 max |delta p|.")
-@click.option("--min-agreement-fp32", default=1.0, type=Finite(0, 1),
-              help="fp32 share of images with the torch label.")
-@click.option("--max-metric-delta-fp32", default=0.0, type=Finite(0),
-              help="fp32 max |delta| of accuracy, precision, recall, F1.")
-@click.option("--tol-fp16", default=1e-2, type=Finite(0), help="fp16 max |delta p|.")
-@click.option("--min-agreement-fp16", default=0.995, type=Finite(0, 1),
-              help="fp16 share of images with the torch label.")
-@click.option("--max-metric-delta-fp16", default=0.005, type=Finite(0),
-              help="fp16 max |delta| of accuracy, precision, sensitivity, specificity, F1 "
-                   "(0.005 = 0.5 points).")
-@click.option("--tol-int8", default=None, type=Finite(0),
-              help="int8 max |delta p| (default: reported, not checked).")
-@click.option("--min-agreement-int8", default=0.99, type=Finite(0, 1),
-              help="int8 share of images with the torch label.")
-@click.option("--max-metric-delta-int8", default=0.01, type=Finite(0),
-              help="int8 max |delta| of accuracy, precision, sensitivity, specificity, F1 "
-                   "(0.01 = 1 point).")
-@click.option("--max-auc-delta-fp32", default=1e-3, type=Finite(0), help="fp32 max |delta ROC AUC|.")
-@click.option("--max-auc-delta-fp16", default=5e-3, type=Finite(0), help="fp16 max |delta ROC AUC|.")
-@click.option("--max-auc-delta-int8", default=5e-3, type=Finite(0), help="int8 max |delta ROC AUC|.")
-@click.option("--int8/--no-int8", default=True, show_default=True,
-              help="Also write model.int8.onnx (onnxruntime static INT8, calibrated on training "
-                   "images) and check its parity.")
-@click.option("--calib-images", default=None, type=click.IntRange(2),
-              help="INT8 calibration images, class-balanced, from the card's training split "
-                   "(default 128).")
-@click.option("--calib-method", default="minmax",
-              type=click.Choice(["minmax", "percentile", "entropy"]),
-              help="INT8 activation range calibration.")
-@click.option("--calib-data", type=click.Path(file_okay=False),
-              help="Labelled folder FOLDER/CLASS/* of training images to calibrate INT8 on, when "
-                   "the card's training images are not on this machine.")
+@from_field(BUILD, "batch_min", type=click.IntRange(1))
+@from_field(BUILD, "batch_opt", type=click.IntRange(1))
+@from_field(BUILD, "batch_max", type=click.IntRange(1))
+@from_field(BUILD, "workspace_mib", "--workspace", type=click.IntRange(1))
+@from_field(BUILD, "timing_cache", type=click.Path(dir_okay=False))
+@from_field(EXPORT, "opset", type=click.IntRange(18, 23))
+@tolerance_option("fp32", "max_abs", "--tol-fp32", type=Finite(0))
+@tolerance_option("fp32", "min_agreement", "--min-agreement-fp32", type=Finite(0, 1))
+@tolerance_option("fp32", "max_metric_delta", "--max-metric-delta-fp32", type=Finite(0))
+@tolerance_option("fp16", "max_abs", "--tol-fp16", type=Finite(0))
+@tolerance_option("fp16", "min_agreement", "--min-agreement-fp16", type=Finite(0, 1))
+@tolerance_option("fp16", "max_metric_delta", "--max-metric-delta-fp16", type=Finite(0))
+@tolerance_option("int8", "max_abs", "--tol-int8", type=Finite(0))
+@tolerance_option("int8", "min_agreement", "--min-agreement-int8", type=Finite(0, 1))
+@tolerance_option("int8", "max_metric_delta", "--max-metric-delta-int8", type=Finite(0))
+@tolerance_option("fp32", "max_auc_delta", "--max-auc-delta-fp32", type=Finite(0))
+@tolerance_option("fp16", "max_auc_delta", "--max-auc-delta-fp16", type=Finite(0))
+@tolerance_option("int8", "max_auc_delta", "--max-auc-delta-int8", type=Finite(0))
+@from_field(EXPORT, "int8", "--int8/--no-int8")
+@from_field(QUANT, "calib_images", type=click.IntRange(2))
+@from_field(QUANT, "method", "--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]))
+@from_field(QUANT, "calib_data", type=click.Path(file_okay=False))
 @click.option("--allow-int8-fail", is_flag=True,
               help="Exit 0 when only INT8 fails parity (it stays marked failed; auto skips it).")
 @friendly
-def export(run, trt, parity_data, skip_parity, batch_min, batch_opt, batch_max, workspace,
-           timing_cache, opset, int8, calib_images, calib_method, calib_data, allow_int8_fail,
-           **tol):
+def export(run, **opts):
     """Export RUN/model.pt to ONNX fp32, fp16 and INT8 (and a TensorRT engine with --trt), then
     check parity with PyTorch: parity.json and a table. Exit 1 when parity fails (the smallest
     passing tolerance is printed), 2 for bad input or when --trt is impossible here."""
@@ -451,12 +496,6 @@ def export(run, trt, parity_data, skip_parity, batch_min, batch_opt, batch_max, 
     except ImportError as exc:
         raise PneumoError(f"export needs torch and onnx ({exc.name} missing): "
                           "pip install 'pneumo-edge[train]'") from None
-    tolerances = {p: Tolerance(tol.get(f"tol_{p}"), tol[f"min_agreement_{p}"],
-                               tol[f"max_metric_delta_{p}"], tol[f"max_auc_delta_{p}"])
-                  for p in ("fp32", "fp16", "int8")}
-    quant = QuantOptions(method=calib_method, calib_data=calib_data,
-                         **({"calib_images": calib_images} if calib_images else {}))
-    build = BuildOptions(batch_min, batch_opt, batch_max, workspace, timing_cache)
-    sys.exit(run_export(run, trt=trt, parity_data=parity_data, build=build, opset=opset,
-                        tolerances=tolerances, skip_parity=skip_parity, int8=int8, quant=quant,
-                        allow_int8_fail=allow_int8_fail))
+    tolerances = {p: take(Tolerance, opts, f"_{p}") for p in ("fp32", "fp16", "int8")}
+    quant, build = take(QuantOptions, opts), take(BuildOptions, opts)
+    sys.exit(run_export(run, build=build, quant=quant, tolerances=tolerances, **opts))

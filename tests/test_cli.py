@@ -3,7 +3,9 @@
 import subprocess
 import sys
 
+import click
 import pytest
+from click._utils import UNSET
 from click.testing import CliRunner
 
 from pneumo_edge.cli import Finite, main
@@ -96,3 +98,180 @@ def test_finite_type_accepts_finite_values_in_range():
         with pytest.raises(click.BadParameter):
             t.convert(bad, None, None)
     assert Finite().convert("-3.5", None, None) == -3.5
+
+
+# --------------------------------------------------------------------------- defaults stated once
+
+
+def command_options(name):
+    """The click options of command ``name``, built as for --help."""
+    cmd = main.commands[name]
+    with click.Context(cmd, info_name=name) as ctx:
+        return [p for p in cmd.get_params(ctx) if isinstance(p, click.Option)]
+
+
+def test_every_option_default_is_read_from_the_library():
+    """An option whose default is more than 'off' takes it from a dataclass field (issue 18
+    item 5); a literal default in cli.py fails here."""
+    for name in main.commands:
+        for opt in command_options(name):
+            if opt.name == "help" or (opt.is_flag and opt.default in (False, None)):
+                continue
+            if opt.required or opt.default in (None, UNSET):
+                continue
+            assert getattr(opt, "library_default", None), (name, opt.name, opt.default)
+
+
+def test_help_shows_the_library_defaults():
+    from pneumo_edge.export.onnx import DEFAULT_OPSET
+    from pneumo_edge.export.parity import default_tolerances
+    from pneumo_edge.export.quantize import DEFAULT_CALIB_IMAGES
+    from pneumo_edge.train.config import DEFAULT_BUDGET_S
+
+    from pneumo_edge.commands.evaluate import RESAMPLES
+
+    def help_of(*args):
+        res = CliRunner().invoke(main, [*args, "--help"], terminal_width=200)
+        assert res.exit_code == 0, res.output
+        return " ".join(res.output.split())
+
+    assert DEFAULT_BUDGET_S == 55 * 60 and "[default: 55m]" in help_of("train")
+    assert f"[default: {RESAMPLES};" in help_of("eval")
+    export = help_of("export")
+    assert f"[default: {DEFAULT_OPSET};" in export
+    assert f"[default: {DEFAULT_CALIB_IMAGES};" in export
+    fp16 = default_tolerances()["fp16"]
+    assert (f"fp16 share of images with the torch label. [default: {fp16.min_agreement};"
+            in export)
+    assert "int8 max |delta p|. Default: reported, not checked. [x>=0]" in export
+
+
+def plain_defaults(fn):
+    import inspect
+
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("options,function", [
+    ("pneumo_edge.commands.options:ScoreOptions", "pneumo_edge.commands.score:run_score"),
+    ("pneumo_edge.commands.options:ExplainOptions", "pneumo_edge.commands.explain:run_explain"),
+    ("pneumo_edge.commands.options:EvalOptions",
+     "pneumo_edge.commands.evaluate:run_evaluation"),
+    ("pneumo_edge.export.options:ExportOptions", "pneumo_edge.export.main:run_export"),
+])
+def test_plain_functions_default_as_the_options(options, function):
+    """Until the plain functions take their defaults from the option dataclasses, they must
+    agree with them (a caller of run_score gets what the CLI's --help says)."""
+    import dataclasses
+    import importlib
+
+    def load(ref):
+        module, _, name = ref.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    fn = plain_defaults(load(function))
+    shared = [f for f in dataclasses.fields(load(options)) if f.name in fn]
+    assert shared
+    for f in shared:
+        assert fn[f.name] == f.default, (function, f.name)
+
+
+def test_bench_defaults_are_the_bench_module_constants():
+    from pneumo_edge.commands.bench import run_bench
+    from pneumo_edge.commands.options import BenchOptions
+
+    fn, opts = plain_defaults(run_bench), BenchOptions()
+    assert (opts.warmup, opts.iters) == (fn["warmup"], fn["iters"])
+    assert opts.batch == ",".join(map(str, fn["batches"]))
+
+
+def test_train_without_options_runs_the_library_defaults(monkeypatch, tmp_path):
+    """The CLI's defaults, parsed back from how --help writes them (55m), are TrainConfig's."""
+    from pneumo_edge.train import loop
+    from pneumo_edge.train.config import TrainConfig
+
+    seen = []
+    monkeypatch.setattr(loop, "train", seen.append)
+    res = CliRunner().invoke(main, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert seen == [TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"))]
+
+
+def test_export_without_options_runs_the_library_defaults(monkeypatch):
+    from pneumo_edge.export import main as export_main
+    from pneumo_edge.export.options import ExportOptions
+    from pneumo_edge.export.parity import default_tolerances
+    from pneumo_edge.export.quantize import QuantOptions
+    from pneumo_edge.export.tensorrt import BuildOptions
+
+    seen = []
+    monkeypatch.setattr(export_main, "run_export", lambda run, **kw: seen.append(kw) or 0)
+    res = CliRunner().invoke(main, ["export", "runs/x"])
+    assert res.exit_code == 0, res.output
+    kw = seen[0]
+    assert kw["tolerances"] == default_tolerances()
+    assert kw["quant"] == QuantOptions() and kw["build"] == BuildOptions()
+    assert (kw["opset"], kw["int8"]) == (ExportOptions().opset, ExportOptions().int8)
+    assert not (kw["trt"] or kw["skip_parity"] or kw["allow_int8_fail"]) and not kw["parity_data"]
+
+
+def test_export_options_reach_their_dataclasses(monkeypatch):
+    from pneumo_edge.export import main as export_main
+
+    seen = []
+    monkeypatch.setattr(export_main, "run_export", lambda run, **kw: seen.append(kw) or 0)
+    res = CliRunner().invoke(main, ["export", "r", "--workspace", "64", "--tol-int8", "0.2",
+                                    "--calib-method", "entropy", "--max-auc-delta-fp16", "0.5",
+                                    "--no-int8", "--opset", "19"])
+    assert res.exit_code == 0, res.output
+    kw = seen[0]
+    assert kw["build"].workspace_mib == 64 and kw["quant"].method == "entropy"
+    assert kw["tolerances"]["int8"].max_abs == 0.2
+    assert kw["tolerances"]["fp16"].max_auc_delta == 0.5
+    assert kw["tolerances"]["fp32"].max_auc_delta == 1e-3
+    assert (kw["int8"], kw["opset"]) == (False, 19)
+
+
+@pytest.mark.parametrize("args,absent", [
+    ((), ("pneumo_edge.train", "pneumo_edge.export", "pneumo_edge.commands.options")),
+    (("score", "--help"), ("torch", "pneumo_edge.train", "pneumo_edge.export")),
+    (("train", "--help"), ("torch",)),
+    (("export", "--help"), ("torch",)),
+])
+def test_option_defaults_are_read_only_by_the_command_that_needs_them(args, absent):
+    code = ("import sys\nfrom pneumo_edge.cli import main\n"
+            f"try:\n    main({list(args)!r}, prog_name='pneumo-edge')\n"
+            "except SystemExit:\n    pass\n"
+            f"print('loaded:', [m for m in {list(absent)!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "loaded: []" in out.stdout, out.stdout + out.stderr
+
+
+def test_from_field_builds_an_option_from_a_dataclass_field():
+    import dataclasses
+
+    from pneumo_edge.cli import Command, from_field
+
+    @dataclasses.dataclass
+    class Opts:
+        path: str = dataclasses.field(metadata={"help": "Where."})
+        size: int = dataclasses.field(default=7, metadata={"help": "How big."})
+
+    @click.command(cls=Command)
+    @from_field(Opts.__module__ + ":Opts", "path")
+    @from_field(Opts.__module__ + ":Opts", "size", "-s", "--size", type=click.IntRange(1),
+                show_default=True)
+    def cmd(path, size):
+        click.echo(f"{path} {size}")
+
+    globals()["Opts"] = Opts  # importable as module:Opts
+    try:
+        assert CliRunner().invoke(cmd, ["--path", "p"]).output == "p 7\n"
+        assert CliRunner().invoke(cmd, ["--path", "p", "-s", "3"]).output == "p 3\n"
+        assert CliRunner().invoke(cmd, ["-s", "3"]).exit_code == 2  # no default: required
+        text = " ".join(CliRunner().invoke(cmd, ["--help"]).output.split())
+        assert "-s, --size INTEGER RANGE How big. [default: 7; x>=1]" in text
+        assert "--path TEXT Where. [required]" in text
+    finally:
+        del globals()["Opts"]

@@ -1,18 +1,20 @@
 """The training run's options (the CLI's `train` command maps onto :class:`TrainConfig`), their
 checks, and the device they name. Everything here is checked before the output folder is
-touched."""
+touched. No torch import at module level: the CLI reads TrainConfig's defaults and help."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
 from pneumo_edge.train.budget import SCHEDULES
-from pneumo_edge.train.data import AUGMENTS, class_weights
 
 from pneumo_edge.errors import UsageError
 from pneumo_edge.evaluation.metrics import validate_threshold_rule
+
+if TYPE_CHECKING:
+    import torch
 
 #: --select: the history column and its sign (higher is better)
 SELECT = {"val_loss": ("val_loss", -1), "val_f1": ("val_f1", 1),
@@ -21,44 +23,71 @@ SELECT = {"val_loss": ("val_loss", -1), "val_f1": ("val_f1", 1),
 DEFAULT_BUDGET_S = 55 * 60.0
 
 
+def _opt(default=MISSING, help: str | None = None):
+    """A TrainConfig field: its default and the help text ``pneumo-edge train --help`` shows."""
+    return field(default=default, metadata={"help": help} if help else {})
+
+
 @dataclass
 class TrainConfig:
-    data: str
-    out: str
-    arch: str = "resnet50"
-    weights: str = "none"
-    image_size: int = 224
-    epochs: int | None = None  # None: as many as the time budget allows (else 10)
-    time_budget: float | None = DEFAULT_BUDGET_S  # seconds for the whole run; None = no budget
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-4
-    clip_grad: float = 0.0
-    scheduler: str = "cosine"
-    warmup_epochs: float = 1.0
-    class_weights: str = "auto"
-    augment: str | bool = "strong"  # none | basic | strong (True = basic, False = none)
-    norm: str = "image"  # the network's input normalisation (pneumo_edge.model.net)
-    tta: str = "none"  # test-time augmentation inside the network (pneumo_edge.model.net)
-    label_smoothing: float = 0.1
-    ema: float = 0.998  # decay of the weights' moving average; 0 = off
-    mixup: float = 0.0  # Beta(a, a) mixup; 0 = off
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15  # internal test split when DATA/test is absent
-    seed: int = 42
-    select: str = "val_auroc"
-    min_epochs: int = 3
-    threshold_for: str = "youden"
-    threshold_on: str = "val+shifted"  # or "val"
-    positive_class: str = ""
-    amp: bool | None = None
-    workers: int = 2
-    device: str = "auto"
-    resume: bool = False
-    force: bool = False
-    cache: str = ""  # pixel cache folder; "" = OUT/pixel-cache (pneumo_edge.train.cache)
-    no_cache: bool = False  # decode into memory instead
+    """The training run's options; each field is a ``pneumo-edge train`` option (``--arch`` for
+    ``arch``) whose default and help the CLI reads from here."""
+
+    data: str = _opt(help="ImageFolder root: DATA/train/CLASS/*, optional DATA/val and DATA/test "
+                          "(what is missing is split off train, grouped by patient).")
+    out: str = _opt(help="Model directory to write.")
+    arch: str = _opt("resnet50")
+    weights: str = _opt("none", "imagenet (from the local torch hub cache), none, or a "
+                                "state-dict PATH.")
+    image_size: int = _opt(224)
+    epochs: int | None = _opt(None, "Epochs; with a time budget, the most it may run. Default: "
+                                    "what the budget allows (10 without a budget).")
+    time_budget: float | None = _opt(DEFAULT_BUDGET_S, "Wall time for the whole run (decoding "
+                                     "and final evaluation included): the first epoch is timed "
+                                     "and the schedule is fitted to finish in time. none = no "
+                                     "budget.")  # seconds; None = no budget
+    batch_size: int = _opt(32)
+    lr: float = _opt(1e-3, "Peak learning rate.")
+    optimizer: str = _opt("adamw")
+    weight_decay: float = _opt(1e-4)
+    clip_grad: float = _opt(0.0, "Max grad norm; 0 = off.")
+    scheduler: str = _opt("cosine")
+    warmup_epochs: float = _opt(1.0, "Linear learning-rate warm-up (cosine).")
+    class_weights: str = _opt("auto", "auto (inverse frequency), none, or w1,w2.")
+    augment: str | bool = _opt("strong", "basic: rotation, shift, flip, brightness/contrast; "
+                                         "strong: also resized crops, gamma, blur and noise.")
+    # (augment True = basic, False = none, for callers of the plain function)
+    norm: str = _opt("image", "Input normalisation inside the network: each image by its own "
+                              "mean/std, or fixed ImageNet statistics.")  # pneumo_edge.model.net
+    tta: str = _opt("none", "Average the image and its mirror inside the network (every export "
+                            "too).")
+    label_smoothing: float = _opt(0.1, "Soft targets: 1-e on the true class.")
+    ema: float = _opt(0.998, "Decay of the weights' moving average, which is what gets "
+                             "evaluated and saved; 0 = off.")
+    mixup: float = _opt(0.0, "Mixup Beta(a, a); 0 = off.")
+    val_fraction: float = _opt(0.15, "Share of train held out for validation when DATA/val is "
+                                     "absent.")
+    test_fraction: float = _opt(0.15, "Share of train held out as an internal test split when "
+                                      "DATA/test is absent (never used for selection).")
+    seed: int = _opt(42)
+    select: str = _opt("val_auroc", "How the saved epoch is chosen.")
+    min_epochs: int = _opt(3, "Epochs before one can be selected.")
+    threshold_for: str = _opt("youden", "Decision threshold rule: youden (best sensitivity + "
+                                        "specificity), f1, recall:0.95 or fixed:0.5.")
+    threshold_on: str = _opt("val+shifted", "Choose the threshold on validation pooled with "
+                                            "shifted validation, or on validation alone.")
+    positive_class: str = _opt("", "Default: PNEUMONIA, else the last class.")
+    amp: bool | None = _opt(None, "Mixed precision. Default: on for CUDA and for CPUs with bf16 "
+                                  "instructions (AMX, AVX-512 BF16), off otherwise.")
+    workers: int = _opt(2, "DataLoader workers.")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
+    resume: bool = _opt(False, "Continue an interrupted run in --out.")
+    force: bool = _opt(False, "Replace the model in --out (only the files training and export "
+                              "write there; nothing else is deleted).")
+    cache: str = _opt("", "Folder of decoded pixels, reused by later runs and shared by every "
+                          "torchrun rank (rebuilt when the files, --image-size or the "
+                          "preprocessing change). Default: OUT/pixel-cache.")
+    no_cache: bool = _opt(False, "Decode every image into memory instead of the pixel cache.")
 
     @property
     def augment_preset(self) -> str:
@@ -72,6 +101,8 @@ class TrainConfig:
 
 
 def pick_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -105,6 +136,8 @@ def default_amp(device: torch.device) -> bool:
 def check_config(cfg: TrainConfig) -> None:
     """Every option that can be checked without the data: exit 2 before anything is read or
     written. (The CLI checks most of these too; plain-function callers get the same rules.)"""
+    from pneumo_edge.train.data import AUGMENTS, class_weights  # imports torch
+
     def bad(opt, why):
         raise UsageError(f"--{opt.replace('_', '-')} {getattr(cfg, opt)!r}: {why}")
 
