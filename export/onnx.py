@@ -1,7 +1,10 @@
 """torch -> ONNX: ``model.onnx`` (fp32) and ``model.fp16.onnx`` (fp16 weights and compute).
 
 Both take ``image`` uint8 ``[N, 1, S, S]`` and return ``probs`` float32 ``[N, C]`` with a dynamic
-batch dimension ``N``; normalisation and softmax are inside the graph (XrayNet), and the model
+batch dimension ``N`` and, when the network has an input quality gate (the card's ``net`` option
+``ood``), a second output ``ood`` float32 ``[N]`` (the out-of-distribution score,
+:meth:`pneumo_edge.model.net.XrayNet.outputs`); normalisation, calibration and softmax are
+inside the graph (XrayNet), and the model
 card travels in ``metadata_props`` (with the sha256 of the model.pt it came from; the keys are
 :mod:`pneumo_edge.model.modeldir`'s).
 
@@ -36,6 +39,7 @@ CARD_KEY = modeldir.ONNX_CARD_KEY
 DEFAULT_OPSET = 18
 INPUT_NAME = "image"
 OUTPUT_NAME = "probs"
+OOD_NAME = "ood"
 BATCH_DIM = "N"
 
 
@@ -63,6 +67,9 @@ def _torch_export(model, card: Card, dest: Path, *, half: bool, opset: int, show
 
     net = copy.deepcopy(model).cpu().eval()
     net = net.half() if half else net.float()
+    names = output_names(card)
+    if len(names) == 2:
+        net = _both_outputs(net)
     example = torch.zeros(2, 1, card.image_size, card.image_size, dtype=torch.uint8)
     batch = torch.export.Dim(BATCH_DIM, min=1, max=65536)
     # the exporter reports progress on stdout, which belongs to the parity table
@@ -71,12 +78,36 @@ def _torch_export(model, card: Card, dest: Path, *, half: bool, opset: int, show
         try:
             torch.onnx.export(
                 net, (example,), dest, dynamo=True, opset_version=opset,
-                external_data=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                external_data=False, input_names=[INPUT_NAME], output_names=names,
                 dynamic_shapes={"image": {0: batch}}, verbose=False)
-        except Exception as exc:  # the exporter raises many types; say it in one line
+        except Exception as exc:  # noqa: BLE001 -- the exporter raises many types; one line
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelError(f"{shown}: torch.onnx.export (opset {opset}) failed: "
                              f"{first[:200]}") from None
+
+
+def output_names(card: Card) -> list[str]:
+    """``probs``, and ``ood`` when the card's network has a gate."""
+    return [OUTPUT_NAME, OOD_NAME] if has_gate(card) else [OUTPUT_NAME]
+
+
+def has_gate(card: Card) -> bool:
+    return card.net.get("ood", "none") != "none"
+
+
+def _both_outputs(net):
+    """``net`` (an XrayNet) as a module whose ``forward`` is its ``outputs`` (probs, ood)."""
+    import torch
+
+    class BothOutputs(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, image):
+            return self.inner.outputs(image)
+
+    return BothOutputs(net)
 
 
 def add_card(proto, card: Card, weights_sha256: str) -> None:
@@ -115,7 +146,8 @@ def check_onnx(proto, card: Card, *, half: bool, shown: str | os.PathLike = "") 
         raise ModelError(f"{shown}: onnx.checker rejects it: {str(exc).splitlines()[0]}") from None
     io = _io_spec(proto)
     want = {"inputs": [(INPUT_NAME, "UINT8", [BATCH_DIM, 1, card.image_size, card.image_size])],
-            "outputs": [(OUTPUT_NAME, "FLOAT", [BATCH_DIM, len(card.classes)])]}
+            "outputs": [(OUTPUT_NAME, "FLOAT", [BATCH_DIM, len(card.classes)])]
+            + ([(OOD_NAME, "FLOAT", [BATCH_DIM])] if has_gate(card) else [])}
     if io != want:
         raise ModelError(f"{shown}: inputs/outputs are {io}, expected {want}")
     problems = uint8_input_problems(proto)

@@ -14,6 +14,16 @@ were trained):
   network's input; the same arithmetic ships in every exported graph).
 - ``tta``: ``none`` or ``flip`` (average the probabilities of the image and its left-right
   mirror inside the network).
+- ``calibration``: ``none`` or ``temperature+bias``: the deployed log-probabilities ``l`` become
+  ``softmax(l / T + b e_pos)`` (buffers ``cal_scale`` = 1/T and ``cal_bias`` = b on the positive
+  class, fitted by :mod:`pneumo_edge.model.calibration`). For two classes this is Platt scaling of
+  the logit difference, a monotone map: labels do not change when the threshold is mapped too.
+- ``ood``: ``none``, ``mahalanobis`` or ``energy``: the out-of-distribution score of
+  :meth:`XrayNet.outputs` (the graph's second output ``ood``, float32 ``[N]``, higher = less like
+  the training X-rays), from the unmirrored image. ``mahalanobis``: the smallest squared
+  Mahalanobis distance of the pooled features to the training classes' means under their shared
+  (shrunk) covariance, divided by the feature count (about 1 for training images; buffers
+  ``ood_means`` [C, F] and ``ood_whiten`` [F, F]). ``energy``: ``-logsumexp(logits)``.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ from pneumo_edge.errors import ModelError
 ARCHS = ("resnet50", "resnet18", "resnet34")
 NORMS = ("imagenet", "image")
 TTAS = ("none", "flip")
+CALIBRATIONS = ("none", "temperature+bias")
+OODS = ("none", "mahalanobis", "energy")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's IMAGENET1K_V1 files, as the torch hub cache names them
@@ -41,17 +53,27 @@ IMAGENET_FILES = {
 class XrayNet(nn.Module):
     """Wraps a torchvision ResNet: ``forward`` takes uint8 pixels and returns probabilities."""
 
-    def __init__(self, backbone: nn.Module, norm: str = "imagenet", tta: str = "none"):
+    def __init__(self, backbone: nn.Module, norm: str = "imagenet", tta: str = "none",
+                 calibration: str = "none", ood: str = "none"):
         super().__init__()
-        if norm not in NORMS or tta not in TTAS:
-            raise ModelError(f"unknown network options norm={norm!r} tta={tta!r}")
+        if norm not in NORMS or tta not in TTAS or calibration not in CALIBRATIONS \
+                or ood not in OODS:
+            raise ModelError(f"unknown network options norm={norm!r} tta={tta!r} "
+                             f"calibration={calibration!r} ood={ood!r}")
         self.backbone = backbone
-        self.norm, self.tta = norm, tta
+        self.norm, self.tta, self.calibration, self.ood = norm, tta, calibration, ood
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
         # (x - mean) / std == x * scale + shift, one fused multiply-add per pixel
         self.register_buffer("scale", 1.0 / std)
         self.register_buffer("shift", -mean / std)
+        classes, width = backbone.fc.out_features, backbone.fc.in_features
+        if calibration != "none":  # identity until set_calibration
+            self.register_buffer("cal_scale", torch.ones(()))
+            self.register_buffer("cal_bias", torch.zeros(classes))
+        if ood == "mahalanobis":  # zeros until set_gate: every score 0
+            self.register_buffer("ood_means", torch.zeros(classes, width))
+            self.register_buffer("ood_whiten", torch.zeros(width, width))
 
     def normalise(self, image: torch.Tensor) -> torch.Tensor:
         x = image.to(self.scale.dtype)
@@ -62,26 +84,79 @@ class XrayNet(nn.Module):
             return ((x - mean) / torch.sqrt(var + 1.0)).expand(-1, 3, -1, -1)
         return x.expand(-1, 3, -1, -1) * self.scale + self.shift
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features ``[N, F]`` of normalised input (what ``fc`` sees)."""
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        x = b.layer4(b.layer3(b.layer2(b.layer1(x))))
+        return torch.flatten(b.avgpool(x), 1)
+
     def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Raw (uncalibrated) logits of the unmirrored image."""
         return self.backbone(self.normalise(image))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.outputs(image)[0]
+
+    def outputs(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(probabilities float32 ``[N, C]``, out-of-distribution score float32 ``[N]`` or None
+        when the network has no gate)."""
+        probs, logp, feats, z = self._deployed(image)
+        if self.calibration != "none":
+            # in the weights' dtype (fp16 in the fp16 graph: no fp32 constants there); without
+            # test-time augmentation the raw logits stand in for logp (softmax ignores the shift)
+            base = z if self.tta == "none" else logp.to(z.dtype)
+            probs = torch.softmax((base * self.cal_scale + self.cal_bias).float(), dim=1)
+        return probs, self._ood(feats, z.float())
+
+    def uncalibrated(self, image: torch.Tensor):
+        """(log-probabilities before calibration [N, C], pooled features [N, F], raw logits
+        [N, C]): what calibration and the gate are fitted on."""
+        _, logp, feats, z = self._deployed(image)
+        return logp, feats, z.float()
+
+    def _deployed(self, image: torch.Tensor):
+        """(uncalibrated probabilities, their log, features, logits in the weights' dtype)."""
         x = self.normalise(image)
-        probs = torch.softmax(self.backbone(x).float(), dim=1)
+        feats = self.features(x)
+        z = self.backbone.fc(feats)
         if self.tta == "flip":
             # mirrored after normalising (which a mirror does not change): the uint8 input then
             # feeds only the Cast, as TensorRT requires of a UINT8 network input
             mirrored = torch.softmax(self.backbone(torch.flip(x, dims=[3])).float(), dim=1)
             # a mean, not (a + b) * 0.5: no fp32 constant in the fp16 graph
-            probs = torch.stack([probs, mirrored]).mean(dim=0)
-        return probs
+            probs = torch.stack([torch.softmax(z.float(), dim=1), mirrored]).mean(dim=0)
+            return probs, torch.log(probs), feats, z
+        return torch.softmax(z.float(), dim=1), torch.log_softmax(z.float(), dim=1), feats, z
+
+    def _ood(self, feats: torch.Tensor, z: torch.Tensor) -> torch.Tensor | None:
+        if self.ood == "energy":
+            return -torch.logsumexp(z, dim=1)
+        if self.ood == "mahalanobis":
+            diff = feats.unsqueeze(1) - self.ood_means  # [N, C, F]
+            white = torch.matmul(diff, self.ood_whiten).float()
+            return (white * white).sum(dim=2).amin(dim=1)
+        return None
+
+    @torch.no_grad()
+    def set_calibration(self, temperature: float, bias: float, positive: int) -> None:
+        self.cal_scale.fill_(1.0 / temperature)
+        self.cal_bias.zero_()
+        self.cal_bias[positive] = bias
+
+    @torch.no_grad()
+    def set_gate(self, means, whiten) -> None:
+        """Mahalanobis gate parameters (numpy or torch): class means [C, F], whitening [F, F]."""
+        self.ood_means.copy_(torch.as_tensor(means))
+        self.ood_whiten.copy_(torch.as_tensor(whiten))
 
 
 def build_model(arch: str, num_classes: int, weights: str = "none", *, norm: str = "imagenet",
-                tta: str = "none") -> XrayNet:
+                tta: str = "none", calibration: str = "none", ood: str = "none") -> XrayNet:
     """A ResNet with a new ``num_classes`` head. ``weights``: ``none``, ``imagenet`` (from the
     local torch hub cache; never downloaded) or a path to a state dict for the backbone.
-    ``norm`` and ``tta``: see the module docstring (the card's ``net`` entry)."""
+    ``norm``, ``tta``, ``calibration``, ``ood``: see the module docstring (the card's ``net``
+    entry)."""
     import torchvision
 
     if arch not in ARCHS:
@@ -91,7 +166,7 @@ def build_model(arch: str, num_classes: int, weights: str = "none", *, norm: str
         path = imagenet_path(arch) if weights == "imagenet" else weights
         load_backbone_weights(backbone, path)
     backbone.fc = nn.Linear(backbone.fc.in_features, num_classes)
-    return XrayNet(backbone, norm=norm, tta=tta)
+    return XrayNet(backbone, norm=norm, tta=tta, calibration=calibration, ood=ood)
 
 
 def imagenet_path(arch: str) -> str:
@@ -112,7 +187,7 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelError(f"{path}: weights file not found") from None
-    except Exception as exc:  # torch raises many types for a bad file
+    except Exception as exc:  # noqa: BLE001 -- torch raises many types for a bad file
         raise ModelError(f"{path}: cannot load weights: {str(exc).splitlines()[0]}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]

@@ -1,0 +1,258 @@
+"""Calibration and the input quality gate of a trained network (torch side), fitted after model
+selection without touching the weights:
+
+- calibration: temperature + bias on the validation split's deployed log-probabilities
+  (:mod:`pneumo_edge.model.calibration`), the card's threshold mapped onto the calibrated scale
+  (same labels);
+- the gate: class Gaussians with one shared, shrunk covariance on the training split's pooled
+  features (Mahalanobis) and the energy score of the logits, compared on out-of-distribution
+  families made from the validation images and from files the installed packages ship
+  (:func:`ood_families`); the better one (mean flag rate over the families, then mean ROC AUC)
+  goes into the network, its threshold set on validation at ``rate`` false flags (default 1 %).
+
+:func:`calibrate_network` returns a new network (options ``calibration`` and ``ood`` set) and
+the card entries; training (train/final.py) and ``pneumo-edge calibrate`` both call it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pneumo_edge.evaluation.metrics import roc_auc
+from pneumo_edge.model import calibration as cal
+
+#: false flags on validation the gate's threshold allows (issue 20: 1 %)
+FALSE_FLAG_RATE = 0.01
+GATES = ("mahalanobis", "energy")
+
+
+@torch.no_grad()
+def split_outputs(model, pixels: np.ndarray, device, batch: int = 64) -> dict:
+    """The uncalibrated deployed log-probabilities ``logp`` [N, C], the pooled features
+    ``feats`` [N, F] and the raw logits ``logits`` [N, C] of uint8 ``pixels``, as numpy."""
+    model.eval()
+    out = {"logp": [], "feats": [], "logits": []}
+    for i in range(0, len(pixels), batch):
+        x = torch.from_numpy(np.ascontiguousarray(pixels[i:i + batch])).to(device)
+        logp, feats, z = model.uncalibrated(x)
+        for k, v in (("logp", logp), ("feats", feats), ("logits", z)):
+            out[k].append(v.float().cpu().numpy().astype(np.float64))
+    return {k: np.concatenate(v) if v else np.zeros((0, 0)) for k, v in out.items()}
+
+
+def fit_gaussians(feats: np.ndarray, labels: np.ndarray, classes: int):
+    """Class means [C, F] and the whitening matrix [F, F] of the shared covariance, shrunk
+    towards a multiple of the identity by the Ledoit-Wolf rule (more features than a validation
+    split has images), scaled by 1/sqrt(F) so a training image scores about 1."""
+    means = np.stack([feats[labels == c].mean(axis=0) for c in range(classes)])
+    x = feats - means[labels]
+    n, f = x.shape
+    s = x.T @ x / n
+    mu = np.trace(s) / f
+    d2 = np.sum((s - mu * np.eye(f)) ** 2)
+    b2 = min((np.sum(np.sum(x * x, axis=1) ** 2) - n * np.sum(s * s)) / n ** 2, d2)
+    shrink = b2 / d2 if d2 > 0 else 1.0
+    cov = (1 - shrink) * s + shrink * mu * np.eye(f)
+    w, v = np.linalg.eigh(cov)
+    whiten = (v / np.sqrt(np.clip(w, 1e-12 * max(w.max(), 1e-12), None))) @ v.T / np.sqrt(f)
+    return means, whiten, float(shrink)
+
+
+def mahalanobis(feats: np.ndarray, means: np.ndarray, whiten: np.ndarray) -> np.ndarray:
+    """The graph's score in numpy: min over classes of |(f - mean_c) W|^2."""
+    return np.min([np.sum(((feats - m) @ whiten) ** 2, axis=1) for m in means], axis=0)
+
+
+def energy(logits: np.ndarray) -> np.ndarray:
+    m = logits.max(axis=1, keepdims=True)
+    return -(m[:, 0] + np.log(np.exp(logits - m).sum(axis=1)))
+
+
+def threshold_at(scores: np.ndarray, rate: float) -> float:
+    """The smallest threshold that flags (score > threshold) at most ``rate`` of ``scores``."""
+    s = np.sort(np.asarray(scores, np.float64))
+    keep = int(np.ceil((1.0 - rate) * len(s))) - 1
+    return float(s[min(max(keep, 0), len(s) - 1)])
+
+
+def compare_gates(val: dict, families: dict, gaussians, rate: float) -> dict:
+    """Per score: its threshold on validation, the validation flag rate, and per family the flag
+    rate and the ROC AUC of validation (negative) against that family (positive)."""
+    means, whiten = gaussians
+    score = {"mahalanobis": lambda o: mahalanobis(o["feats"], means, whiten),
+             "energy": lambda o: energy(o["logits"])}
+    out = {}
+    for name in GATES:
+        v = score[name](val)
+        thr = threshold_at(v, rate)
+        fam = {}
+        for fname, o in families.items():
+            s = score[name](o)
+            truth = np.r_[np.zeros(len(v), bool), np.ones(len(s), bool)]
+            fam[fname] = {"n": len(s), "flagged": float(np.mean(s > thr)),
+                          "roc_auc": roc_auc(truth, np.r_[v, s])}
+        out[name] = {"threshold": thr, "val_flagged": float(np.mean(v > thr)), "families": fam,
+                     "mean_flagged": float(np.mean([f["flagged"] for f in fam.values()])),
+                     "mean_roc_auc": float(np.mean([f["roc_auc"] for f in fam.values()]))}
+    return out
+
+
+def choose_gate(comparison: dict) -> str:
+    return max(GATES, key=lambda g: (round(comparison[g]["mean_flagged"], 3),
+                                     comparison[g]["mean_roc_auc"]))
+
+
+def calibrate_network(model, card, data: dict, device, *, gate: str = "auto",
+                      rate: float = FALSE_FLAG_RATE, log=print):
+    """(new network with calibration and gate inside, calibration entry, gate entry).
+    ``data``: ``train``, ``val`` and optionally ``test`` as (uint8 pixels, labels)."""
+    from pneumo_edge.model.net import build_model
+
+    pos, ncls = card.positive_index, len(card.classes)
+    if ncls != 2:
+        raise ValueError(f"calibration maps the threshold for two classes; the card has {ncls}")
+    outs = {k: split_outputs(model, px, device) for k, (px, _) in data.items() if px is not None}
+    fitted = cal.fit(outs["val"]["logp"], data["val"][1], pos)
+    sets = {k: (outs[k]["logp"], data[k][1]) for k in ("val", "test") if k in outs}
+    calib = {**cal.report(sets, fitted, pos),
+             "prevalence": float(np.mean(data["val"][1] == pos)),
+             "threshold_before": card.threshold}
+    means, whiten, shrink = fit_gaussians(outs["train"]["feats"], data["train"][1], ncls)
+    fams = {k: split_outputs(model, px, device)
+            for k, px in ood_families(data["val"][0], card.image_size).items()}
+    comparison = compare_gates(outs["val"], fams, (means, whiten), rate)
+    chosen = choose_gate(comparison) if gate == "auto" else gate
+    net = build_model(card.arch, ncls, **{**card.net, "calibration": cal.METHOD, "ood": chosen})
+    net.load_state_dict(model.state_dict(), strict=False)
+    net.set_calibration(fitted["temperature"], fitted["bias"], pos)
+    if chosen == "mahalanobis":
+        net.set_gate(means.astype(np.float32), whiten.astype(np.float32))
+    entry = {"method": chosen, "threshold": comparison[chosen]["threshold"],
+             "false_flag_rate": rate, "fitted_on": "val", "chosen_by": gate if gate != "auto"
+             else "mean flag rate over the families, then mean ROC AUC",
+             "shrinkage": shrink, "comparison": comparison}
+    log(summary(calib, entry))
+    return net.to(device).eval(), calib, entry
+
+
+def summary(calib: dict, gate: dict) -> str:
+    lines = [f"calibration: T {calib['temperature']:.3f}, b {calib['bias']:+.3f} (fitted on val)"]
+    for k in ("val", "test"):
+        if k in calib:
+            b, a = calib[k]["before"], calib[k]["after"]
+            lines.append(f"  {k}: ECE {b['ece']:.3f} -> {a['ece']:.3f}, "
+                         f"Brier {b['brier']:.3f} -> {a['brier']:.3f}")
+    lines.append(f"gate: {gate['method']} > {gate['threshold']:.4g} "
+                 f"({gate['false_flag_rate']:.0%} false flags on val)")
+    for g, c in gate["comparison"].items():
+        fams = ", ".join(f"{k} {v['flagged']:.0%}" for k, v in c["families"].items())
+        lines.append(f"  {g}: flags {fams}; mean ROC AUC {c['mean_roc_auc']:.3f}")
+    return "\n".join(lines)
+
+
+def ood_families(xrays: np.ndarray, size: int, seed: int = 20) -> dict:
+    """uint8 [M, 1, S, S] sets a chest X-ray model must not label silently: made from the
+    X-rays ``xrays`` (upside down, inverted, mirrored and inverted, padded into a black border),
+    blank frames, noise, and the CT/MR slices and photographs the installed packages ship."""
+    rng = np.random.default_rng(seed)
+    x = xrays[: min(len(xrays), 200)]
+    n = max(len(x), 8)
+    fams = {"blank": _blank(rng, n, size), "noise": _noise(rng, n, size),
+            "upside_down": x[:, :, ::-1, :], "inverted": 255 - x,
+            "mirrored_inverted": 255 - x[:, :, :, ::-1], "padded": _padded(x)}
+    for name, images in (("ct_mr", shipped_ct_mr()), ("photo", shipped_photos())):
+        if images:
+            fams[name] = _variants(images, size)
+    return {k: np.ascontiguousarray(v, dtype=np.uint8) for k, v in fams.items() if len(v)}
+
+
+def _blank(rng, n: int, size: int) -> np.ndarray:
+    levels = rng.integers(0, 256, n)
+    img = levels[:, None, None, None] + rng.normal(0, 1.0, (n, 1, size, size))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _noise(rng, n: int, size: int) -> np.ndarray:
+    half = n // 2
+    uni = rng.integers(0, 256, (half, 1, size, size))
+    gauss = np.clip(rng.normal(128, 50, (n - half, 1, size, size)), 0, 255)
+    return np.concatenate([uni, gauss]).astype(np.uint8)
+
+
+def _padded(x: np.ndarray) -> np.ndarray:
+    """Each X-ray shrunk to a third of the frame, centred in black."""
+    import PIL.Image
+
+    s = x.shape[-1]
+    k = max(s // 3, 4)
+    out = np.zeros_like(x)
+    for i, img in enumerate(x):
+        small = np.asarray(PIL.Image.fromarray(img[0]).resize((k, k), PIL.Image.BILINEAR))
+        out[i, 0, (s - k) // 2:(s - k) // 2 + k, (s - k) // 2:(s - k) // 2 + k] = small
+    return out
+
+
+def _variants(images: list[np.ndarray], size: int) -> np.ndarray:
+    """Each grey image (any size) at the model's size, whole and as four corner crops, each also
+    rotated a quarter turn: ten views per image, through the one resize."""
+    from PIL import Image
+
+    from pneumo_edge.inputs.images import to_pixels
+
+    out = []
+    for img in images:
+        h, w = img.shape
+        crops = [img, img[: h * 2 // 3, : w * 2 // 3], img[h // 3:, : w * 2 // 3],
+                 img[: h * 2 // 3, w // 3:], img[h // 3:, w // 3:]]
+        for c in crops:
+            px = to_pixels(Image.fromarray(np.ascontiguousarray(c)), size)
+            out += [px, np.rot90(px, axes=(1, 2))]
+    return np.stack(out)
+
+
+def shipped_ct_mr() -> list[np.ndarray]:
+    """Grey 8-bit slices of pydicom's bundled CT and MR files (through pneumo-edge's DICOM
+    decoding), when pydicom ships them."""
+    try:
+        from pydicom.data import get_testdata_file
+    except ImportError:
+        return []
+    out = []
+    for name in ("CT_small.dcm", "MR_small.dcm", "693_J2KI.dcm", "examples_overlay.dcm"):
+        try:
+            out.append(_slice_grey(get_testdata_file(name)))
+        except Exception:  # noqa: BLE001, S112 -- a file this pydicom lacks or cannot decode
+            continue
+    return out
+
+
+def _slice_grey(path) -> np.ndarray:
+    """8-bit grey pixels of a DICOM slice: pneumo-edge's decoding, or (when that refuses a
+    modality) the stored values scaled over their range."""
+    from pneumo_edge.inputs.images import ImageError, decode_grey
+
+    try:
+        return np.asarray(decode_grey(path))
+    except ImageError:
+        import pydicom
+
+        a = pydicom.dcmread(path).pixel_array.astype(np.float64)
+        return np.uint8(np.round(255 * (a - a.min()) / max(np.ptp(a), 1e-9)))
+
+
+def shipped_photos() -> list[np.ndarray]:
+    """Grey versions of the photographs matplotlib ships in its sample data, when installed."""
+    try:
+        from matplotlib import cbook
+        from PIL import Image
+    except ImportError:
+        return []
+    out = []
+    for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png"):
+        try:
+            with cbook.get_sample_data(name) as f, Image.open(f) as im:
+                out.append(np.asarray(im.convert("L")))
+        except Exception:  # noqa: BLE001, S112 -- a sample this matplotlib lacks
+            continue
+    return out
