@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pneumo_edge.atomic import fsync_dir
+from pneumo_edge.dicomnode.store import crash_point
 from pneumo_edge.errors import UsageError
 
 #: what the node sends: Comprehensive SR and Secondary Capture
@@ -120,6 +121,7 @@ class Sender:
             self.log(f"outbox: {self.dest} answered "
                      f"{'no status' if code is None else f'0x{code:04X}'} for {path.name}")
             return False
+        crash_point("sent")  # the PACS has it, the outbox does not know yet
         self._delivered(path)
         return True
 

@@ -111,8 +111,8 @@ class Handlers:
                 (evt.EVT_C_STORE, self.stored)]
 
     def requested(self, event) -> None:
-        rq = event.assoc.requestor
-        aet, addr = str(rq.ae_title).strip(), str(rq.address)
+        rq = event.assoc.requestor  # its ae_title is filled in later, by the negotiation
+        aet, addr = str(rq.primitive.calling_ae_title or "").strip(), str(rq.address)
         if self.allow and not any(p.admits(aet, addr) for p in self.allow):
             self.log(f"refused association: calling AE {aet!r} from {addr} is not in --allow")
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, calling AE not recognised

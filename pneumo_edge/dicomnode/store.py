@@ -21,8 +21,25 @@ from pathlib import Path
 
 from pneumo_edge.atomic import fsync_dir
 
+#: tests only: ``POINT:N`` makes the node SIGKILL itself the N-th time it reaches POINT (a real
+#: kill -9 at an exact step of the commit order; tests/test_listen.py)
+KILL_AT = "PNEUMO_EDGE_NODE_KILL_AT"
+_passes: dict[str, int] = {}
+
 FOLDERS = ("spool", "received", "scored", "staging", "outbox", "dicom")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def crash_point(point: str) -> None:
+    """SIGKILL this process here when :data:`KILL_AT` names ``point`` and this is its N-th pass."""
+    want = os.environ.get(KILL_AT)
+    if not want or want.rpartition(":")[0] != point:
+        return
+    _passes[point] = _passes.get(point, 0) + 1
+    if str(_passes[point]) == want.rpartition(":")[2]:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def instance_name(sop_uid) -> str | None:
@@ -64,6 +81,7 @@ class Store:
                 os.close(fd)
             os.replace(spooled, self.received / name)
             fsync_dir(self.received)
+            crash_point("accepted")  # durable, status not yet sent
             return True
 
     def pending(self) -> list[Path]:

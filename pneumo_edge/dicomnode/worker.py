@@ -26,16 +26,18 @@ from pathlib import Path
 import numpy as np
 
 from pneumo_edge.atomic import fsync_dir
+from pneumo_edge.dicomnode.store import crash_point
 from pneumo_edge.errors import PneumoError
 from pneumo_edge.outputs.csvout import (
     _lock,
     _parse,
     _records,
-    csv_text,
+    csv_line,
     dicom_columns,
     header,
     one_line,
     open_new_or_regular,
+    path_text,
 )
 
 
@@ -61,12 +63,7 @@ class Results:
             self.append([head])
 
     def append(self, rows) -> None:
-        import csv
-        import io
-
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerows(rows)
-        self._f.write(buf.getvalue().encode("utf-8"))
+        self._f.write("".join(csv_line(r) for r in rows).encode("utf-8"))
         self._f.flush()
         os.fsync(self._f.fileno())
 
@@ -124,13 +121,17 @@ class Worker:
                     workers=self.workers, dicom_tags=())
         rows = [r[:-1] + [""] + r[-1:] for r in sink.rows]  # the SR column, before error
         for row, f in zip(rows, files):
-            row[0] = csv_text(str(self.store.scored / f.name))
+            row[0] = path_text(str(self.store.scored / f.name))
             if row[1]:
                 self._stage(f, row)
         fsync_dir(self.staging)
+        crash_point("staged")
         self.results.append(rows)
-        for f in files:
+        crash_point("committed")
+        for i, f in enumerate(files):
             self.store.mark_scored(f.name)
+            if i == 1:
+                crash_point("moving")  # half the batch moved
             self._promote(f.stem)
         self.store.sync()
         return rows
@@ -140,20 +141,22 @@ class Worker:
         row's SR column. A source that cannot get them is logged (reason, no values)."""
         from pneumo_edge.outputs.dicom_objects import ResultInfo, write_result_objects
 
-        out = self.staging / src.stem
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
         card = self.card
+        if row[-3] != src.stem:  # the dataset's SOP Instance UID (sop_uid column)
+            self.log(f"no result objects for {src.name}: the dataset's SOP Instance UID is "
+                     "not the one it was sent with")
+            return
         info = ResultInfo.from_runtime(self.rt, float(row[2 + card.positive_index]), row[1],
                                        card.threshold, "card")
+        shutil.rmtree(self.staging / src.stem, ignore_errors=True)
         try:
             heat = self._heatmap(src) if self.explain else None
-            paths = write_result_objects(src, info, out, heat)
+            paths = write_result_objects(src, info, self.staging, heat)
         except Exception as exc:  # noqa: BLE001 -- one instance's objects never stop the node
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(self.staging / src.stem, ignore_errors=True)
             self.log(f"no result objects for {src.name}: {one_line(str(exc))[:200]}")
             return
-        row[-2] = csv_text(str(self.store.out / "dicom" / paths[0].relative_to(self.staging)))
+        row[-2] = path_text(str(self.store.out / "dicom" / paths[0].relative_to(self.staging)))
 
     def _heatmap(self, src: Path) -> np.ndarray:
         from pneumo_edge.explain.methods import Explainer

@@ -1,0 +1,347 @@
+"""``pneumo-edge listen``, the DICOM node, as a subprocess: against a real PACS (Orthanc, started
+by tests/pacs.py) and a pynetdicom client; real SIGKILLs at every step of the commit order,
+restarts, and checks that every acknowledged instance got one row and one delivered SR."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pynetdicom = pytest.importorskip("pynetdicom")
+pydicom = pytest.importorskip("pydicom")
+from pacs import NODE_AET, ORTHANC_AET, Orthanc, free_port, orthanc  # noqa: F401
+from test_dicom import PHI_ID, PHI_NAME, make, picture
+
+from pneumo_edge.dicomnode.store import KILL_AT
+from pneumo_edge.outputs.dicom_objects import read_result
+
+REPO = Path(__file__).resolve().parents[1]
+SR_CLASS, SC_CLASS = "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.7"
+CR_CLASS, CT_CLASS = "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.2"
+pytestmark = pytest.mark.slow
+
+
+# --- test DICOMs --------------------------------------------------------------------------------
+
+def xray(path: Path, i: int, *, cr: bool = False) -> Path:
+    """A 12-bit DX (or CR) chest radiograph with PHI in its header, from sample X-ray ``i``."""
+    make(path, picture(i % 4).astype(np.uint16) * 16)
+    if cr:
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CR_CLASS
+        ds.Modality = "CR"
+        ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def no_pixels(path: Path) -> Path:
+    xray(path, 0)
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def multi_frame(path: Path) -> Path:
+    xray(path, 1)
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def sop_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+# --- the node as a subprocess -------------------------------------------------------------------
+
+class Node:
+    """``pneumo-edge listen`` in a subprocess; its stderr lines collected as they come."""
+
+    def __init__(self, model: Path, out: Path, port: int, *args: str, env=None):
+        cmd = [sys.executable, "-m", "pneumo_edge", "listen", "--model", str(model), "--out",
+               str(out), "--port", str(port), "--max-wait", "0.3", *args]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.port, self.lines = port, []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.wait_for("listening as")
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sum(1 for ln in self.lines if re.search(pattern, ln)) >= count:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {count} x {pattern!r} in the node's log:\n" +
+                             "\n".join(self.lines[-30:]))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(60)
+        self._reader.join(5)
+        return code
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+
+def store(port: int, files, aet: str = "MODALITY") -> list[int | None]:
+    """C-STORE ``files`` to the node; the status of each (None: no answer)."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    for uid in ("1.2.840.10008.5.1.4.1.1.1.1", CR_CLASS):
+        ae.add_requested_context(uid, ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AET)
+    if not assoc.is_established:
+        return [None] * len(files)
+    out = []
+    for f in files:
+        try:
+            out.append(getattr(assoc.send_c_store(f), "Status", None))
+        except Exception:  # noqa: BLE001 -- the node died mid-association
+            out.append(None)
+    if assoc.is_established:
+        assoc.release()
+    return out
+
+
+def store_until_ok(port: int, files, tries: int = 3) -> None:
+    """Send ``files`` as a PACS does: those without a success status again."""
+    left = list(files)
+    for _ in range(tries):
+        left = [f for f, s in zip(left, store(port, left)) if s != 0]
+        if not left:
+            return
+    raise AssertionError(f"{len(left)} instances never acknowledged")
+
+
+def rows(out: Path) -> list[dict]:
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def echo(port: int, aet: str = "MODALITY"):
+    from pynetdicom import AE
+
+    ae = AE(ae_title=aet)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AET)
+    try:
+        return assoc.send_c_echo().Status if assoc.is_established else None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def score_csv(model: Path, files, tmp_path: Path) -> dict[str, float]:
+    """``pneumo-edge score`` on ``files``: SOP Instance UID -> p_PNEUMONIA."""
+    out = tmp_path / "score.csv"
+    subprocess.run([sys.executable, "-m", "pneumo_edge", "score", *map(str, files), "--model",
+                    str(model), "-o", str(out), "-q"], cwd=REPO, check=True)
+    with open(out, newline="") as f:
+        return {r["sop_uid"]: float(r["p_PNEUMONIA"]) for r in csv.DictReader(f)}
+
+
+def wait_until(check, timeout: float = 90, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def orthanc_srs(pacs: Orthanc) -> dict[str, dict]:
+    """Orthanc's SRs: source SOP Instance UID -> what the SR records (and its study)."""
+    import io
+
+    out = {}
+    for i in pacs.by_class(SR_CLASS):
+        res = read_result(io.BytesIO(pacs.file(i)))
+        out[res["source_sop_uid"]] = res
+    return out
+
+
+# --- against Orthanc ----------------------------------------------------------------------------
+
+def test_orthanc_round_trip_sr_and_sc_in_the_study(orthanc, tiny_exported, tmp_path):  # noqa: F811
+    pacs = orthanc
+    files = [xray(tmp_path / "dx.dcm", 0), xray(tmp_path / "cr.dcm", 1, cr=True)]
+    ids = [pacs.upload(f) for f in files]
+    originals = {i: pacs.file(i) for i in ids}
+    node = Node(tiny_exported, tmp_path / "node", pacs.node_port, "--allow", ORTHANC_AET,
+                "--send-to", pacs.send_to, "--explain")
+    try:
+        assert pacs.send_to_node(ids)["FailedInstancesCount"] == 0
+        wait_until(lambda: len(pacs.by_class(SR_CLASS)) == 2 and len(pacs.by_class(SC_CLASS)) == 2,
+                   what="2 SRs and 2 SCs in Orthanc")
+    finally:
+        assert node.stop() == 0
+    expected = score_csv(tiny_exported, files, tmp_path)
+    srs = orthanc_srs(pacs)
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        sr = srs[str(ds.SOPInstanceUID)]
+        assert sr["study_uid"] == str(ds.StudyInstanceUID)
+        assert abs(sr["probability"] - expected[str(ds.SOPInstanceUID)]) <= 1e-6
+    for sc in pacs.by_class(SC_CLASS):
+        tags = pacs.tags(sc)
+        assert tags["StudyInstanceUID"] in {pydicom.dcmread(f).StudyInstanceUID for f in files}
+        assert tags["BurnedInAnnotation"] == "YES"
+    assert {i: pacs.file(i) for i in ids} == originals  # the PACS's own objects untouched
+    got = rows(tmp_path / "node")
+    assert len(got) == 2 and all(r["label"] and r["dicom_sr"] for r in got)
+    assert PHI_NAME.split("^")[0] not in node.log and PHI_ID not in node.log
+    assert PHI_ID not in (tmp_path / "node" / "results.csv").read_text()
+
+
+def test_a_non_allowed_ae_title_is_refused(orthanc, tiny_exported, tmp_path):  # noqa: F811
+    pacs = orthanc
+    ids = [pacs.upload(xray(tmp_path / "dx.dcm", 0))]
+    node = Node(tiny_exported, tmp_path / "node", pacs.node_port, "--allow", "SOMEONE_ELSE")
+    try:
+        with pytest.raises(urllib.error.HTTPError):  # Orthanc: the C-STORE failed (HTTP 500)
+            pacs.send_to_node(ids)
+        assert echo(pacs.node_port, "INTRUDER") is None
+        assert echo(pacs.node_port, "SOMEONE_ELSE") == 0
+    finally:
+        assert node.stop() == 0
+    assert re.search(r"refused association: calling AE 'ORTHANC' from 127\.0\.0\.1", node.log)
+    assert "calling AE 'INTRUDER'" in node.log
+    assert not list((tmp_path / "node" / "received").iterdir())
+    assert rows(tmp_path / "node") == []
+
+
+def test_orthanc_down_when_results_are_ready_then_up_delivers_once(orthanc, tiny_exported,  # noqa: F811
+                                                                   tmp_path):
+    pacs = orthanc
+    pacs.stop()
+    files = [xray(tmp_path / f"x{i}.dcm", i) for i in range(2)]
+    node = Node(tiny_exported, tmp_path / "node", free_port(), "--send-to", pacs.send_to)
+    try:
+        store_until_ok(node.port, files)
+        node.wait_for(r"outbox: .*(cannot reach|no association|rejected)")
+        assert len(list((tmp_path / "node" / "outbox").rglob("*.sr.dcm"))) == 2
+        pacs.start()
+        wait_until(lambda: len(pacs.by_class(SR_CLASS)) == 2, what="the SRs after Orthanc is up")
+        time.sleep(2)  # a second delivery would show up by now
+    finally:
+        assert node.stop() == 0
+    assert len(pacs.by_class(SR_CLASS)) == 2
+    assert len(list((tmp_path / "node" / "dicom").rglob("*.sr.dcm"))) == 2
+    assert not list((tmp_path / "node" / "outbox").rglob("*.dcm"))
+
+
+KILL_POINTS = ["accepted:2", "staged:1", "committed:1", "moving:1", "sent:1"]
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_kill_9_then_restart_scores_and_delivers_each_instance_once(orthanc, tiny_exported,  # noqa: F811
+                                                                     tmp_path, point):
+    pacs = orthanc
+    files = [xray(tmp_path / f"x{i}.dcm", i) for i in range(4)]
+    out, args = tmp_path / "node", ("--send-to", pacs.send_to, "--batch", "4")
+    node = Node(tiny_exported, out, pacs.node_port, *args, env={KILL_AT: point})
+    store(node.port, files)
+    assert node.proc.wait(90) == -signal.SIGKILL, node.log
+    node = Node(tiny_exported, out, pacs.node_port, *args)
+    try:
+        store_until_ok(node.port, files)  # what got no status is sent again, as a PACS would
+        wait_until(lambda: len(rows(out)) == 4 and not list((out / "outbox").rglob("*.dcm"))
+                   and not list((out / "received").glob("*.dcm")), what="all scored and sent")
+    finally:
+        assert node.stop() == 0
+    got = rows(out)
+    assert sorted(r["sop_uid"] for r in got) == sorted(sop_uid(f) for f in files)
+    assert len(pacs.by_class(SR_CLASS)) == 4
+    assert sorted(orthanc_srs(pacs)) == sorted(sop_uid(f) for f in files)
+    assert len(list((out / "dicom").rglob("*.sr.dcm"))) == 4
+
+
+# --- the node alone -----------------------------------------------------------------------------
+
+def test_other_sop_classes_refused_unscoreable_ones_get_error_rows(tiny_exported, tmp_path):
+    from pynetdicom import AE
+
+    good, empty, frames = (xray(tmp_path / "ok.dcm", 0), no_pixels(tmp_path / "np.dcm"),
+                           multi_frame(tmp_path / "mf.dcm"))
+    node = Node(tiny_exported, tmp_path / "node", free_port())
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CT_CLASS, ["1.2.840.10008.1.2.1"])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        assert not assoc.is_established or not assoc.accepted_contexts
+        if assoc.is_established:
+            assert [cx.result for cx in assoc.rejected_contexts] == [0x03]  # abstract syntax
+            assoc.release()
+        assert store(node.port, [good, empty, frames]) == [0, 0, 0]
+        wait_until(lambda: len(rows(tmp_path / "node")) == 3, what="3 rows")
+    finally:
+        assert node.stop() == 0
+    by_uid = {r["sop_uid"] or Path(r["path"]).stem: r for r in rows(tmp_path / "node")}
+    assert by_uid[sop_uid(good)]["label"] and by_uid[sop_uid(good)]["dicom_sr"]
+    for bad in (empty, frames):
+        r = by_uid[sop_uid(bad)]
+        assert not r["label"] and r["error"] and not r["dicom_sr"]
+
+
+def test_garbage_on_the_socket_does_not_stop_the_node(tiny_exported, tmp_path):
+    node = Node(tiny_exported, tmp_path / "node", free_port())
+    try:
+        for junk in (b"\x00" * 10, b"GET / HTTP/1.1\r\n\r\n", os.urandom(4096),
+                     b"\x01\x00\x00\x00\xff\xff\xff\xff" + os.urandom(64)):
+            with socket.create_connection(("127.0.0.1", node.port), timeout=5) as s:
+                s.sendall(junk)
+                s.settimeout(2)
+                try:
+                    s.recv(100)
+                except OSError:
+                    pass
+        assert echo(node.port) == 0
+        assert store(node.port, [xray(tmp_path / "ok.dcm", 0)]) == [0]
+    finally:
+        assert node.stop() == 0
+
+
+def test_sigterm_finishes_what_was_accepted(tiny_exported, tmp_path):
+    files = [xray(tmp_path / f"x{i}.dcm", i) for i in range(3)]
+    node = Node(tiny_exported, tmp_path / "node", free_port(), "--batch", "50",
+                "--max-wait", "600")
+    assert store(node.port, files) == [0, 0, 0]
+    assert node.stop() == 0  # the batch is not full and its wait not over: SIGTERM scores it
+    assert len(rows(tmp_path / "node")) == 3
+    assert "stopping" in node.log
+
+
+def test_listen_refuses_a_public_address_without_allow(tiny_exported, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pneumo_edge", "listen", "--model",
+                        str(tiny_exported), "--out", str(tmp_path / "n"), "--host", "0.0.0.0"],
+                       cwd=REPO, capture_output=True, text=True, check=False)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: --host 0.0.0.0") and "--allow" in r.stderr
