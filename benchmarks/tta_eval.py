@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def load_split(card, root: Path, key: str):
-    from pneumo_edge.commands.evaluate import decode_labelled
+    from pneumo_edge.inputs.pipeline import decode_labelled
 
     files = card.split.get(key, [])
     samples = [(str(root / f), card.classes.index(Path(f).parent.name)) for f in files]
@@ -26,7 +26,7 @@ def load_split(card, root: Path, key: str):
 def main() -> None:
     import numpy as np
     import torch
-    from pneumo_edge.train.loop import predict
+    from pneumo_edge.train.final import predict_deployed as predict
     from pneumo_edge.train.shift import shifted_set
 
     from pneumo_edge.evaluation.metrics import binary_metrics, choose_threshold

@@ -9,8 +9,10 @@ smallest tolerance that would have passed (like Polygraphy's comparator).
 
 A form is "skipped" only when it was not built or cannot run on this machine (no GPU, no
 TensorRT); a file that exists but fails to open or run is a failure. parity.json records each
-file's sha256: ``auto`` picks a reduced-precision form only when its entry passed for that exact
-file (pneumo_edge.model.modeldir.parity_evidence).
+file's sha256, the model's identity (model.pt's and the card's sha256) and the image counts:
+``auto`` picks a reduced-precision form only when its entry passed for that exact file of this
+model, on at least modeldir.MIN_PARITY_IMAGES images, at the default tolerances
+(pneumo_edge.model.modeldir.parity_evidence).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_edge.commands.evaluate import decode_labelled, predict
 from pneumo_edge.errors import DataError, ModelError, RuntimeUnavailable
 from pneumo_edge.evaluation.metrics import binary_metrics
 from pneumo_edge.inputs.folders import scan_labelled
+from pneumo_edge.inputs.pipeline import decode_labelled, predict
 from pneumo_edge.model import modeldir
 from pneumo_edge.model.card import Card
+from pneumo_edge.runtimes import backend, open_form, why_unavailable
 from pneumo_edge.versions import installed_versions
 
 CHECKED_METRICS = ("accuracy", "precision", "recall", "specificity", "f1")
@@ -60,9 +63,9 @@ class Tolerance:
 def default_tolerances() -> dict[str, Tolerance]:
     """fp32: the same numbers; fp16: the same labels and metrics within half a point; int8
     (whose probabilities move by a few hundredths by design): the same labels on 99 % of images,
-    every metric within one point and ROC AUC within 0.005, max |dp| reported, not gated."""
-    return {"fp32": Tolerance(1e-4, 1.0, 0.0, 1e-3), "fp16": Tolerance(1e-2, 0.995, 0.005, 0.005),
-            "int8": Tolerance(None, 0.99, 0.01, 0.005)}
+    every metric within one point and ROC AUC within 0.005, max |dp| reported, not gated.
+    (The numbers live in modeldir.PARITY_TOLERANCES: ``auto`` holds recorded ones to them.)"""
+    return {p: Tolerance(**t) for p, t in modeldir.PARITY_TOLERANCES.items()}
 
 
 @dataclass
@@ -86,7 +89,8 @@ def parity_images(card: Card, parity_data=None, warn=None) -> ParityImages:
     if not len(px):
         raise DataError(f"{source['path']}: none of the {len(samples)} parity images can be "
                         f"decoded; pass --parity-data FOLDER")
-    return ParityImages(px, labels, {"count": len(px), **source,
+    per_class = {c: int(np.sum(labels == i)) for i, c in enumerate(card.classes)}
+    return ParityImages(px, labels, {"count": len(px), "per_class": per_class, **source,
                                      "skipped_unreadable": len(failed)})
 
 
@@ -145,7 +149,7 @@ def compare(ref: np.ndarray, probs: np.ndarray, truth: np.ndarray, card: Card,
                 if _exceeds(k, getattr(got, k), getattr(tol, k))]
     return {"status": "fail" if failures else "pass", "max_abs_diff": got.max_abs,
             "mean_abs_diff": float(dp.mean()), "agreement": agree, "roc_auc_delta": auc_delta,
-            "disagreements": int(round((1 - agree) * len(truth))), "metrics": m,
+            "disagreements": round((1 - agree) * len(truth)), "metrics": m,
             "metric_deltas": deltas, "tolerance": asdict(tol), "failed": failures,
             "smallest_passing": asdict(got)}
 
@@ -164,14 +168,24 @@ def _exceeds(key: str, got, tol) -> bool:
 
 
 def run_parity(run_dir, card: Card, images: ParityImages, tolerances: dict[str, Tolerance],
-               batch: int = 32, skip: dict | None = None, extra: dict | None = None) -> dict:
+               batch: int = 32, skip: dict | None = None, extra: dict | None = None,
+               warn=None) -> dict:
     """Run torch and every exported form in ``run_dir`` on ``images``; the parity report.
     ``skip``: form name -> reason, for forms listed as skipped without running them;
-    ``extra``: form name -> fields added to its entry (e.g. the INT8 calibration record)."""
+    ``extra``: form name -> fields added to its entry (e.g. the INT8 calibration record).
+    The report binds the evidence to the model: ``identity`` (model.pt's sha256 and the card's,
+    modeldir.card_sha256) and the image counts per class, which ``auto`` holds to
+    modeldir.MIN_PARITY_IMAGES; warnings (weak evidence, evidence replaced) go to ``warn``."""
+    warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
     run_dir = Path(run_dir)
+    before = _previous_report(run_dir)
     torch_rt = _open_torch(run_dir, card)
     ref = predict(torch_rt, images.pixels, batch)
     report = {"passed": True, "images": images.source,
+              "identity": {"weights_sha256": torch_rt.sha256,
+                           "card_sha256": modeldir.card_sha256(card)},
+              "evidence_floor": {"images": modeldir.MIN_PARITY_IMAGES,
+                                 "per_class": modeldir.MIN_PARITY_PER_CLASS},
               "reference": {"form": "torch", "file": torch_rt.path.name,
                             "sha256": torch_rt.sha256, "precision": "fp32",
                             "device": torch_rt.device, "tf32": getattr(torch_rt, "tf32", False),
@@ -185,9 +199,46 @@ def run_parity(run_dir, card: Card, images: ParityImages, tolerances: dict[str, 
             form.runtime, {})}
         entry.update(_check_form(run_dir, card, form, images, ref, tolerances, batch,
                                  (skip or {}).get(form.runtime)))
+        _weigh_against(before, entry, form, report["identity"], len(images.labels), warn)
         report["passed"] &= entry["status"] != "fail"
         report["forms"][form.runtime] = entry
+    _, weak = modeldir.evidence_size(images.source, card.classes)
+    if weak:
+        warn(f"parity evidence is weak, {weak}: reduced-precision forms are recorded but not "
+             f"verified, and auto will not pick them")
     return report
+
+
+def _previous_report(run_dir: Path) -> dict:
+    """The parity.json this run replaces ({} when there is none or it cannot be read)."""
+    try:
+        old = modeldir.read_json(run_dir / modeldir.PARITY_JSON, "parity report")
+    except ModelError:
+        return {}
+    return old if isinstance(old, dict) and isinstance(old.get("forms"), dict) else {}
+
+
+def _weigh_against(before: dict, entry: dict, form: modeldir.Form, identity: dict, n: int,
+                   warn) -> None:
+    """A weaker run never replaces stronger evidence silently: when the previous parity.json
+    checked this very file (same sha256, same weights) on more images, say so; when it failed
+    there on at least as many images, a pass now does not overrule it: the entry stays failed."""
+    old = before.get("forms", {}).get(form.runtime)
+    images = before.get("images")
+    old_n = images.get("count") if isinstance(images, dict) else None
+    same_file = isinstance(old, dict) and old.get("sha256") and \
+        old.get("sha256") == entry.get("sha256") and before.get("identity") == identity
+    if not same_file or not isinstance(old_n, int):
+        return
+    if old.get("status") == "fail" and entry["status"] == "pass" and old_n >= n:
+        entry.update(status="fail", failed=["earlier failure"],
+                     reason=f"this file failed parity on {old_n} images before; a pass on {n} "
+                            f"does not overrule it (remove {modeldir.PARITY_JSON} to start over)")
+        warn(f"parity: {form.file} failed on {old_n} images in the previous {modeldir.PARITY_JSON}"
+             f"; it stays failed (a pass on {n} images does not overrule that)")
+    elif old_n > n and old.get("status") in ("pass", "fail"):
+        warn(f"parity: the previous {modeldir.PARITY_JSON} checked {form.file} on {old_n} images; "
+             f"it is replaced by this run's {n}")
 
 
 def _check_form(run_dir: Path, card: Card, form: modeldir.Form, images: ParityImages,
@@ -212,43 +263,29 @@ def _check_form(run_dir: Path, card: Card, form: modeldir.Form, images: ParityIm
 def _open_torch(run_dir: Path, card: Card):
     # fp32 reference on the CPU: CUDA convolutions may use TF32 by default, which alone would
     # exceed the fp32 tolerance (the runtime reports tf32; parity.json records it)
-    from pneumo_edge.runtimes.torch_rt import TorchRuntime
-
-    return TorchRuntime(run_dir / modeldir.MODEL_PT, card, device="cpu")
+    return open_form(run_dir, "torch", device="cpu", card=card)
 
 
 def _open_form(run_dir: Path, card: Card, form: modeldir.Form):
     """(runtime, "", "") or (None, "skipped" | "fail", why). ONNX forms run on the CPU (exact
-    fp32 reference; int8 is what a CPU edge box runs); torch-fp16 and the engine need CUDA."""
-    path = run_dir / form.file
-    gpu_form = form.runtime in ("trt", "torch-fp16")
-    if not os.path.lexists(path):
+    fp32 reference; int8 is what a CPU edge box runs); torch-fp16 and the engine need CUDA: a
+    GPU form that is not built or cannot run here is skipped, any other form that cannot open
+    is a failure."""
+    gpu_form = backend(form.runtime).gpu
+    device = None if gpu_form else "cpu"
+    if not os.path.lexists(run_dir / form.file):
         if gpu_form:
             return None, "skipped", "not built (" + modeldir.make_hint(run_dir, form) + ")"
         return None, "fail", f"{form.file} not found"
+    why = why_unavailable(form.runtime, device)
+    if why:
+        return None, ("skipped" if gpu_form else "fail"), why
     try:
-        if form.runtime == "trt":
-            from pneumo_edge.runtimes.trt_rt import TensorRTRuntime
-            return TensorRTRuntime(path, card), "", ""
-        if form.runtime == "torch-fp16":
-            if not _cuda_available():
-                return None, "skipped", "needs a CUDA GPU"
-            from pneumo_edge.runtimes.torch_rt import TorchRuntime
-            return TorchRuntime(path, card, device="cuda", precision="fp16"), "", ""
-        from pneumo_edge.runtimes.onnx_rt import OnnxRuntime
-        return OnnxRuntime(path, card, name=form.runtime, device="cpu"), "", ""
+        return open_form(run_dir, form.runtime, device=device, card=card), "", ""
     except RuntimeUnavailable as exc:  # no GPU, no tensorrt package: cannot run *here*
         return None, ("skipped" if gpu_form else "fail"), str(exc)
     except (ModelError, RuntimeError, TypeError) as exc:
         return None, "fail", f"cannot open it: {_one_line(exc)}"
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
 
 
 def _one_line(exc: BaseException) -> str:

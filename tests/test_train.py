@@ -63,8 +63,8 @@ def test_model_directory_contents_and_weights_only_checkpoint(learned):
 
 def test_card_threshold_and_metrics_reproduce_on_the_recorded_val_split(learned):
     """Re-run the saved model on the val files the card names: same metrics as recorded."""
-    from pneumo_edge.commands.evaluate import decode_labelled, predict
     from pneumo_edge.evaluation.metrics import binary_metrics
+    from pneumo_edge.inputs.pipeline import decode_labelled, predict
     from pneumo_edge.runtimes import open_runtime
 
     data, out, _ = learned
@@ -282,3 +282,52 @@ def test_a_last_batch_of_one_image_does_not_crash_batchnorm(tmp_path):
     result = train(TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1,
                                **{**QUICK, "image_size": 32, "batch_size": 5}))
     assert result["time"]["epochs_trained"] == 1
+
+
+def _import_graph() -> dict:
+    """module -> the project modules it imports (at the top or inside functions), from the
+    source (ast), for pneumo_edge and its train/ and export/ sub-packages."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    roots = {"pneumo_edge": repo / "pneumo_edge", "pneumo_edge.train": repo / "train",
+             "pneumo_edge.export": repo / "export"}
+    files = {".".join([pkg, *[p for p in f.relative_to(d).with_suffix("").parts
+                              if p != "__init__"]]): f
+             for pkg, d in roots.items() for f in d.rglob("*.py")}
+    graph = {}
+    for name, f in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps |= {m if m in files else node.module
+                         for m in (f"{node.module}.{a.name}" for a in node.names)}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_no_import_cycle_runs_through_training():
+    """Issue 18: loop.py and final.py imported each other (final inside a function); no
+    training module is part of an import cycle, lazy imports included."""
+    graph = _import_graph()
+
+    def reaches(start, goal):
+        seen, todo = set(), [start]
+        while todo:
+            m = todo.pop()
+            if m == goal:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo.extend(graph[m])
+        return False
+
+    cycles = [(a, b) for a in graph if a.startswith("pneumo_edge.train")
+              for b in graph[a] if reaches(b, a)]
+    assert cycles == []
+    assert "pneumo_edge.commands.evaluate" not in {d for m, ds in graph.items() for d in ds
+                                                   if m.startswith(("pneumo_edge.train",
+                                                                    "pneumo_edge.export"))}

@@ -76,11 +76,10 @@ def timeout_s() -> float:
 
 
 def device_for(d: Dist, name: str) -> torch.device:
-    """The device of this rank: ``auto`` is cuda:LOCAL_RANK when torch sees GPUs, else cpu;
-    ``cuda`` means this rank's GPU; an explicit index is refused with several ranks (each rank
-    would train on the same GPU)."""
-    if not d.enabled:
-        return _pick(name)
+    """The device of this rank of a torchrun job (one process picks with
+    :func:`pneumo_edge.train.config.pick_device`): ``auto`` is cuda:LOCAL_RANK when torch sees
+    GPUs, else cpu; ``cuda`` means this rank's GPU; an explicit index is refused with several
+    ranks (each rank would train on the same GPU)."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if name not in ("auto", "cuda"):
@@ -93,12 +92,6 @@ def device_for(d: Dist, name: str) -> torch.device:
                          f"{torch.cuda.device_count()} GPU(s) (--nproc_per_node too high)")
     torch.cuda.set_device(d.local_rank)
     return torch.device("cuda", d.local_rank)
-
-
-def _pick(name):
-    from pneumo_edge.train.config import pick_device
-
-    return pick_device(name)
 
 
 def init(d: Dist, device: torch.device) -> Dist:

@@ -29,7 +29,6 @@ COMPARED_RULES = ("f1", "youden", "recall:0.95", "recall:0.98", "fixed:0.5")
 
 def final_evaluation(out, state, cfg, data, device, t_start, log) -> dict:
     from pneumo_edge.train.checkpoint import save_model
-    from pneumo_edge.train.loop import predict
     from pneumo_edge.train.shift import PERTURBATIONS
 
     from pneumo_edge.model.net import build_model
@@ -44,7 +43,7 @@ def final_evaluation(out, state, cfg, data, device, t_start, log) -> dict:
     sets = {"val": data["val"], "shifted_val": data["shifted"]}
     if data["test"] is not None:
         sets["test"] = data["test"]
-    probs = {k: predict(model, px, device)[:, pos] for k, (px, _) in sets.items()}
+    probs = {k: predict_deployed(model, px, device)[:, pos] for k, (px, _) in sets.items()}
     truth = {k: labels == pos for k, (_, labels) in sets.items()}
     threshold = choose_threshold(*_threshold_data(truth, probs, cfg.threshold_on),
                                  cfg.threshold_for)
@@ -75,6 +74,21 @@ def final_evaluation(out, state, cfg, data, device, t_start, log) -> dict:
     _plots(out, state, card, best)
     log(_summary(result, card, out))
     return result
+
+
+def predict_deployed(model, pixels: np.ndarray, device, batch: int = 64) -> np.ndarray:
+    """The deployed network's probabilities (``forward``: fp32, test-time augmentation
+    included), as every runtime computes them."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(pixels), batch):
+            x = torch.from_numpy(pixels[i:i + batch]).to(device)
+            x = x.contiguous(memory_format=torch.channels_last)
+            out.append(model(x).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
 
 
 def _threshold_data(truth, probs, on: str):

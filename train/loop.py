@@ -1,12 +1,13 @@
 """The training loop, after torchvision's references/classification/train.py:
 ``train_one_epoch``, ``evaluate`` and ``train`` (the main function the CLI calls). Options and
-their checks are :mod:`pneumo_edge.train.config`; what is written to the output folder,
-:mod:`pneumo_edge.train.rundir`; the time plan, :mod:`pneumo_edge.train.budget`."""
+their checks are :mod:`pneumo_edge.train.config`; the data (split, decoding, pixel cache),
+:mod:`pneumo_edge.train.data`; what is written to the output folder,
+:mod:`pneumo_edge.train.rundir`; the time plan, :mod:`pneumo_edge.train.budget`; the final
+evaluation of the selected weights, :mod:`pneumo_edge.train.final`."""
 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,20 +17,12 @@ import torch
 from pneumo_edge.train import distributed as dist_
 from pneumo_edge.train import rundir
 from pneumo_edge.train.budget import Plan, lr_factor
-from pneumo_edge.train.config import SELECT, TrainConfig, check_config, default_amp, pick_device  # noqa: F401  (TrainConfig and check_config: the API)
-from pneumo_edge.train.data import (
-    Augment,
-    PixelDataset,
-    class_weights,
-    grouped_stratified_split,
-    preload,
-)
-from pneumo_edge.train.shift import shifted_set
+from pneumo_edge.train.config import SELECT, TrainConfig, check_config, default_amp, pick_device  # noqa: F401  (TrainConfig, check_config: the API)
+from pneumo_edge.train.data import Augment, PixelDataset, class_weights, load_data
 from torch import nn
 
-from pneumo_edge.errors import DataError, PneumoError, UsageError
+from pneumo_edge.errors import PneumoError
 from pneumo_edge.evaluation.metrics import METRIC_KEYS, binary_metrics
-from pneumo_edge.inputs.folders import scan_labelled
 from pneumo_edge.model import modeldir
 from pneumo_edge.model.net import build_model
 
@@ -147,18 +140,6 @@ def evaluate(model, criterion, loader, device, *, amp=False):
     return losses / max(n, 1), np.concatenate(probs), np.concatenate(labels)
 
 
-@torch.inference_mode()
-def predict(model, pixels: np.ndarray, device, batch: int = 64) -> np.ndarray:
-    """The deployed network's probabilities (``forward``: fp32, test-time augmentation
-    included), as every runtime computes them."""
-    model.eval()
-    out = []
-    for i in range(0, len(pixels), batch):
-        x = torch.from_numpy(pixels[i:i + batch]).to(device)
-        out.append(model(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
-
-
 def epoch_metrics(loss, probs, labels, pos, threshold=0.5) -> dict:
     m = binary_metrics(labels == pos, probs[:, pos], threshold)
     return {"loss": loss, **{k: m[k] for k in METRIC_KEYS}}
@@ -171,7 +152,7 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     check_config(cfg)
     d = dist_.from_env()
-    device = dist_.device_for(d, cfg.device)
+    device = dist_.device_for(d, cfg.device) if d.enabled else pick_device(cfg.device)
     d = dist_.init(d, device)
     _QUIET["on"] = not d.is_main
     try:
@@ -184,7 +165,7 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg, out, d, device, t_start) -> dict:
     amp = default_amp(device) if cfg.amp is None else cfg.amp
     rundir.check_out(out, cfg)
-    data = _load_data(cfg, d)
+    data = load_data(cfg, d, log)
     if d.is_main:
         rundir.prepare_out(out, cfg)
     dist_.barrier(d, "waiting for rank 0 to prepare --out")
@@ -448,124 +429,6 @@ def evaluate_gathered(model, criterion, loader, device, d, *, amp=False):
     return (total / max(n, 1),
             np.concatenate(probs) if probs else np.zeros((0, 2), np.float32),
             np.concatenate(labels) if labels else np.zeros(0, np.int64))
-
-
-def _load_data(cfg: TrainConfig, d=dist_.SINGLE) -> dict:
-    root = Path(cfg.data)
-    if not root.is_dir():
-        raise DataError(f"{root}: no such folder")
-    if not (root / "train").is_dir():
-        raise DataError(f"{root}: no train/ folder (expected {root}/train/CLASS/images)")
-    tr = scan_labelled(root / "train")
-    classes = tr.classes
-    pos = _positive_index(cfg, classes)
-    if cfg.class_weights not in ("auto", "none"):
-        try:
-            class_weights(None, len(classes), cfg.class_weights)
-        except ValueError as exc:
-            raise UsageError(f"{exc} (the data has classes {', '.join(classes)})") from None
-    train_s, val, test, split = _split(cfg, root, tr, classes)
-    workers = max(2, cfg.workers)
-    named = [(n, s) for n, s in (("train", train_s), ("val", val), ("test", test)) if s]
-    if cfg.no_cache:
-        log(f"decoding {len(train_s) + len(val) + len(test)} images at {cfg.image_size} px "
-            "into memory (--no-cache) ...")
-        parts = {name: preload(samples, cfg.image_size, workers=workers)
-                 for name, samples in named}
-    else:
-        parts = _from_cache(cfg, named, workers, d)
-    for name in ("train", "val"):
-        counts = np.bincount(parts[name][1], minlength=len(classes))
-        if counts.min() == 0:
-            raise DataError(f"{root}: the {name} set has no readable images of class "
-                            f"{classes[int(counts.argmin())]}")
-    skipped = [p for part in parts.values() for p in part[2]]
-    split["val_files"] = sorted(os.path.relpath(p, root) for p, _ in val)
-    split["test_files"] = sorted(os.path.relpath(p, root) for p, _ in test)
-    counts = {name: dict(zip(classes, np.bincount(part[1], minlength=len(classes)).tolist()))
-              for name, part in parts.items()}
-    if cfg.no_cache:
-        shifted, which = shifted_set(parts["val"][0], cfg.seed)
-    else:
-        shifted, which = _shifted_from_cache(cfg, val, parts["val"][0], d)
-    return {"classes": classes, "pos": pos, "split": split,
-            "train": parts["train"][:2], "val": parts["val"][:2],
-            "shifted": (shifted, parts["val"][1]), "shifted_which": which,
-            "test": parts["test"][:2] if "test" in parts else None,
-            "data_info": {**{f"{k}_counts": v for k, v in counts.items()},
-                          "skipped_unreadable": len(skipped), "skipped_files": skipped[:100]}}
-
-
-def cache_dir(cfg) -> Path:
-    from pneumo_edge.train.cache import default_dir
-
-    return Path(cfg.cache) if cfg.cache else default_dir(cfg.out)
-
-
-def _from_cache(cfg, named, workers, d) -> dict:
-    """Each part from the on-disk pixel cache: rank 0 decodes what is missing (the other
-    ranks wait), then every rank reads the same files."""
-    from pneumo_edge.train import cache
-
-    where = cache_dir(cfg)
-    parts = {}
-    if d.is_main:
-        try:
-            for name, samples in named:
-                px, labels, skipped, built = cache.cached_part(
-                    where, name, samples, cfg.image_size, workers=workers, log=log)
-                log(f"pixel cache {where}: {name} {len(labels)} images "
-                    + ("decoded and stored" if built else "reused"))
-                parts[name] = (px, labels, skipped)
-        except OSError as exc:
-            raise DataError(f"{where}: cannot use the pixel cache ({exc}); choose another "
-                            "folder with --cache DIR or train with --no-cache") from None
-    dist_.barrier(d, "waiting for rank 0 to build the pixel cache")
-    if not d.is_main:
-        try:
-            for name, samples in named:
-                px, labels, skipped, _ = cache.cached_part(where, name, samples,
-                                                           cfg.image_size, build_it=False)
-                parts[name] = (px, labels, skipped)
-        except OSError as exc:
-            raise DataError(f"rank {d.rank}: {exc}") from None
-    return parts
-
-
-def _shifted_from_cache(cfg, val, val_pixels, d):
-    from pneumo_edge.train import cache
-
-    where = cache_dir(cfg)
-    key = cache.cache_key(val, cfg.image_size)
-    out = cache.cached_shifted(where, key, val_pixels, cfg.seed) if d.is_main else None
-    dist_.barrier(d, "waiting for rank 0 to build the shifted validation set")
-    if not d.is_main:
-        out = cache.cached_shifted(where, key, val_pixels, cfg.seed, build_it=False)
-    return out
-
-
-def _positive_index(cfg, classes) -> int:
-    if cfg.positive_class:
-        if cfg.positive_class not in classes:
-            raise UsageError(f"--positive-class {cfg.positive_class} is not one of {classes}")
-        return classes.index(cfg.positive_class)
-    return classes.index("PNEUMONIA") if "PNEUMONIA" in classes else len(classes) - 1
-
-
-def _split(cfg, root, tr, classes):
-    """(train, val, test samples, split info). DATA/val and DATA/test are used when present;
-    what is missing is split off train, grouped by patient and stratified by class."""
-    has_val, has_test = (root / "val").is_dir(), (root / "test").is_dir()
-    val = scan_labelled(root / "val", classes).samples if has_val else []
-    test = scan_labelled(root / "test", classes).samples if has_test else []
-    if has_val and has_test:
-        return tr.samples, val, test, {"method": "folders", "data": str(root.resolve())}
-    sp = grouped_stratified_split(tr.samples, 0.0 if has_val else cfg.val_fraction, cfg.seed,
-                                  0.0 if has_test else cfg.test_fraction)
-    info = {**sp.info, "data": str(root.resolve()),
-            "val_source": "folder" if has_val else "split",
-            "test_source": "folder" if has_test else ("split" if sp.test else "none")}
-    return sp.train, val if has_val else sp.val, test if has_test else sp.test, info
 
 
 def _dataset(pixels, labels, augment=None):

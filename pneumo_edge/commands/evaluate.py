@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,33 +11,11 @@ from pneumo_edge.errors import DataError, PneumoError
 from pneumo_edge.evaluation import stats
 from pneumo_edge.evaluation.metrics import METRIC_KEYS, binary_metrics
 from pneumo_edge.inputs.folders import scan_labelled
-from pneumo_edge.inputs.images import ImageError, load_image
+from pneumo_edge.inputs.pipeline import decode_labelled, predict
 
 RESAMPLES = stats.RESAMPLES
 GALLERY = 4  # most confident false negatives and false positives shown
 TABLE_THRESHOLDS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
-
-
-def decode_labelled(samples, size: int, workers: int = 4):
-    """(pixels [N,1,S,S] uint8, labels [N], failed [ImageError]) for (path, label) samples."""
-
-    def one(item):
-        try:
-            return load_image(item[0], size)
-        except ImageError as exc:
-            return exc
-
-    with ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(one, samples))
-    ok = [(r, s[1]) for r, s in zip(results, samples) if not isinstance(r, ImageError)]
-    failed = [r for r in results if isinstance(r, ImageError)]
-    px = np.stack([o[0] for o in ok]) if ok else np.zeros((0, 1, size, size), np.uint8)
-    return px, np.array([o[1] for o in ok], dtype=np.int64), failed
-
-
-def predict(runtime, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
-    out = [runtime(pixels[i:i + batch]) for i in range(0, len(pixels), batch)]
-    return np.concatenate(out) if out else np.zeros((0, len(runtime.card.classes)), np.float32)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Decode files in parallel with inference: a bounded, in-order stream of batches.
+"""Decode files in parallel with inference: a bounded, in-order stream of batches for scoring,
+and the labelled decoding and prediction that eval, training, calibration and parity share.
 
 Decoding runs on a small thread pool (Pillow releases the GIL while it decodes and resizes);
 the caller runs the model on the batches it pulls. At most ``ahead + 1`` batches of files are
@@ -105,3 +106,21 @@ def _assemble(start: int, files: Sequence[str], results, size: int) -> Batch:
     errors = {j: r[1] for j, r in enumerate(results) if r[0] is None}
     return Batch(start, list(files[start:start + len(results)]), pixels, ok, errors,
                  sum(r[2] for r in results))
+
+
+def decode_labelled(samples, size: int, workers: int = 4):
+    """(pixels [N,1,S,S] uint8, labels [N], failed [ImageError]) for ``(path, label)`` samples,
+    all in memory: the labelled decoding of eval, training, INT8 calibration and parity. A file
+    that cannot be decoded is left out and named in ``failed`` (:func:`decode_one`'s reason)."""
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="decode") as pool:
+        results = list(pool.map(lambda s: decode_one(s[0], size)[:2], samples))
+    ok = [(px, s[1]) for (px, _), s in zip(results, samples) if px is not None]
+    failed = [ImageError(s[0], err) for (px, err), s in zip(results, samples) if px is None]
+    pixels = np.stack([o[0] for o in ok]) if ok else np.zeros((0, 1, size, size), np.uint8)
+    return pixels, np.array([o[1] for o in ok], dtype=np.int64), failed
+
+
+def predict(runtime, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
+    """``runtime``'s probabilities [N, C] for ``pixels``, ``batch`` images at a time."""
+    out = [runtime(pixels[i:i + batch]) for i in range(0, len(pixels), batch)]
+    return np.concatenate(out) if out else np.zeros((0, len(runtime.card.classes)), np.float32)
