@@ -118,9 +118,9 @@ def test_training_from_the_cache_equals_training_from_memory(tmp_path, capfd):
         assert [r[k] for r in a["history"]] == [r[k] for r in b["history"]], k
     assert a["threshold"] == b["threshold"] and a["test"] == b["test"]
     capfd.readouterr()
-    from pneumo_edge.train.loop import _load_data
+    from pneumo_edge.train.data import load_data
 
-    again = _load_data(TrainConfig(out=str(tmp_path / "cached"), **common))
+    again = load_data(TrainConfig(out=str(tmp_path / "cached"), **common))
     err = capfd.readouterr().err
     assert ": train 12 images reused" in err and "decoded and stored" not in err
     assert isinstance(again["train"][0], cache.PixelFile)
@@ -174,3 +174,33 @@ def test_the_key_follows_the_preprocessing_code_and_decoders(samples, monkeypatc
     monkeypatch.setattr(metadata, "version",
                         lambda pkg: "0.0-other" if pkg == "pillow" else version(pkg))
     assert cache.cache_key(samples, 48) != base
+
+
+def test_files_skipped_when_built_are_retried_and_rebuild_once_readable(samples, tmp_path):
+    """Issue 19: two files unreadable when the cache was built and readable again (same size
+    and mtime, so the same key) are not left out silently: the entry is rebuilt, saying so."""
+    where = tmp_path / "cache"
+    broken = sorted([samples[1][0], samples[6][0]])
+    saved = {p: (Path(p).read_bytes(), os.stat(p)) for p in broken}
+    for p, (data, st) in saved.items():  # a faulty read: garbage of the same size and mtime
+        Path(p).write_bytes(b"\0" * len(data))
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    key = cache.cache_key(samples, 48)
+    logs = []
+    _, labels, skipped, built = cache.cached_part(where, "train", samples, 48, log=logs.append)
+    assert built and sorted(skipped) == broken and len(labels) == len(samples) - 2
+    logs.clear()  # still unreadable: reused, and each file is named again
+    _, _, skipped, built = cache.cached_part(where, "train", samples, 48, log=logs.append)
+    assert not built and sorted(skipped) == broken
+    assert sorted(m.split("skipping ")[1].split(":")[0] for m in logs) == broken
+    for p, (data, st) in saved.items():
+        Path(p).write_bytes(data)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cache.cache_key(samples, 48) == key
+    logs.clear()
+    px, labels, skipped, built = cache.cached_part(where, "train", samples, 48, log=logs.append)
+    assert built and skipped == [] and labels.tolist() == [y for _, y in samples]
+    assert np.array_equal(np.asarray(px), expected(samples, 48))
+    assert any("2 of the 2 train files" in m and "rebuilding" in m for m in logs)
+    logs.clear()  # and the rebuilt entry is reused as usual
+    assert not cache.cached_part(where, "train", samples, 48, log=logs.append)[3] and not logs

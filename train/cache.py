@@ -5,12 +5,14 @@ Each part (train, val, test, the shifted validation) is one flat file of uint8 p
 ``[N, 1, S, S]`` (``PART-KEY.u8``) plus an index (``PART-KEY.json``: labels, skipped files).
 KEY is a sha256 of everything the pixels depend on: the file list with each file's label, size
 and modification time, the image size, :data:`PREPROCESS_VERSION`, the source of the one
-preprocessing (pneumo_edge/inputs/images.py and pneumo_edge/inputs/dicom.py) and the versions of the decoders
-(Pillow, numpy, pydicom and its JPEG plugins). A changed file or setting gives a
-new key, hence a rebuild; a file whose index is missing, unreadable or does not match its size
-is rebuilt too. Files are written to a temporary name and renamed; the index is written last,
-so a half-built cache is never used. A new entry removes the one it supersedes (same part, file
-list and image size, older key); nothing else in the folder is touched.
+preprocessing (pneumo_edge/inputs/images.py and pneumo_edge/inputs/dicom.py) and the versions
+of the decoders (Pillow, numpy, pydicom and its JPEG plugins). A changed file or setting gives
+a new key, hence a rebuild; a file whose index is missing, unreadable or does not match its
+size is rebuilt too. Files are written to a temporary name and renamed; the index is written
+last, so a half-built cache is never used. An entry built without some files (unreadable then)
+is reused only while they still cannot be decoded: each reuse decodes them again, and rebuilds,
+saying so, when one of them decodes now. A new entry removes the one it supersedes (same part,
+file list and image size, older key); nothing else in the folder is touched.
 
 Reading goes through :class:`PixelFile` with ``os.pread`` (no memory map): a training
 process holds one batch of pixels, not the dataset, however large the cache is (page cache is
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumo_edge.atomic import write_atomic, write_bytes_atomic, write_json_atomic
-from pneumo_edge.commands.evaluate import decode_labelled
+from pneumo_edge.inputs.pipeline import decode_labelled
 from pneumo_edge.model import modeldir
 
 #: bump when what the cache stores changes meaning (layout, preprocessing call, shift set)
@@ -262,10 +264,13 @@ def build_array(cache_dir, part: str, key: str, pixels: np.ndarray, meta: dict):
 def cached_part(cache_dir, part: str, samples, size: int, *, workers=2, build_it=True,
                 log=None):
     """(PixelFile, labels int64, skipped paths, built?) for ``samples``: from the cache when its
-    key matches, else decoded into it (``build_it``: only rank 0 builds; the others must find
-    it complete)."""
+    key matches and every file it skipped still cannot be decoded, else decoded into it
+    (``build_it``: only rank 0 builds and re-checks; the others must find it complete)."""
     key = cache_key(samples, size)
     hit = lookup(cache_dir, part, key, size)
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    if hit is not None and build_it and hit[1].get("skipped"):
+        hit = None if _skipped_decode_now(cache_dir, part, hit[1], size, workers, log) else hit
     built = False
     if hit is None:
         if not build_it:
@@ -275,6 +280,25 @@ def cached_part(cache_dir, part: str, samples, size: int, *, workers=2, build_it
         built = True
     px, meta = hit
     return px, np.asarray(meta["labels"], np.int64), list(meta["skipped"]), built
+
+
+def _skipped_decode_now(cache_dir, part: str, meta: dict, size: int, workers: int,
+                        log) -> bool:
+    """Decode again the files the entry was built without (a file's size and mtime do not
+    change when it becomes readable again: a permission, a disk or a network mount coming
+    back). True, said loudly, when one of them decodes now: the entry must be rebuilt, or they
+    would be left out silently. Otherwise each is named as skipped, as a fresh decode would."""
+    skipped = list(meta["skipped"])
+    _, _, failed = decode_labelled([(p, 0) for p in skipped], size, workers=max(1, workers))
+    back = len(skipped) - len(failed)
+    if back:
+        log(f"warning: pixel cache {cache_dir}: {back} of the {len(skipped)} {part} files "
+            "that could not be decoded when its entry was built decode now; rebuilding it so "
+            "that they are trained on")
+        return True
+    for exc in failed:
+        log(f"warning: skipping {exc}")
+    return False
 
 
 def cached_shifted(cache_dir, val_key_source, val_pixels, seed: int, *, build_it=True):
