@@ -11,8 +11,13 @@ exits 2).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from pneumo_edge.export.onnx import DEFAULT_OPSET, export_onnx
@@ -24,7 +29,12 @@ from pneumo_edge.export.parity import (
     smallest_passing,
     suggestion,
 )
-from pneumo_edge.export.quantize import QuantOptions, calibration_pixels, quantize_int8
+from pneumo_edge.export.quantize import (
+    WORK_PREFIX,
+    QuantOptions,
+    calibration_pixels,
+    quantize_int8,
+)
 from pneumo_edge.export.report import format_table, write_report
 from pneumo_edge.export.tensorrt import BuildOptions, build_engine, trt_missing
 
@@ -36,13 +46,78 @@ def _err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM (kill, a scheduler's stop) ends the export like Ctrl-C, with KeyboardInterrupt,
+    so that every ``finally`` runs and no temporary file stays behind (Python's default for
+    SIGTERM is to die on the spot). Main thread only; the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
+
+
+#: hidden names only an export writes in a model directory, each with the writer's process id:
+#: INT8's working folder, the ONNX exporter's scratch file, the write probe, and quantization's
+#: two intermediate files of the versions before the working folder
+STALE = re.compile(re.escape(WORK_PREFIX) + r"(?P<a>\d+)\..+"
+                   r"|\.model(?:\.fp16)?\.onnx\.export(?P<b>\d+)"
+                   r"|\.export-write-test(?P<c>\d+)"
+                   r"|\.model\.int8\.onnx\.(?:pre|q)(?P<d>\d+)\.onnx")
+
+
+def remove_stale(run: Path, log=None) -> list[str]:
+    """Remove what an export killed before its clean-up (SIGKILL, power loss) left in ``run``:
+    names matching :data:`STALE` whose process is gone. Nothing else is touched, nor the
+    files of an export still running. Returns the names removed, each said on stderr."""
+    log = log or _warn
+    removed = []
+    for entry in sorted(os.scandir(run), key=lambda e: e.name):
+        m = STALE.fullmatch(entry.name)
+        if m is None or _alive(int(next(g for g in m.groups() if g))):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError as exc:
+            log(f"{entry.path}: cannot remove this leftover of an interrupted export "
+                f"({exc.strerror or exc})")
+            continue
+        removed.append(entry.name)
+        log(f"removed {entry.path}: temporary files of an interrupted export")
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@sigterm_interrupts()
 def run_export(run_dir, *, trt: bool = False, parity_data=None, build: BuildOptions | None = None,
                opset: int = DEFAULT_OPSET, tolerances: dict | None = None,
                skip_parity: bool = False, int8: bool = True, quant: QuantOptions | None = None,
                allow_int8_fail: bool = False) -> int:
-    """Export the model in ``run_dir`` and check parity; returns the exit code (0, 1 or 2)."""
+    """Export the model in ``run_dir`` and check parity; returns the exit code (0, 1 or 2).
+    Leftovers of an interrupted export are removed first; SIGTERM ends it like Ctrl-C."""
     run = Path(run_dir)
     check_run_dir(run)
+    remove_stale(run)
     model, card, weights_sha256 = load_checkpoint(run)
     build = build or BuildOptions()
     quant = quant or QuantOptions()

@@ -12,24 +12,26 @@ The recipe (each choice measured on the default-recipe ResNet50; figures in expo
   dequantized before the classifier, so the logits and probabilities a clinician reads are
   computed in float from int8 features, never rounded to an 8-bit grid.
 - Calibration images come from the training split recorded in the card, never from the
-  validation images parity runs on, are decoded by pneumo_edge.inputs.images (the one preprocessing),
-  and are sampled class-balanced (both classes represented however unbalanced the split is),
-  deterministically under the card's seed.
+  validation images parity runs on, are decoded by pneumo_edge.inputs.images (the one
+  preprocessing), and are sampled class-balanced (both classes represented however unbalanced
+  the split is), deterministically under the card's seed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pneumo_edge.commands.evaluate import decode_labelled
 from pneumo_edge.errors import DataError, ModelError
 from pneumo_edge.inputs.folders import scan_labelled
+from pneumo_edge.inputs.pipeline import decode_labelled
 from pneumo_edge.model import modeldir
 from pneumo_edge.model.card import Card
 
@@ -39,6 +41,8 @@ CALIB_METHODS = ("minmax", "percentile", "entropy")
 #: ops that stay float at the graph's end: the classifier (2048 x classes multiply-adds, no
 #: measurable cost) and the softmax, so the logits are never rounded to an 8-bit grid
 FLOAT_TAIL_OPS = ("Gemm", "MatMul", "Softmax")
+#: the hidden working folder quantization writes in, beside the output: WORK_PREFIX + pid + "."
+WORK_PREFIX = ".int8-work."
 
 
 @dataclass
@@ -149,7 +153,9 @@ class _Batches:
 def quantize_int8(fp32_path, out_path, card: Card, pixels: np.ndarray, *,
                   weights_sha256: str, opts: QuantOptions) -> Path:
     """Quantize the exported ``fp32_path`` with calibration ``pixels``; write ``out_path``
-    atomically with the card in its metadata."""
+    atomically with the card in its metadata. The intermediate models (as large as the fp32
+    model) live in a hidden working folder beside ``out_path``, removed however this ends;
+    one a killed process left is removed by the next export (:func:`export.main.remove_stale`)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -161,8 +167,8 @@ def quantize_int8(fp32_path, out_path, card: Card, pixels: np.ndarray, *,
     from pneumo_edge.export.onnx import INPUT_NAME, add_card, check_onnx
 
     out_path = Path(out_path)
-    pre = out_path.with_name(f".{out_path.name}.pre{os.getpid()}.onnx")
-    raw = out_path.with_name(f".{out_path.name}.q{os.getpid()}.onnx")
+    work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}.", dir=out_path.parent))
+    pre, raw = work / "pre.onnx", work / "quantized.onnx"
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[opts.method]
     try:
@@ -182,9 +188,8 @@ def quantize_int8(fp32_path, out_path, card: Card, pixels: np.ndarray, *,
     except Exception as exc:  # the quantization tools raise many types; say it in one line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"{out_path}: INT8 quantization failed: {first[:200]}") from None
-    finally:
-        for p in (pre, raw):
-            p.unlink(missing_ok=True)
+    finally:  # Ctrl-C and SIGTERM too (export turns SIGTERM into KeyboardInterrupt)
+        shutil.rmtree(work, ignore_errors=True)
     add_card(proto, card, weights_sha256)
     check_onnx(proto, card, half=False, shown=out_path)
     return modeldir.write_bytes_atomic(out_path, proto.SerializeToString())

@@ -70,8 +70,8 @@ def test_fp16_graph_computes_in_fp16(tiny_exported):
 
 @pytest.mark.parametrize("name,tol", [("model.onnx", 1e-4), ("model.fp16.onnx", 1e-2)])
 def test_probabilities_match_torch(tiny_exported, tiny_labelled, name, tol):
-    from pneumo_edge.commands.evaluate import decode_labelled
     from pneumo_edge.inputs.folders import scan_labelled
+    from pneumo_edge.inputs.pipeline import decode_labelled
     from pneumo_edge.runtimes.torch_rt import TorchRuntime
 
     card = Card.load(tiny_exported)
@@ -214,3 +214,74 @@ def test_flip_tta_model_exports_with_the_uint8_input_feeding_only_a_cast(tmp_pat
         one_sided = torch.softmax(net.backbone(net.normalise(torch.from_numpy(x))), 1).numpy()
     assert np.abs(got - want).max() < (2e-3 if half else 1e-5)
     assert np.abs(want - one_sided).max() > 1e-4  # the mirror really is averaged in
+
+
+def _hidden(run) -> set:
+    import os
+
+    return {n for n in os.listdir(run) if n.startswith(".")}
+
+
+def test_sigterm_during_int8_quantization_leaves_no_temporary_files(copy_run):
+    """Issue 19: a SIGTERM while the INT8 model is being quantized (a real signal to a real
+    export) ends the export with its hidden intermediate files (tens of MB for a ResNet50)
+    removed; the model directory holds what it held before, plus finished files only."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = copy_run()
+    before = _hidden(run)
+    proc = subprocess.Popen([sys.executable, "-m", "pneumo_edge", "export", str(run),
+                             "--skip-parity"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    seen = set()
+    while proc.poll() is None and not seen:
+        seen = {n for n in _hidden(run) - before if "int8" in n}
+        time.sleep(0.002)
+    assert seen, "the export ended before its INT8 quantization files were seen"
+    os.kill(proc.pid, signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert _hidden(run) == before
+    assert not (run / "model.int8.onnx").exists()
+
+
+def test_export_and_train_force_remove_only_stale_export_leftovers(tmp_path):
+    """Leftovers of an export killed before its clean-up (its process gone) are removed by the
+    next export and by train --force; other hidden files, and those of a running export, stay."""
+    import os
+    import subprocess
+    import sys
+
+    from pneumo_edge.train.config import TrainConfig
+    from pneumo_edge.train.rundir import prepare_out
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = [f".int8-work.{dead}.k2j4", f".model.int8.onnx.pre{dead}.onnx",
+             f".model.int8.onnx.q{dead}.onnx", f".model.onnx.export{dead}"]
+    kept = [f".int8-work.{os.getpid()}.x1", ".notes", f".model.int8.onnx.pre{dead}.onnx.mine",
+            f"model.int8.onnx.pre{dead}.onnx", ".int8-work.x.y"]
+
+    def litter(d):
+        d.mkdir(exist_ok=True)
+        for name in stale + kept:
+            if name.startswith(".int8-work."):
+                (d / name).mkdir()
+                (d / name / "pre.onnx").write_bytes(b"x" * 1000)
+            else:
+                (d / name).write_bytes(b"x")
+        return d
+
+    empty = litter(tmp_path / "no-model")  # export fails (no model.pt) after the clean-up
+    with pytest.raises(ModelError):
+        run_export(empty)
+    assert sorted(p.name for p in empty.iterdir()) == sorted(kept)
+    out = litter(tmp_path / "run")
+    (out / "model.pt").write_bytes(b"an earlier run's")
+    prepare_out(out, TrainConfig(data=str(tmp_path), out=str(out), force=True))
+    assert sorted(p.name for p in out.iterdir()) == sorted(kept)
+

@@ -45,7 +45,8 @@ def check_out(out: Path, cfg: TrainConfig) -> None:
 
 def prepare_out(out: Path, cfg: TrainConfig) -> None:
     """Create --out; with --force, remove only the files an earlier training run wrote there
-    (and that model's exports). Runs after every option, the device and the data are checked."""
+    (and that model's exports, and an interrupted export's temporary files). Runs after every
+    option, the device and the data are checked."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.force and not cfg.resume:
@@ -54,6 +55,9 @@ def prepare_out(out: Path, cfg: TrainConfig) -> None:
                 p = out / name
                 if p.is_file() or p.is_symlink():
                     p.unlink()
+            from pneumo_edge.export.main import remove_stale
+
+            remove_stale(out)  # what an export killed mid-way left (hidden temporary files)
     except OSError as exc:
         raise PneumoError(f"{out}: cannot write there ({exc.strerror or exc})") from None
 
