@@ -1,5 +1,6 @@
-"""DICOM decode speed: images/s through the one preprocessing (``pneumo_edge.inputs.images.load_image``:
-header checks, decode, Modality/VOI LUT, 8-bit, resize) per transfer syntax.
+"""DICOM decode speed: images/s through the one preprocessing
+(``pneumo_edge.inputs.images.load_image``: header checks, decode, Modality/VOI LUT, 8-bit,
+resize) per transfer syntax.
 
 Files are clinical-size CR-like images made from real X-rays of the bundled samples: upscaled
 (bicubic) to 1300 x 1700 (2.2 MP), 12 bits stored in 16, with mild grain so compression ratios
@@ -17,23 +18,21 @@ Prints a markdown table with the machine and the load average before and after.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import SAMPLES, machine, write_dicom
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "samples" / "chest_xray" / "train"
 ROWS, COLS = 1700, 1300
 
 
 def pictures(count: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    files = sorted(SAMPLES.rglob("*.jpeg"))[:count]
+    files = sorted((SAMPLES / "train").rglob("*.jpeg"))[:count]
     out = []
     for f in files:
         with Image.open(f) as im:
@@ -41,51 +40,6 @@ def pictures(count: int, seed: int = 0) -> list[np.ndarray]:
         arr = np.asarray(big, np.float32) * 16 + rng.normal(0, 24, (ROWS, COLS))
         out.append(np.clip(np.rint(arr), 0, 4095).astype(np.uint16))
     return out
-
-
-def write_dicom(path: Path, v: np.ndarray, syntax) -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.BodyPartExamined = "CR", "CHEST"
-    ds.Rows, ds.Columns = v.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = v.tobytes()
-    if syntax == "jpeg-lossless":
-        ds.save_as(path, enforce_file_format=True)
-        return _gdcm_jpeg_lossless(path)
-    if syntax is not None:
-        from pydicom.uid import JPEG2000
-
-        kw = {"j2k_cr": [10]} if syntax == JPEG2000 else {}
-        ds.compress(syntax, v, **kw)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def _gdcm_jpeg_lossless(path: Path) -> Path:
-    import gdcm
-
-    r = gdcm.ImageReader()
-    r.SetFileName(str(path))
-    r.Read()
-    c = gdcm.ImageChangeTransferSyntax()
-    c.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
-    c.SetInput(r.GetImage())
-    c.Change()
-    w = gdcm.ImageWriter()
-    w.SetFileName(str(path))
-    w.SetFile(r.GetFile())
-    w.SetImage(c.GetOutput())
-    w.Write()
-    return path
 
 
 def syntaxes():
@@ -146,24 +100,15 @@ def main() -> None:
             rows.append((name, rate(files, a.size, a.threads),
                          sum(p.stat().st_size for p in files) / len(files)))
     load1 = Path("/proc/loadavg").read_text().split()[:3]
-    print(f"machine: {platform.processor() or platform.machine()}, {_cpu()}, "
-          f"{os.cpu_count()} logical CPUs; python {platform.python_version()}")
+    m = machine()
+    print(f"machine: {platform.machine()}, {m['cpu']}, {m['cores']} logical CPUs; "
+          f"python {m['python']}")
     print(f"{a.count} images of {COLS}x{ROWS} (12 bits stored), to {a.size}x{a.size}, "
           f"{a.threads} thread(s); load average before {' '.join(load0)}, "
           f"after {' '.join(load1)}")
     print("\n| transfer syntax | images/s | MB per file |\n|---|---|---|")
     for name, r, size in rows:
         print(f"| {name} | {r:.1f} | {size / 1e6:.2f} |")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ eighth of the image, moved by half a patch) plus once unoccluded, in batches of 
 so its cost is about 226 single-image inferences. Each image is timed end to end (the map only:
 decoding and the picture are not included), after one untimed warm-up image.
 
-    .venv/bin/python benchmarks/explain_cost.py --model runs/final --data samples/chest_xray/train --limit 4
+    .venv/bin/python benchmarks/explain_cost.py --model runs/final \
+        --data samples/chest_xray/train --limit 4
 
 Prints a JSON object with the machine (CPU, cores, load average before and after) next to the
 figures. On a shared machine the figures are high: say so when quoting them.

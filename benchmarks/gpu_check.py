@@ -36,12 +36,8 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+from common import REPO, SAMPLES, make_model_dir, write_labelled
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))  # run_all.make_model_dir
-sys.path.insert(0, str(REPO / "tests"))  # conftest.write_labelled: the tiny synthetic data
-SAMPLES = REPO / "samples" / "chest_xray"
 BATCHES = (1, 8, 32, 128)
 
 
@@ -123,7 +119,6 @@ def _version(dist: str):
 # ----------------------------------------------------------------------------- train, export
 
 def train_tiny(work: Path, dev: str, dry: bool) -> dict:
-    from conftest import write_labelled
     from pneumo_edge.train.loop import TrainConfig, train
 
     from pneumo_edge.model.card import Card
@@ -329,8 +324,6 @@ def run_pytest(timeout: float) -> dict:
 # ----------------------------------------------------------------------------- benchmarks
 
 def bench_torch(work: Path, dev: str, arch: str, size: int, batches, iters: int) -> dict:
-    from run_all import make_model_dir
-
     from pneumo_edge.commands.bench import bench_runtime
     from pneumo_edge.runtimes.torch_rt import TorchRuntime
 

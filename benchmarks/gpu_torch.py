@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import make_model_dir
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 
 def _sync(dev):
@@ -138,8 +138,6 @@ def run(args) -> dict:
     if args.model:
         model_dir = Path(args.model)
     else:
-        from run_all import make_model_dir
-
         tmp = tempfile.TemporaryDirectory(prefix="gpu_torch_")
         model_dir = make_model_dir(Path(tmp.name) / "model", args.arch, args.image_size,
                                    export=False)

@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/ray_vs_local.py [--model demo-out/r18] [--data FOLDER]
         [--images 480] [--runtime onnx] [--batch 32] [--rounds 2]
 
-Both run pneumo_edge.commands.score.run_score on the same files with -o (the CLI's code path), in this
-process, alternating. The Ray figure is measured on an already started local Ray instance
+Both run pneumo_edge.commands.score.run_score on the same files with -o (the CLI's code path),
+in this process, alternating. The Ray figure is measured on an already started local Ray instance
 (``ray.init(num_cpus=<cores>)``, started once and not timed: its start-up is printed
 separately), so it shows Ray Data's per-run overhead (planning, actor start and model load,
 moving pixels through the object store, ordered collection), not the cluster start. On one

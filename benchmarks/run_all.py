@@ -33,142 +33,24 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from common import (
+    HERE,
+    OtherWork,
+    busy,
+    commands,
+    log,
+    make_model_dir,
+    model_dir_ok,
+    wait_quiet,
+)
+from common import REPO as ROOT
+
 RESULTS = HERE / "RESULTS.md"
 SCORE_MD = HERE / "score_vs_baseline.md"
-BUSY_PATTERNS = ("pneumo-edge train", "score_vs_baseline")
+ME = ("run_all.py",)  # this script's own command line (and a shell that started it)
 TITLE = "# Benchmark results"
 #: Above this share of the machine's CPU used by other processes, the figures are marked.
 OTHER_MAX = 0.05
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def make_model_dir(out, arch: str = "resnet50", size: int = 224, *, export: bool = True,
-                   seed: int = 0) -> Path:
-    """A model directory with random weights (for speed only) and, with ``export``, its
-    model.onnx and model.fp16.onnx from the export code."""
-    import torch
-    from pneumo_edge.train.checkpoint import save_model
-
-    from pneumo_edge.model.card import Card
-    from pneumo_edge.model.net import build_model
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = build_model(arch, 2, "none").eval()
-    card = Card(classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", image_size=size,
-                threshold=0.5, arch=arch,
-                train_config={"note": "random weights, built by benchmarks/run_all.py for "
-                                      "speed measurements only; not a trained model"})
-    save_model(out, model, card)
-    card.save(out)
-    if export:
-        from pneumo_edge.export.main import run_export
-
-        code = run_export(out, skip_parity=True)
-        if code != 0:
-            raise SystemExit(f"export of the benchmark model failed (exit {code})")
-    return out
-
-
-def _model_ok(d: Path, arch: str, size: int) -> bool:
-    try:
-        card = json.loads((d / "card.json").read_text())
-    except (OSError, ValueError):
-        return False
-    files = [d / f for f in ("model.pt", "model.onnx", "model.fp16.onnx")]
-    return (card.get("arch"), card.get("image_size")) == (arch, size) and \
-        all(f.exists() for f in files) and \
-        min(f.stat().st_mtime for f in files[1:]) >= files[0].stat().st_mtime
-
-
-def busy() -> list[str]:
-    """Command lines of other processes that would disturb the figures."""
-    found = []
-    for pat in BUSY_PATTERNS:
-        r = subprocess.run(["pgrep", "-af", pat], capture_output=True, text=True)
-        for line in r.stdout.splitlines():
-            pid, _, cmd = line.partition(" ")
-            if int(pid) != os.getpid() and "run_all.py" not in cmd and "pgrep" not in cmd:
-                found.append(line)
-    return found
-
-
-def _commands(lines: list[str]) -> list[str]:
-    """Distinct command lines (a training run shows up once per worker process)."""
-    return list(dict.fromkeys(line.partition(" ")[2] for line in lines))
-
-
-def proc_stat():
-    """(total, idle + iowait) CPU ticks of the whole machine from /proc/stat; None where absent."""
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)
-
-
-def cpu_busy(seconds: float = 3.0) -> float:
-    """Share of all CPU time spent busy over ``seconds`` (from /proc/stat; 0 where absent):
-    catches other work that the name patterns do not (someone's test run, a script)."""
-    a = proc_stat()
-    time.sleep(seconds)
-    b = proc_stat()
-    if not a or not b or b[0] == a[0]:
-        return 0.0
-    return 1.0 - (b[1] - a[1]) / (b[0] - a[0])
-
-
-class OtherWork:
-    """How much CPU other processes used while we measured: all busy CPU time on the machine
-    (/proc/stat) minus what this script and its finished subprocesses used (getrusage)."""
-
-    def __init__(self):
-        import resource
-
-        self._res = resource
-        self.t0 = time.perf_counter()
-        self.stat0 = self._stat()
-        self.ours0 = self._ours()
-
-    @staticmethod
-    def _stat():
-        ticks = proc_stat()
-        return None if ticks is None else (ticks[0] - ticks[1]) / os.sysconf("SC_CLK_TCK")
-
-    def _ours(self):
-        r = self._res
-        a, b = r.getrusage(r.RUSAGE_SELF), r.getrusage(r.RUSAGE_CHILDREN)
-        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
-
-    def share(self) -> float | None:
-        """Other processes' CPU seconds / (wall seconds x cores) since construction."""
-        stat1 = self._stat()
-        if self.stat0 is None or stat1 is None:
-            return None
-        wall = time.perf_counter() - self.t0
-        others = (stat1 - self.stat0) - (self._ours() - self.ours0)
-        return max(0.0, others) / (wall * (os.cpu_count() or 1))
-
-
-def wait_quiet(minutes: float, poll_s: float = 30.0, max_busy: float = 0.25) -> list[str]:
-    deadline = time.time() + minutes * 60
-    while True:
-        b = busy()
-        share = cpu_busy()
-        if share > max_busy:
-            b.append(f"0 (CPU {share:.0%} busy with other work)")
-        if not b or time.time() >= deadline:
-            return b
-        log(f"waiting for a quiet machine ({len(b)} busy process(es), e.g. {b[0][:100]}); "
-            f"{(deadline - time.time()) / 60:.0f} min left")
-        time.sleep(poll_s)
 
 
 def run_json(cmd: list[str], timeout: float | None = None) -> dict:
@@ -186,7 +68,6 @@ def default_data(count: int) -> tuple[str, dict | None]:
     src = ROOT.parent / "shared" / "data" / "chest_xray" / "train"
     if not src.is_dir():
         return str(ROOT / "samples" / "chest_xray"), None
-    sys.path.insert(0, str(HERE))
     import clinical_images
 
     folder = Path(tempfile.gettempdir()) / "pneumo_edge_bench" / f"images_{count}"
@@ -220,7 +101,7 @@ def header_md(bench: dict, busy_now: list[str], quick: bool) -> str:
     ]
     if busy_now:
         lines += ["", "**Warning: other work was running during this run; the figures are "
-                      "disturbed:** " + "; ".join(f"`{c[:100]}`" for c in _commands(busy_now))]
+                      "disturbed:** " + "; ".join(f"`{c[:100]}`" for c in commands(busy_now))]
     if quick:
         lines += ["", "**Quick mode (`--quick`): few iterations, for checking the scripts; "
                       "not figures to quote.**"]
@@ -267,9 +148,9 @@ def bench_md(bench: dict) -> str:
              if (d := bench.get("data_description")) else "")
             + "decode = scoring's decoder alone (`pneumo_edge.inputs.pipeline.decode_batches` -> "
             "`pneumo_edge.inputs.images.load_image`); compute = the runtime alone on the decoded "
-            "batches; end to end = scoring's loop (`pneumo_edge.commands.score.score_files`: decode "
-            "overlapped with the model, CSV rows built but not written); bound = the slower of "
-            "decode and compute. On this CPU-only box both share the same cores.",
+            "batches; end to end = scoring's loop (`pneumo_edge.commands.score.score_files`: "
+            "decode overlapped with the model, CSV rows built but not written); bound = the "
+            "slower of decode and compute. On this CPU-only box both share the same cores.",
             "",
             "| runtime | device | decode img/s | compute img/s | end-to-end img/s | bound |",
             "|---|---|--:|--:|--:|---|",
@@ -341,16 +222,16 @@ def main(argv=None):
         a.limit = a.limit or 64
 
     d = Path(a.model_dir)
-    if a.rebuild or not _model_ok(d, "resnet50", 224):
+    if a.rebuild or not model_dir_ok(d, "resnet50", 224):
         log(f"building a random-weight ResNet50 224 px model in {d} and exporting it ...")
         make_model_dir(d, "resnet50", 224)
 
-    busy_now = [] if a.force else wait_quiet(a.wait_minutes)
+    busy_now = [] if a.force else wait_quiet(a.wait_minutes, ignore=ME)
     if busy_now and not a.force:
         raise SystemExit("the machine is still busy; not measuring (use --force to measure "
                          "anyway, marked as disturbed):\n  " + "\n  ".join(busy_now))
     if a.force:
-        busy_now = busy()
+        busy_now = busy(ME)
 
     described = None
     if a.data is None:
@@ -372,14 +253,13 @@ def main(argv=None):
     print(format_table(bench))
     train = run_json([py, str(HERE / "train_step.py"), "--no-write", "--steps",
                       str(a.train_steps), "--warmup", str(a.train_warmup)])
-    busy_now = list(dict.fromkeys(busy_now + busy()))  # anything that started meanwhile
+    busy_now = list(dict.fromkeys(busy_now + busy(ME)))  # anything that started meanwhile
     other_share = other.share()
     bench["other_cpu_share"] = other_share
     log(f"other processes used {other_share:.1%} of the CPU during the measurements"
         if other_share is not None else "could not measure other processes' CPU use")
     if other_share is not None and other_share > OTHER_MAX:
         busy_now.append(f"0 (other processes used {other_share:.0%} of the CPU during the run)")
-    sys.path.insert(0, str(HERE))
     import train_step
 
     from pneumo_edge.commands.bench import update_section

@@ -22,8 +22,8 @@
 4. Reports images/s of both, the ratio, and the machine's limit for the default path:
    1000 / (decode ms/image + compute ms/image), both measured alone on all cores.
 
-Run it on an otherwise idle machine: it refuses to start while `pneumo-edge train` runs unless
---allow-busy (figures taken then are marked as such).
+Run it on an otherwise idle machine: it refuses to start while `pneumo-edge train` or another
+score_vs_baseline runs (common.busy) unless --allow-busy (figures taken then are marked as such).
 """
 
 from __future__ import annotations
@@ -31,21 +31,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import clinical_images
+import numpy as np
+from common import REPO, busy, machine, make_model_dir, model_dir_ok
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SRC = REPO.parent / "shared" / "data" / "chest_xray" / "train"
 MD_FILE = REPO / "benchmarks" / "score_vs_baseline.md"
 SIZE = 224
@@ -55,53 +51,9 @@ BATCH = 32
 # ----------------------------------------------------------------------------- setup
 
 
-def training_running() -> bool:
-    r = subprocess.run(["pgrep", "-f", "pneumo-edge train"], capture_output=True, text=True,
-                       check=False)
-    return bool(r.stdout.strip())
-
-
 def make_model(d: Path) -> Path:
     """A ResNet50 model directory (random weights), exported to ONNX fp32 and fp16."""
-    if (d / "model.onnx").exists() and (d / "model.fp16.onnx").exists():
-        return d
-    import torch
-    from pneumo_edge.export.main import run_export
-    from pneumo_edge.train.checkpoint import save_model
-
-    from pneumo_edge.model.card import Card
-    from pneumo_edge.model.net import build_model
-
-    d.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    card = Card(classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", image_size=SIZE,
-                threshold=0.5, arch="resnet50")
-    card.save(d)
-    save_model(d, build_model("resnet50", 2).eval(), card)
-    if run_export(d, skip_parity=True) != 0:
-        raise SystemExit("export failed")
-    return d
-
-
-def machine() -> dict:
-    import onnxruntime
-    import PIL
-    import torch
-    import torchvision
-
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    return {
-        "cpu": fields.get("Model name", "?").strip(), "cores": os.cpu_count(),
-        "amx": [f for f in flags if f.startswith("amx")],
-        "avx512": [f for f in flags
-                   if f in ("avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni")],
-        "python": platform.python_version(), "numpy": np.__version__, "pillow": PIL.__version__,
-        "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "loadavg_1_5_15_before": [round(x, 2) for x in os.getloadavg()],
-    }
+    return d if model_dir_ok(d, "resnet50", SIZE) else make_model_dir(d, "resnet50", SIZE)
 
 
 # ----------------------------------------------------------------------------- parts alone
@@ -362,17 +314,17 @@ def main(argv=None) -> int:
         runs = [json.loads(Path(p).read_text()) for p in a.from_json]
         Path(a.md).write_text(render_md(runs))
         return 0
-    busy = training_running()
-    if busy and not a.allow_busy:
-        print("a `pneumo-edge train` run is active: figures would be wrong; wait for it or pass "
-              "--allow-busy", file=sys.stderr)
+    others = busy()
+    if others and not a.allow_busy:
+        print(f"a training run or benchmark is active ({others[0][:100]}): figures would be "
+              "wrong; wait for it or pass --allow-busy", file=sys.stderr)
         return 2
     work = Path(a.work)
     folder = work / f"images_{a.images}"
     files = clinical_images.build(a.src, folder, a.images)
     model_dir = Path(a.model) if a.model else make_model(work / "r50")
-    result = {"machine": machine(), "busy": busy, "images": clinical_images.describe(files),
-              "model": str(model_dir.resolve())}
+    result = {"machine": machine(), "busy": bool(others),
+              "images": clinical_images.describe(files), "model": str(model_dir.resolve())}
     print(json.dumps(result, indent=2), file=sys.stderr)
     result.update(run_all(folder, files, model_dir, a.rounds, a.skip_fp16, work))
     Path(a.out or work / "score_vs_baseline.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -455,22 +407,22 @@ def _cols(runs) -> str:
 
 def _md_intro(runs) -> str:
     m, d = runs[-1]["machine"], runs[-1]["images"]
+    v = m.get("versions", m)  # common.machine(); runs saved before it: flat keys
     busy = [chr(65 + i) for i, r in enumerate(runs) if r["busy"]]
     return "\n".join([
         "# `pneumo-edge score` vs the seed's plain PyTorch pipeline", "",
         ("Written by `benchmarks/score_vs_baseline.py` (rerun it to update; "
         "`--from-json` re-renders saved runs)."), "",
         "## Machine", "",
-        (f"- CPU: `{m['cpu']}` (lscpu model name), **{m['cores']} cores**; "
-        f"AVX-512: {', '.join(m['avx512'])}; AMX: {', '.join(m['amx']) or 'none'}"),
-        (f"- Python {m['python']}, numpy {m['numpy']}, Pillow {m['pillow']}, onnxruntime "
-        f"{m['onnxruntime']} (CPU), torch {m['torch']}, torchvision {m['torchvision']}"),
+        (f"- CPU: `{m['cpu']}` (model name), **{m['cores']} cores**; "
+        f"AVX-512: {', '.join(_flags(m, 'avx512'))}; AMX: {', '.join(_flags(m, 'amx')) or 'none'}"),
+        (f"- Python {m['python']}, numpy {v['numpy']}, Pillow {v['pillow']}, onnxruntime "
+        f"{v['onnxruntime']} (CPU), torch {v['torch']}, torchvision {v['torchvision']}"),
         "- load: " + (f"**a `pneumo-edge train` run was active during run(s) {', '.join(busy)}: "
                       "those figures are not valid**" if busy else
                       "no `pneumo-edge train` run active (checked with pgrep)")
-        + "".join(f"; run {chr(65 + i)} load average (1, 5, 15 min) before: "
-                  f"{r['machine']['loadavg_1_5_15_before']}"
-                  for i, r in enumerate(runs) if "loadavg_1_5_15_before" in r["machine"]), "",
+        + "".join(f"; run {chr(65 + i)} load average (1, 5, 15 min) before: {_load(r)}"
+                  for i, r in enumerate(runs) if _load(r)), "",
         "## Workload", "",
         (f"{d['images']} JPEGs made from real X-rays by `benchmarks/clinical_images.py`: "
         f"{d['megapixels_min']}-{d['megapixels_max']} MP (mean {d['megapixels_mean']}), aspect "
@@ -488,6 +440,16 @@ def _md_intro(runs) -> str:
         ("Each end-to-end time includes opening the model and building the data pipeline, not "
         "interpreter start or imports; the three alternate in one process on the same folder; "
         "figures are medians over rounds (range in brackets).")])
+
+
+def _flags(m: dict, prefix: str) -> list[str]:
+    if "cpu_flags" in m:  # common.machine()
+        return [f for f, on in m["cpu_flags"].items() if on and f.startswith(prefix)]
+    return m.get(prefix, [])  # runs saved before: lscpu's avx512 / amx lists
+
+
+def _load(r: dict):
+    return r["machine"].get("load_avg_1_5_15", r["machine"].get("loadavg_1_5_15_before"))
 
 
 def _model_text(r: dict) -> str:
