@@ -184,8 +184,8 @@ def test_a_file_where_the_folder_should_be_is_a_usage_error(tiny_exported, tmp_p
 
 # -- the writer as the DICOM node calls it ---------------------------------------------------
 
-def info_for(p: float = 0.25) -> dob.ResultInfo:
-    return dob.ResultInfo(p, "NORMAL", "PNEUMONIA", 0.5, "card", "ab" * 32, "model.onnx",
+def info_for(p: float = 0.25, threshold: float = 0.5) -> dob.ResultInfo:
+    return dob.ResultInfo(p, "NORMAL", "PNEUMONIA", threshold, "card", "ab" * 32, "model.onnx",
                           "onnx", "fp32", "0.1.0")
 
 
@@ -213,3 +213,18 @@ def test_a_source_without_a_usable_sop_uid_gets_nothing(tmp_path, uid):
         dob.write_result_objects(src, info_for(), tmp_path / "out")
     assert "SOPInstanceUID" in str(err.value) and PHI_NAME not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_precision_threshold_is_recognised_and_another_replaces_both(tmp_path):
+    """A card's threshold has all 17 digits of a double (more than a DICOM DS holds): the SR
+    written with it is still recognised as current; another threshold replaces SR and SC."""
+    src = pydicom.dcmread(make(tmp_path / "a.dcm", picture().astype(np.int32) * 16))
+    out, t = tmp_path / "out", 0.4372158241271973
+    sr, sc = dob.write_result_objects(src, info_for(threshold=t), out,
+                                      np.zeros((8, 8, 3), np.uint8))
+    uid = pydicom.dcmread(sr).SOPInstanceUID
+    assert dob.read_result(sr)["threshold"] == t
+    assert dob.write_result_objects(src, info_for(threshold=t), out) == [sr, sc]
+    assert pydicom.dcmread(sr).SOPInstanceUID == uid
+    assert dob.write_result_objects(src, info_for(threshold=0.3), out) == [sr]
+    assert pydicom.dcmread(sr).SOPInstanceUID != uid and not sc.exists()

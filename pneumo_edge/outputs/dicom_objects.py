@@ -145,7 +145,7 @@ def write_result_objects(source, info: ResultInfo, out_dir, heatmap_rgb: np.ndar
 
     :class:`DicomOutError`: this source cannot get objects (reason, no values); other
     :class:`PneumoError`: the files cannot be written."""
-    header = _evidence(source)
+    header = _build(_evidence, source)
     sr_path, sc_path = object_paths(out_dir, header.SOPInstanceUID, info.model_sha256)
     if is_current(sr_path, info):
         return [sr_path] + ([sc_path] if sc_path.is_file() else [])
@@ -154,6 +154,8 @@ def write_result_objects(source, info: ResultInfo, out_dir, heatmap_rgb: np.ndar
     if heatmap_rgb is not None:
         sc = _build(build_sc, header, info, heatmap_rgb)
         written.append(_save(sc, sc_path))
+    elif sc_path.is_file() and not sc_path.is_symlink():
+        sc_path.unlink()  # the heatmap of the result being replaced (another threshold)
     sr = _build(build_sr, header, info)
     return [_save(sr, sr_path), *written]
 
@@ -174,7 +176,7 @@ def _folder(out_dir: Path, folder: Path) -> None:
     """Create ``out_dir`` (parent must exist) and ``folder`` in it; never through a link."""
     for d in (out_dir, folder):
         if os.path.islink(d) or (d.exists() and not d.is_dir()):
-            raise PneumoError(f"{d}: exists and is not a folder (--dicom-out)")
+            raise PneumoError(f"{d}: is a symbolic link or not a folder (--dicom-out)")
         if not d.exists():
             if not d.parent.is_dir():
                 raise PneumoError(f"{d.parent}: no such folder for --dicom-out")
@@ -443,7 +445,8 @@ def read_result(sr_path) -> dict:
         code = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item \
             else ""
         if item.ValueType == "NUM" and code in ("122157", "122411"):
-            value = float(item.MeasuredValueSequence[0].NumericValue)
+            m = item.MeasuredValueSequence[0]  # the exact double when there, else the text
+            value = float(m.get("FloatingPointValue", m.NumericValue))
             out["probability" if code == "122157" else "threshold"] = value
         elif item.ValueType == "CODE" and code == "233604007":
             out["present"] = item.ConceptCodeSequence[0].CodeValue == "52101004"
@@ -489,7 +492,8 @@ def check_out_dir(out_dir) -> Path:
 
     out = Path(out_dir)
     if os.path.islink(out) or (out.exists() and not out.is_dir()):
-        raise UsageError(f"{out}: exists and is not a folder (--dicom-out names a folder)")
+        raise UsageError(f"{out}: is a symbolic link or not a folder (--dicom-out names a "
+                         "folder)")
     if not out.exists() and not out.parent.is_dir():
         raise UsageError(f"{out.parent}: no such folder for --dicom-out")
     return out
