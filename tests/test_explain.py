@@ -273,3 +273,58 @@ def test_a_failing_runtime_stops_with_one_error(onnx_rt, tmp_path):
 
     with pytest.raises(ModelError, match="onnx runtime failed"):
         Explainer(Broken(), "occlusion")(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.uint8))
+
+
+def test_score_explain_decodes_each_file_once(tiny_exported, tiny_labelled, tmp_path,
+                                              monkeypatch):
+    """Issue 18: --explain takes the pixels the scoring batch decoded instead of decoding the
+    file again."""
+    import io
+
+    from pneumo_edge.commands.score import run_score
+    from pneumo_edge.inputs import images, pipeline
+
+    seen = []
+    real = images.load_image
+
+    def counting(path, *a, **k):
+        seen.append(path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(images, "load_image", counting)
+    monkeypatch.setattr(pipeline, "load_image", counting)
+    buf = io.BytesIO()
+    run_score([str(tiny_labelled)], tiny_exported, runtime="onnx", quiet=True, stdout=buf,
+              explain=tmp_path / "x", explain_which="all")
+    scored = list(csv.DictReader(io.StringIO(buf.getvalue().decode())))
+    assert len(scored) > 2 and sorted(seen) == sorted(r["path"] for r in scored)
+    assert len(list((tmp_path / "x").glob("*.png"))) == len(scored)
+
+
+@pytest.mark.parametrize("command", ["explain", "score"])
+@pytest.mark.parametrize("kind", ["dangling", "too long"])
+def test_unusable_out_folder_is_one_line(tiny_exported, tiny_labelled, tmp_path, command,
+                                         kind):
+    """Issue 19: explain --out / score --explain at a dangling symbolic link or a name longer
+    than the file system allows: tracebacks before, one line and exit 2 now."""
+    from click.testing import CliRunner
+
+    from pneumo_edge.cli import main
+
+    if kind == "dangling":
+        out = tmp_path / "link"
+        out.symlink_to(tmp_path / "nowhere")
+    else:
+        out = tmp_path / ("x" * 300)
+    img = min((tiny_labelled / "PNEUMONIA").iterdir())
+    args = ["explain", str(img), "--model", str(tiny_exported), "--runtime", "onnx", "--out",
+            str(out)] if command == "explain" else \
+        ["score", str(img), "--model", str(tiny_exported), "--runtime", "onnx", "--explain",
+         str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and res.exception is None or isinstance(res.exception,
+                                                                       SystemExit), res.output
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert ("symbolic link to nothing" if kind == "dangling" else "too long") in lines[0]
+    assert not (tmp_path / "nowhere").exists()

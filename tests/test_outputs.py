@@ -145,8 +145,11 @@ def test_output_file_gets_a_provenance_record(tiny_exported, tmp_path):
 
 
 def interrupted_run(tiny_exported, tmp_path, *extra) -> tuple[Path, Path, bytes]:
-    """A finished -o run turned into an interrupted one: out.csv.partial and out.csv.json."""
-    write_images(tmp_path / "d", 5)
+    """A finished -o run turned into an interrupted one: out.csv.partial (header and two
+    rows), its record out.csv.partial.json and the identities of its rows' files."""
+    from pneumo_edge.outputs.csvout import file_identity
+
+    files = write_images(tmp_path / "d", 5)
     out = tmp_path / "out.csv"
     code, _, err = cli("score", tmp_path / "d", "--model", tiny_exported, "--runtime", "onnx",
                        "-o", out, *extra)
@@ -154,6 +157,9 @@ def interrupted_run(tiny_exported, tmp_path, *extra) -> tuple[Path, Path, bytes]
     partial = tmp_path / "out.csv.partial"
     lines = out.read_bytes().splitlines(keepends=True)
     partial.write_bytes(b"".join(lines[:3]))  # header and two rows
+    (tmp_path / "out.csv.json").rename(tmp_path / "out.csv.partial.json")
+    (tmp_path / "out.csv.partial.ids").write_text(
+        "".join(file_identity(str(f)) + "\n" for f in files[:2]))
     out.unlink()
     return tmp_path / "d", out, partial.read_bytes()
 
@@ -165,14 +171,14 @@ def interrupted_run(tiny_exported, tmp_path, *extra) -> tuple[Path, Path, bytes]
 ])
 def test_resume_refuses_another_model_or_threshold(tiny_exported, tmp_path, change, word):
     d, out, before = interrupted_run(tiny_exported, tmp_path)
-    record = (tmp_path / "out.csv.json").read_bytes()
+    record = (tmp_path / "out.csv.partial.json").read_bytes()
     code, stdout, err = cli("score", d, "--model", tiny_exported, "-o", out, "--resume",
                             "--quiet", *change)
     assert code == 2 and stdout == ""
     line = one_error_line(err)
     assert "cannot resume" in line and word in line, line
     assert (tmp_path / "out.csv.partial").read_bytes() == before and not out.exists()
-    assert (tmp_path / "out.csv.json").read_bytes() == record
+    assert (tmp_path / "out.csv.partial.json").read_bytes() == record
 
 
 def test_resume_with_the_same_settings_continues(tiny_exported, tmp_path):
@@ -183,11 +189,61 @@ def test_resume_with_the_same_settings_continues(tiny_exported, tmp_path):
     rec = json.loads((tmp_path / "out.csv.json").read_text())
     assert rec["counts"]["resumed"] == 2 and rec["threshold_from"] == "--threshold"
     assert rec["first_started"] is not None and len(rows_of(out.read_text())) == 5
+    assert not list(tmp_path.glob("out.csv.partial*"))
+
+
+@pytest.mark.parametrize("cells,why", [
+    ({2: "abc"}, "not a number"),
+    ({2: "nan", 3: "nan"}, "outside [0, 1]"),
+    ({1: "FLIP"}, "label disagrees with its probabilities"),
+    ({4: "a reason"}, "a label and a reason"),
+    ({1: "", 4: ""}, "no label and no reason"),
+])
+def test_resume_refuses_rows_scoring_never_writes(tiny_exported, tmp_path, cells, why):
+    """Issue 19: a partial CSV with malformed rows was continued; now it is refused."""
+    d, out, before = interrupted_run(tiny_exported, tmp_path)
+    rows = list(csv.reader(io.StringIO(before.decode(), newline="")))
+    for k, v in cells.items():
+        rows[2][k] = ({"NORMAL": "PNEUMONIA", "PNEUMONIA": "NORMAL"}[rows[2][1]]
+                      if v == "FLIP" else v)
+    bad = "".join(",".join(r) + "\n" for r in rows).encode()
+    (tmp_path / "out.csv.partial").write_bytes(bad)
+    code, _, err = cli("score", d, "--model", tiny_exported, "--runtime", "onnx", "-o", out,
+                       "--resume", "--quiet")
+    line = one_error_line(err)
+    assert code == 2 and "row 2 is damaged" in line and why in line, line
+    assert (tmp_path / "out.csv.partial").read_bytes() == bad and not out.exists()
+
+
+def test_an_interrupted_run_never_replaces_the_finished_runs_record(tiny_exported, tmp_path):
+    """Issue 19: an interrupted second -o run overwrote the first run's out.csv.json while
+    out.csv was still the first run's. Its record now lives beside out.csv.partial until its
+    CSV is renamed."""
+    write_images(tmp_path / "a", 3)
+    write_images(tmp_path / "d", 40, seed=1)
+    out = tmp_path / "out.csv"
+    code, _, err = cli("score", tmp_path / "a", "--model", tiny_exported, "-o", out, "-q")
+    assert code == 0, err
+    first, first_record = out.read_bytes(), (tmp_path / "out.csv.json").read_bytes()
+    args = ["score", tmp_path / "d", "--model", tiny_exported, "--runtime", "onnx", "-o", out,
+            "--batch", "4", "-q"]
+    res = run_cli_process(args, preexec_fn=_limit_file_size(1500), timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert out.read_bytes() == first and (tmp_path / "out.csv.json").read_bytes() == first_record
+    running = json.loads((tmp_path / "out.csv.partial.json").read_text())
+    assert running["status"] == "write failed" and running["inputs"] == [str(tmp_path / "d")]
+    code, _, err = cli(*args, "--resume")
+    assert code == 0, err
+    record = json.loads((tmp_path / "out.csv.json").read_text())
+    assert record["status"] == "finished" and record["counts"]["scored"] == 40
+    assert record["input_identity"]["rows"] == 40
+    assert len(rows_of(out.read_text())) == 40
+    assert not list(tmp_path.glob("out.csv.partial*"))
 
 
 def test_resume_refuses_rows_without_a_provenance_record(tiny_exported, tmp_path):
     d, out, before = interrupted_run(tiny_exported, tmp_path)
-    (tmp_path / "out.csv.json").unlink()
+    (tmp_path / "out.csv.partial.json").unlink()
     code, _, err = cli("score", d, "--model", tiny_exported, "--runtime", "onnx", "-o", out,
                        "--resume", "--quiet")
     assert code == 2 and "no record of the model" in one_error_line(err)
@@ -289,7 +345,8 @@ def test_failed_write_to_output_exits_2_and_resume_completes_it(tiny_exported, t
                     "(use --resume to continue)")
     kept = rows_of((tmp_path / "out.csv.partial").read_text())
     assert 0 < len(kept) < 40 and all(r[1] for r in kept[:-1])
-    assert json.loads((tmp_path / "out.csv.json").read_text())["status"] == "write failed"
+    assert json.loads((tmp_path / "out.csv.partial.json").read_text())["status"] == \
+        "write failed"
     code, _, err = cli(*args[:-1], "--resume")
     assert code == 0, err
     _, ref, _ = cli(*args[:6], "--batch", "4")

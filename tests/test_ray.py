@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from pneumo_edge.cli import main
 from pneumo_edge.commands.score import run_score
+from pneumo_edge.outputs.csvout import file_identity, path_bytes
 from pneumo_edge.runtimes import open_runtime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +112,11 @@ def test_resume_on_ray_skips_rows_already_written(ray_cluster, tiny_exported, in
     buf = io.StringIO(newline="")
     csv.writer(buf, lineterminator="\n").writerows(rows[:1 + kept])
     Path(f"{out}.partial").write_text(buf.getvalue(), encoding="utf-8")
-    out.unlink()  # as an interrupted run leaves it: FILE.partial and FILE.json
+    # as an interrupted run leaves it: FILE.partial, FILE.partial.json, FILE.partial.ids
+    Path(f"{out}.json").rename(f"{out}.partial.json")
+    Path(f"{out}.partial.ids").write_text("".join(
+        file_identity(os.fsdecode(path_bytes(r[0]))) + "\n" for r in rows[1:1 + kept]))
+    out.unlink()
     logs = []
     s = run_score([str(inputs)], str(tiny_exported), runtime="onnx", batch=4,
                   output=str(out), resume=True, ray="local", log=logs.append)
@@ -185,3 +190,123 @@ def test_a_path_is_not_taken_for_an_address(tiny_exported, address):
     res = CliRunner().invoke(main, ["score", str(SAMPLES), "--model", str(tiny_exported),
                                     "--ray", address])
     assert res.exit_code == 2 and "not a Ray address" in res.stderr
+
+
+def test_the_probe_passes_a_real_ray_head(ray_cluster):
+    from pneumo_edge.sources.ray import probe
+
+    gcs = ray_cluster.get_runtime_context().gcs_address
+    t0 = time.monotonic()
+    probe(gcs)  # no UsageError: Ray's GCS answers as a gRPC server
+    assert time.monotonic() - t0 < 2
+
+
+def _server(answer: bytes | None):
+    """A TCP server on 127.0.0.1 that sends ``answer`` to each connection (None: nothing,
+    it just holds the connection open); (port, stop)."""
+    import socket
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        srv.settimeout(0.2)
+        held = []
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            if answer is not None:
+                conn.sendall(answer)
+            held.append(conn)
+        for c in held:
+            c.close()
+        srv.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv.getsockname()[1], stop
+
+
+@pytest.mark.parametrize("answer", [None, b"HTTP/1.1 400 Bad Request\r\n\r\n", b"x"])
+def test_an_address_where_nothing_speaks_ray_is_refused_in_seconds(answer):
+    pytest.importorskip("ray")
+    from pneumo_edge.errors import UsageError
+    from pneumo_edge.sources.ray import PROBE_TIMEOUT_S, probe
+
+    port, stop = _server(answer)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(UsageError, match="does not speak Ray"):
+            probe(f"127.0.0.1:{port}")
+        assert time.monotonic() - t0 < PROBE_TIMEOUT_S + 1
+    finally:
+        stop.set()
+
+
+def _score_process(args, timeout=120):
+    import subprocess
+
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "pneumo_edge", "score", *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False,
+                       env=dict(os.environ, ORT_DISABLE_TELEMETRY="1"))
+    return r, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("server", ["nothing listening", "not Ray"])
+def test_unreachable_cluster_is_one_line_and_exit_2(tiny_exported, tmp_path, server):
+    """Issue 19: --ray=127.0.0.1:1 gave no result in 90 s, and an address where something
+    else listens retried for minutes with Ray's C++ warnings on stderr."""
+    pytest.importorskip("ray")
+    port, stop = (1, None) if server == "nothing listening" else _server(b"SSH-2.0-x\r\n")
+    try:
+        r, took = _score_process([SAMPLES, "--model", tiny_exported, "--runtime", "onnx", "-q",
+                                  "-o", tmp_path / "o.csv", f"--ray=127.0.0.1:{port}"])
+    finally:
+        if stop is not None:
+            stop.set()
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: --ray 127.0.0.1:"), \
+        r.stderr
+    assert ("cannot connect" if port == 1 else "does not speak Ray") in r.stderr
+    assert took < 30  # ~15 s on an idle machine: interpreter, model, the probe's 4 s
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_ray_run_within_seconds(tiny_exported, tmp_path):
+    """Issue 19: SIGTERM took 34 s to end a Ray run. A run on a Ray instance of its own ends
+    within seconds, keeping its rows for --resume."""
+    import subprocess
+
+    pytest.importorskip("ray.data")
+    src = next((SAMPLES / "train" / "NORMAL").iterdir())
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(400):
+        os.link(src, d / f"img_{i:04d}.jpeg")
+    out = tmp_path / "o.csv"
+    env = dict(os.environ, ORT_DISABLE_TELEMETRY="1", RAY_AUTH_MODE="disabled",
+               RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.Popen([sys.executable, "-m", "pneumo_edge", "score", str(d), "--model",
+                             str(tiny_exported), "--runtime", "onnx", "-q", "--batch", "2",
+                             "-o", str(out), "--ray"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    partial = Path(f"{out}.partial")
+    end = time.monotonic() + 240
+    while time.monotonic() < end and proc.poll() is None:
+        if partial.exists() and partial.read_bytes().count(b"\n") > 3:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("SIGTERM did not end the Ray run within 20 s") from None
+    assert time.monotonic() - t0 < 20 and proc.returncode != 0
+    assert b"Traceback" not in err, err[-2000:]
+    assert partial.exists() and not out.exists()

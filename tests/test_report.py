@@ -4,6 +4,7 @@ real browser (headless Chromium) when one is installed."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -189,3 +190,28 @@ def test_report_renders_in_a_browser(report, tmp_path):
         a = np.asarray(im.convert("L"), dtype=np.float64)
     assert a.std() > 20, "the screenshot is blank"
     assert (a < 128).mean() > 0.01, "almost nothing dark on the page (no text, no charts)"
+
+
+def test_eval_report_with_non_utf8_file_names(tiny_exported, tiny_labelled, tmp_path):
+    """Issue 19: a file name that is not UTF-8 ended eval --report in a traceback after the
+    whole evaluation. The report shows such names as the CSV does (\\xNN)."""
+    from click.testing import CliRunner
+
+    from pneumo_edge.cli import main
+
+    data = tmp_path / "data"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (data / cls).mkdir(parents=True)
+        for f in sorted((tiny_labelled / cls).iterdir()):
+            name = os.fsencode(str(data / cls)) + b"/\xff" + os.fsencode(f.name)
+            with open(name, "wb") as out:
+                out.write(f.read_bytes())
+    with open(os.fsencode(str(data / "NORMAL")) + b"/broken\xfe.png", "wb") as out:
+        out.write(b"not a png")
+    res = CliRunner().invoke(main, ["eval", "--model", str(tiny_exported), "--data", str(data),
+                                    "--runtime", "onnx", "--out", str(tmp_path / "e.json"),
+                                    "--report", str(tmp_path / "r.html"), "--resamples", "50",
+                                    "--gallery", "8"])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "broken\\xfe.png" in page and "/\\xff" in page

@@ -182,6 +182,35 @@ def test_odd_file_names_stay_valid_csv(tiny_exported, tmp_path):
     assert all(r[1] for r in rows)
 
 
+def test_carriage_return_and_non_utf8_names_one_cell_each_round_trip(tiny_exported, tmp_path):
+    """Issue 19: a CR in a name is quoted (Python's csv read 7 rows for 6 files), and the
+    undecodable byte 0xff and the 4 characters backslash x f f never share a cell."""
+    from pneumo_edge.outputs.csvout import path_bytes
+
+    d = tmp_path / "d"
+    d.mkdir()
+    names = [b"cr\rname.png", b"scan\xffA.png", b"scan\\xffA.png", b"back\\slash.png",
+             b"plain.png"]
+    for n in names:
+        with open(os.fsencode(str(d)) + b"/" + n, "wb") as f:
+            Image.fromarray(grey()).save(f, format="PNG")
+    out = tmp_path / "out.csv"
+    code, _, err = run(d, "--model", tiny_exported, "-o", out)
+    assert code == 0, err
+    rows = rows_of(out.read_bytes().decode("utf-8"))  # as bytes: read_text turns CR into LF
+    assert len(rows) == len(names) and all(r[1] for r in rows)
+    assert len({r[0] for r in rows}) == len(names)
+    assert sorted(path_bytes(r[0]) for r in rows) == \
+        sorted(os.fsencode(str(d)) + b"/" + n for n in names)
+    assert b'"' + os.fsencode(str(d)) + b'/cr\rname.png"' in out.read_bytes()
+    # --resume reads its own CSV back (it refused it before)
+    partial = tmp_path / "out.csv.partial"
+    as_interrupted(out, out.read_bytes(), [os.fsdecode(path_bytes(r[0])) for r in rows])
+    code, _, err = run(d, "--model", tiny_exported, "-o", out, "--resume")
+    assert code == 0 and f"{len(names)} of {len(names)} rows" in err, err
+    assert not partial.exists()
+
+
 # --------------------------------------------------------------------------- hostile input
 
 
@@ -398,6 +427,19 @@ def resume_input(tiny_exported, tmp_path):
     return d, rows_of(ref)
 
 
+def as_interrupted(out: Path, data: bytes, files) -> None:
+    """Turn the finished ``-o out`` run into what an interrupted one leaves: ``out.partial``
+    holding ``data``, its record ``out.partial.json``, the identities of ``files`` (those its
+    rows were written for) in ``out.partial.ids``."""
+    from pneumo_edge.outputs.csvout import file_identity
+
+    (out.parent / f"{out.name}.partial").write_bytes(data)
+    shutil.move(out.parent / f"{out.name}.json", out.parent / f"{out.name}.partial.json")
+    (out.parent / f"{out.name}.partial.ids").write_text(
+        "".join(file_identity(str(f)) + "\n" for f in files))
+    out.unlink()
+
+
 def same_rows(got, ref):
     assert [r[0] for r in got] == [r[0] for r in ref]  # no row dropped or duplicated
     assert [r[1] for r in got] == [r[1] for r in ref]
@@ -447,8 +489,9 @@ def test_resume_drops_a_torn_last_line(tiny_exported, tmp_path, resume_input):
     text = out.read_bytes()
     lines = text.split(b"\n")
     torn = b"\n".join(lines[:10]) + b"\n" + lines[10][:-7]  # 9 rows and a half-written one
-    partial.write_bytes(torn + b"\0" * 100)  # and the zero fill a crash can leave
-    out.unlink()
+    # and the zero fill a crash can leave; identities written for the torn row too
+    as_interrupted(out, torn + b"\0" * 100, [r[0] for r in ref[:10]])
+    assert not partial.read_bytes().endswith(b"\n")
     code, _, err = run(d, "--model", tiny_exported, "--batch", "2", "-o", out, "--resume")
     assert code == 1 and "9 of" in err
     same_rows(rows_of(out.read_text(encoding="utf-8")), ref)
@@ -469,7 +512,7 @@ def test_resume_refuses_a_partial_from_other_input(tiny_exported, tmp_path, resu
     out = tmp_path / "out.csv"
     partial = tmp_path / "out.csv.partial"
     run(d / "y", "--model", tiny_exported, "-o", out)
-    shutil.move(out, partial)
+    as_interrupted(out, out.read_bytes(), [])
     code, _, err = run(d, "--model", tiny_exported, "-o", out, "--resume")
     assert code == 2 and "cannot resume" in err and "input changed" in err
     assert partial.exists() and not out.exists()  # left as it was
@@ -521,3 +564,38 @@ def test_read_partial_keeps_exactly_the_whole_rows_at_any_cut():
         assert keep == (whole[-1] if whole else 0), cut
         assert done.rows == max(0, len(whole) - 1)
         assert done.failed == (1 if done.rows >= 2 else 0)
+
+
+def test_resume_rescores_files_replaced_since_the_interrupted_run(tiny_exported, tmp_path,
+                                                                  resume_input):
+    """Issue 19: --resume after input files were replaced (same names, other content) kept
+    their old rows. Now the rows stop at the first changed file and the rest is scored again."""
+    d, ref = resume_input
+    out = tmp_path / "out.csv"
+    proc = start_slow([d, "--model", tiny_exported, "--batch", "2", "-o", out])
+    wait_rows(tmp_path / "out.csv.partial", 6, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    changed = Path(ref[2][0])
+    Image.fromarray(grey(99, w=100, h=130)).save(changed, format=changed.suffix[1:].replace(
+        "jpg", "jpeg").upper())
+    code, _, new_ref = run(d, "--model", tiny_exported, "--batch", "2")
+    new_ref = rows_of(new_ref)
+    assert new_ref[2][2:4] != ref[2][2:4]  # the replacement scores differently
+    code, _, err = run(d, "--model", tiny_exported, "--batch", "2", "-o", out, "--resume")
+    assert code == 1 and "2 of" in err and "changed since its row was written" in err, err
+    same_rows(rows_of(out.read_text(encoding="utf-8")), new_ref)
+
+
+def test_resume_of_a_finished_file_rescores_after_an_input_changed(tiny_exported, tmp_path,
+                                                                    resume_input):
+    d, ref = resume_input
+    out = tmp_path / "out.csv"
+    run(d, "--model", tiny_exported, "-o", out)
+    assert "input_identity" in json.loads((tmp_path / "out.csv.json").read_text())
+    changed = Path(ref[-3][0])
+    Image.fromarray(grey(77)).save(changed, format="PNG" if changed.suffix == ".png" else "JPEG")
+    code, _, new_ref = run(d, "--model", tiny_exported)
+    code, _, err = run(d, "--model", tiny_exported, "-o", out, "--resume")
+    assert code == 1 and "scoring all again" in err, err
+    assert rows_of(out.read_text(encoding="utf-8")) == rows_of(new_ref)

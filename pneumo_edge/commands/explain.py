@@ -9,10 +9,9 @@ of those names are refused before any work unless ``force``.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from pneumo_edge.atomic import write_bytes_atomic, write_text_atomic
 from pneumo_edge.errors import ModelError, PneumoError, UsageError
 from pneumo_edge.explain.methods import Explainer, picture_png
-from pneumo_edge.outputs.csvout import PROB_DIGITS, csv_text, one_line
+from pneumo_edge.outputs.csvout import csv_line, result_row
 
 EXPLAIN_CSV = "explain.csv"
 WHICH = ("positives", "all")
@@ -40,14 +39,10 @@ def picture_name(index: int, path: str) -> str:
 
 def prepare_out(out, files, force: bool) -> Path:
     """Create ``out`` if missing (its parent must exist) and refuse, before any work, to
-    replace explain.csv or a picture of the same name unless ``force``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: exists and is not a folder (--out names a folder)")
-    if not out.exists():
-        if not out.parent.is_dir():
-            raise UsageError(f"{out.parent}: no such folder for --out")
-        out.mkdir()
+    replace explain.csv or a picture of the same name unless ``force``. Any ``out`` that
+    cannot be a folder (a file, a dangling symbolic link, a name too long) is one
+    :class:`UsageError`."""
+    out = _out_folder(Path(out))
     names = [EXPLAIN_CSV] + [picture_name(i, f) for i, f in enumerate(files)]
     clash = [n for n in names if os.path.lexists(out / n)]
     if clash and not force:
@@ -57,6 +52,34 @@ def prepare_out(out, files, force: bool) -> Path:
     if bad:
         raise UsageError(f"{out / bad[0]}: is not a regular file; not replaced")
     return out
+
+
+def _out_folder(out: Path) -> Path:
+    """``out`` as an existing folder (created when absent and its parent exists)."""
+    try:
+        try:
+            st = os.stat(out)  # follows a link to a folder
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            return out
+        if st is not None:
+            raise UsageError(f"{out}: exists and is not a folder (--out names a folder)")
+        if os.path.lexists(out):
+            raise UsageError(f"{out}: is a symbolic link to nothing (--out names a folder; "
+                             "remove the link or choose another name)")
+        if not out.parent.is_dir():
+            raise UsageError(f"{out.parent}: no such folder for --out")
+        out.mkdir()
+    except OSError as exc:
+        raise UsageError(f"{_short(out)}: cannot use it as the --out folder: "
+                         f"{exc.strerror or exc}") from None
+    return out
+
+
+def _short(path: Path) -> str:
+    text = str(path)
+    return text if len(text) <= 200 else f"{text[:100]}...{text[-60:]} ({len(text)} characters)"
 
 
 @dataclass
@@ -73,41 +96,39 @@ class ExplainSink:
 
     def add(self, index: int, path: str, image: np.ndarray | None, error: str = "") -> None:
         card = self.explainer.card
-        blank = [""] * len(card.classes)
         if image is None:
-            self.rows.append([csv_text(path), "", *blank, "", one_line(error)])
-            self.failed += 1
-            return
+            return self._failed(path, error)
         try:
             expl = self.explainer(image)
         except ModelError:  # the runtime itself failed: the run stops (exit 2)
             raise
         except PneumoError as exc:  # e.g. non-finite probabilities for this image
-            self.rows.append([csv_text(path), "", *blank, "", one_line(str(exc))])
-            self.failed += 1
-            return
-        label = card.classes[card.label_index(expl.probs, self.threshold)]
-        probs = [f"{float(p):.{PROB_DIGITS}f}" for p in expl.probs]
+            return self._failed(path, str(exc))
+        row = result_row(path, expl.probs, card, self.threshold)
+        if not row[1]:
+            return self._failed(path, row[-1])
         name = ""
-        if self.which == "all" or label == card.positive_class:
+        if self.which == "all" or row[1] == card.positive_class:
             name = picture_name(index, path)
             write_bytes_atomic(self.out / name, picture_png(image, path, expl, card,
-                                                            self.threshold, label))
+                                                            self.threshold, row[1]))
             self.written += 1
-        self.rows.append([csv_text(path), label, *probs, name, ""])
+        self.rows.append([*row[:-1], name, ""])
 
-    def add_unexplained(self, path: str, score_row: list) -> None:
-        """A row scored but not selected for a picture: the scoring row's label and
+    def _failed(self, path: str, reason: str) -> None:
+        row = result_row(path, None, self.explainer.card, self.threshold, reason)
+        self.rows.append([*row[:-1], "", row[-1]])
+        self.failed += 1
+
+    def add_unexplained(self, score_row: list) -> None:
+        """A row scored but not selected for a picture: the scoring row's path, label and
         probabilities, no heatmap."""
         n = len(self.explainer.card.classes)
-        self.rows.append([csv_text(path), score_row[1], *score_row[2:2 + n], "", ""])
+        self.rows.append([*score_row[:2 + n], "", ""])
 
     def finish(self) -> Path:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(csv_header(self.explainer.card.classes))
-        w.writerows(self.rows)
-        return write_text_atomic(self.out / EXPLAIN_CSV, buf.getvalue())
+        lines = [csv_line(csv_header(self.explainer.card.classes)), *map(csv_line, self.rows)]
+        return write_text_atomic(self.out / EXPLAIN_CSV, "".join(lines))
 
 
 def run_explain(paths, model, out, *, method: str = "occlusion", runtime: str = "auto",
@@ -140,48 +161,41 @@ def run_explain(paths, model, out, *, method: str = "occlusion", runtime: str = 
     return 1 if sink.failed else 0
 
 
-class ExplainingSink:
-    """``score --explain DIR``: wraps the scoring CSV's sink; after each batch of rows is
-    written, the rows scored positive (or all) get an occlusion map through the scoring runtime
-    itself (the file is decoded again, once more per explained image); explain.csv is written
-    when the scoring CSV is finished."""
+class BatchExplainer:
+    """``score --explain DIR``: after each batch of scoring rows is written, the rows scored
+    positive (or all) get an occlusion map through the scoring runtime, from the pixels the
+    batch decoded (a source that decoded elsewhere, Ray, has none here: the file is decoded
+    again); explain.csv is written when the scoring CSV is finished."""
 
-    def __init__(self, sink, out, files, runtime, threshold: float, which: str, force: bool,
-                 log=None):
+    def __init__(self, out: Path, runtime, threshold: float, which: str, log=None):
+        """``out``: the folder :func:`prepare_out` checked (before the model was opened)."""
         if which not in WHICH:
             raise UsageError(f"--explain-which {which!r}: choose positives or all")
-        self.inner, self.files, self.next = sink, files, 0
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.size = runtime.card.image_size
-        self.sink = ExplainSink(prepare_out(out, files, force), Explainer(runtime, "occlusion"),
-                                threshold, which)
+        self.sink = ExplainSink(out, Explainer(runtime, "occlusion"), threshold, which)
 
-    @property
-    def partial(self):
-        return self.inner.partial
-
-    def write(self, rows) -> None:
-        from pneumo_edge.inputs.images import ImageError, load_image
-
-        self.inner.write(rows)
-        for row in rows:
-            i, path = self.next, self.files[self.next]
-            self.next += 1
+    def add_batch(self, batch, rows) -> None:
+        """``batch``: a :class:`pneumo_edge.sources.ScoredBatch`; ``rows``: its CSV rows."""
+        pixels = dict(zip(batch.ok, batch.pixels)) if batch.pixels is not None else None
+        positive = self.sink.explainer.card.positive_class
+        for j, row in enumerate(rows):
+            i, path = batch.start + j, batch.paths[j]
             if not row[1]:  # the scoring error row: same reason here
                 self.sink.add(i, path, None, row[-1])
-                continue
-            if self.sink.which == "positives" and row[1] != self.sink.explainer.card.positive_class:
-                self.sink.add_unexplained(path, row)
-                continue
-            try:
-                self.sink.add(i, path, load_image(path, self.size))
-            except ImageError as exc:
-                self.sink.add(i, path, None, exc.reason)
+            elif self.sink.which == "positives" and row[1] != positive:
+                self.sink.add_unexplained(row)
+            elif pixels is not None:
+                self.sink.add(i, path, pixels[j])
+            else:
+                self._decode_and_add(i, path)
+
+    def _decode_and_add(self, i: int, path: str) -> None:
+        from pneumo_edge.inputs.pipeline import decode_one
+
+        image, error, _ = decode_one(path, self.size)
+        self.sink.add(i, path, image, error or "")
 
     def finish(self) -> None:
-        self.inner.finish()
         path = self.sink.finish()
         self.log(f"wrote {path} and {self.sink.written} heatmaps")
-
-    def close(self) -> None:
-        self.inner.close()

@@ -1,10 +1,10 @@
 """``pneumo-edge score``: image files and folders -> one CSV row per image file.
 
-Folders are walked (sorted, recursively, symlink-loop safe, nothing twice); files decode on a
-thread pool while the model runs on the previous batch (:mod:`pneumo_edge.inputs.pipeline`); rows go
-to stdout or ``-o FILE`` batch by batch (:mod:`pneumo_edge.outputs.csvout`). A file that cannot be
-scored gets a row with an empty label and the reason. Imports no torch unless the runtime is
-torch.
+Folders are walked (sorted, recursively, symlink-loop safe, nothing twice); a source of scored
+batches (:mod:`pneumo_edge.sources`: local decode threads and runtime, or a Ray cluster) turns
+them into probabilities; rows go to stdout or ``-o FILE`` batch by batch
+(:mod:`pneumo_edge.outputs.csvout`). A file that cannot be scored gets a row with an empty label
+and the reason. Imports no torch unless the runtime is torch.
 """
 
 from __future__ import annotations
@@ -16,23 +16,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pneumo_edge.errors import ModelError, PneumoError
+from pneumo_edge.errors import PneumoError
 from pneumo_edge.inputs.folders import walk_images
-from pneumo_edge.inputs.pipeline import Batch, decode_batches, default_workers
 from pneumo_edge.outputs import provenance
 from pneumo_edge.outputs.csvout import (
-    PROB_DIGITS,
+    NON_FINITE,
     PartialSink,
+    RowCheck,
     StdoutSink,
     WriteError,
     check_output,
-    csv_text,
     dicom_columns,
     dicom_values,
     header,
-    one_line,
     partial_path,
+    path_text,
+    result_row,
 )
+from pneumo_edge.sources import ScoredBatch, Source
+from pneumo_edge.sources.local import LocalSource, run_model
+
+__all__ = ["NON_FINITE", "Summary", "run_score", "score_files", "score_rows", "score_source"]
 
 
 @dataclass
@@ -74,82 +78,59 @@ class Summary:
         return out
 
 
-NON_FINITE = "model produced non-finite probabilities"
-
-
-def score_rows(batch: Batch, probs: np.ndarray, card, threshold: float | None) -> list[list[str]]:
-    """CSV rows for one batch, in input order; failed files get an empty label and the reason.
-    A NaN or infinite probability is a failure too: such a row never gets a label."""
-    blank = [""] * len(card.classes)
-    rows = [[csv_text(p), "", *blank, one_line(batch.errors.get(j, ""))]
+def score_rows(batch, probs: np.ndarray, card, threshold: float | None) -> list[list[str]]:
+    """CSV rows for one batch (``paths``, ``ok``, ``errors``), in input order
+    (:func:`pneumo_edge.outputs.csvout.result_row`): failed files get an empty label and the
+    reason; a NaN or infinite probability is a failure too, never a label."""
+    probs_of = dict(zip(batch.ok, probs))
+    return [result_row(p, probs_of.get(j), card, threshold, batch.errors.get(j, ""))
             for j, p in enumerate(batch.paths)]
-    finite = np.isfinite(probs).all(axis=1) if len(probs) else np.ones(0, bool)
-    for k, j in enumerate(batch.ok):
-        row = probs[k]
-        if not finite[k]:
-            rows[j][-1] = NON_FINITE
-            continue
-        rows[j][1] = card.classes[card.label_index(row, threshold)]
-        rows[j][2:-1] = [f"{float(p):.{PROB_DIGITS}f}" for p in row]
-    return rows
 
 
 def score_files(files, runtime, sink, *, batch: int = 32, workers: int | None = None,
-                threshold: float | None = None, summary: Summary | None = None,
-                progress=None, known: dict[str, str] | None = None,
-                dicom_tags: tuple | None = None) -> Summary:
-    """Score ``files[summary.resumed:]`` with ``runtime``, writing rows to ``sink`` per batch.
+                **kw) -> Summary:
+    """:func:`score_source` with the local source: ``runtime`` on this machine's decode
+    threads."""
+    return score_source(files, LocalSource(runtime, batch, workers), sink, **kw)
+
+
+def score_source(files, source: Source, sink, *, threshold: float | None = None,
+                 summary: Summary | None = None, progress=None,
+                 known: dict[str, str] | None = None, dicom_tags: tuple | None = None,
+                 after_batch=()) -> Summary:
+    """Score ``files[summary.resumed:]`` with ``source``, writing rows to ``sink`` per batch.
     ``known``: paths that failed already (folders that cannot be listed) -> reason.
-    ``dicom_tags``: None for no DICOM columns, else the tags after the UIDs (may be empty)."""
+    ``dicom_tags``: None for no DICOM columns, else the tags after the UIDs (may be empty).
+    ``after_batch``: callables ``(scored batch, its rows)`` run after the rows are written
+    (``--explain`` uses the batch's decoded pixels)."""
     s = summary or Summary(files=len(files))
-    s.workers = workers or default_workers()
-    card = runtime.card
-    source = getattr(runtime, "batches", decode_batches)  # Ray scoring supplies its own
-    stream = source(files, card.image_size, batch, s.workers, start=s.resumed, known=known)
+    s.workers = source.workers
+    card = source.model.card
+    stream = source.batches(files, s.resumed, known)
     t_start = time.perf_counter()
     try:
-        while True:
-            t0 = time.perf_counter()
-            b = next(stream, None)
-            t1 = time.perf_counter()
-            s.wait_s += t1 - t0
-            if b is None:
-                break
-            probs = b.probs if getattr(b, "probs", None) is not None \
-                else _run(runtime, b.pixels, len(card.classes))
-            s.compute_s += time.perf_counter() - t1
+        for b in stream:
+            s.wait_s += b.wait_s
+            s.compute_s += b.compute_s
             s.decode_cpu_s += b.decode_cpu_s
-            rows = score_rows(b, probs, card, threshold)
+            rows = score_rows(b, b.probs, card, threshold)
             if dicom_tags is not None:  # before the error column, which stays last
                 rows = [r[:-1] + dicom_values(p, dicom_tags) + r[-1:]
                         for r, p in zip(rows, b.paths)]
             sink.write(rows)
+            for hook in after_batch:
+                hook(b, rows)
             _count(s, rows, b)
             if progress is not None:
                 progress(len(b))
     finally:
         stream.close()
         s.seconds += time.perf_counter() - t_start
+        s.workers = source.workers  # a cluster's is known once it is reached
     return s
 
 
-def _run(runtime, pixels: np.ndarray, n_classes: int) -> np.ndarray:
-    if len(pixels) == 0:
-        return np.zeros((0, n_classes), np.float32)
-    try:
-        probs = np.asarray(runtime(pixels))
-    except (MemoryError, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # noqa: BLE001 -- each backend raises its own types
-        raise ModelError(f"the {runtime.name} runtime failed on a batch {tuple(pixels.shape)}: "
-                         f"{one_line(str(exc))[:200]} (mismatched model?)") from None
-    if probs.shape != (len(pixels), n_classes):
-        raise ModelError(f"the {runtime.name} model returned shape {probs.shape} for a batch of "
-                         f"{len(pixels)}; its card has {n_classes} classes (mismatched model)")
-    return probs
-
-
-def _count(s: Summary, rows, b: Batch) -> None:
+def _count(s: Summary, rows, b: ScoredBatch) -> None:
     for j, row in enumerate(rows):
         if row[1]:
             s.scored += 1
@@ -176,6 +157,44 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
     """
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     say = (lambda m: None) if quiet else log
+    _check_usage(paths, output, resume, explain)
+    if dicom_out:  # SR (+ heatmap SC) per scored DICOM input: pneumo_edge.outputs.dicom_objects
+        from pneumo_edge.outputs.dicom_objects import SR_COLUMN, check_out_dir
+        check_out_dir(dicom_out)
+    walk = walk_images(paths, follow_links=follow_links)
+    extra = dicom_columns(walk.dicom, tuple(dicom_tags))
+    columns = [*extra, SR_COLUMN] if dicom_out else extra
+    if explain:  # refuse to replace earlier heatmaps before anything is opened or written
+        from pneumo_edge.commands.explain import BatchExplainer, prepare_out
+        explain = prepare_out(explain, walk.files, explain_force)
+    rt = _open(model, runtime, say)
+    source = _source(rt, ray, batch, workers, say)
+    used = rt.card.threshold if threshold is None else threshold
+    explainer = BatchExplainer(explain, rt, used, explain_which, log=say) if explain else None
+    s = Summary(files=len(walk.files), ignored=walk.ignored, links_skipped=walk.links_skipped)
+    head = header(rt.card.classes, columns)
+    record = None
+    if output:
+        sink, record = _output_sink(output, head, walk.files, source, s, paths=paths,
+                                    model=model, used=used, threshold=threshold, resume=resume,
+                                    follow_links=follow_links, say=say)
+    else:
+        sink = StdoutSink(head, stdout)
+    if dicom_out:
+        from pneumo_edge.outputs.dicom_objects import DicomOutSink
+        sink = DicomOutSink(sink, dicom_out, walk.files[s.resumed:], rt, used, threshold is None,
+                            explain_which if explain else None, log=say)
+    if not walk.files:
+        say("note: no image files found (.jpg .jpeg .png .bmp .tif .tiff .dcm .dicom, "
+            "or DICM at byte 128)")
+    _score_into(sink, walk, source, s, threshold=threshold, quiet=quiet, log=log,
+                output=output, record=record, dicom_tags=tuple(dicom_tags) if extra else None,
+                explainer=explainer)
+    _report(s, rt.card.classes, output, say)
+    return s
+
+
+def _check_usage(paths, output, resume: bool, explain) -> None:
     missing = [p for p in paths if not os.path.lexists(p)]
     if missing:
         raise PneumoError(f"{missing[0]}: no such file or folder")
@@ -186,65 +205,58 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
                           "scored in one run)")
     if output:
         check_output(output)
-    if dicom_out:  # SR (+ heatmap SC) per scored DICOM input: pneumo_edge.outputs.dicom_objects
-        from pneumo_edge.outputs.dicom_objects import SR_COLUMN, check_out_dir
-        check_out_dir(dicom_out)
-    walk = walk_images(paths, follow_links=follow_links)
-    extra = dicom_columns(walk.dicom, tuple(dicom_tags))
-    columns = [*extra, SR_COLUMN] if dicom_out else extra
-    rt = _open(model, runtime, say)
-    _run(rt, np.zeros((1, 1, rt.card.image_size, rt.card.image_size), np.uint8),
-         len(rt.card.classes))  # a model that does not fit its card fails here, before any row
-    if ray is not None:
-        from pneumo_edge.sources.ray import RayScorer
-
-        rt = RayScorer(rt, ray, log=say)
-    used = rt.card.threshold if threshold is None else threshold
-    if explain:  # refuse to replace earlier heatmaps before anything is written
-        from pneumo_edge.commands.explain import prepare_out
-        prepare_out(explain, walk.files, explain_force)
-    s = Summary(files=len(walk.files), ignored=walk.ignored, links_skipped=walk.links_skipped)
-    record = None
-    if output:
-        earlier = provenance.check_resume(output, rt, used, _has_rows(output)) if resume else None
-        record = provenance.start_record(
-            output=output, inputs=paths, model=model, runtime=rt, threshold=used,
-            threshold_from="card" if threshold is None else "--threshold",
-            follow_links=follow_links, earlier=earlier)
-        sink = PartialSink(output, header(rt.card.classes, columns), walk.files, resume=resume,
-                           log=say)
-        _take_resumed(s, sink.resumed, say, sink.partial)
-        provenance.write(output, record)
-    else:
-        sink = StdoutSink(header(rt.card.classes, columns), stdout)
-    if dicom_out:
-        from pneumo_edge.outputs.dicom_objects import DicomOutSink
-        sink = DicomOutSink(sink, dicom_out, walk.files[s.resumed:], rt, used, threshold is None,
-                            explain_which if explain else None, log=say)
-    if explain:  # heatmaps of the rows as they are written (pneumo_edge.commands.explain)
-        from pneumo_edge.commands.explain import ExplainingSink
-        sink = ExplainingSink(sink, explain, walk.files, rt, used, explain_which, explain_force,
-                              log=say)
-    if not walk.files:
-        say("note: no image files found (.jpg .jpeg .png .bmp .tif .tiff .dcm .dicom, "
-            "or DICM at byte 128)")
-    _score_into(sink, walk, rt, s, batch=batch, workers=workers, threshold=threshold,
-                quiet=quiet, log=log, output=output, record=record,
-                dicom_tags=tuple(dicom_tags) if extra else None)
-    _report(s, rt.card.classes, output, say)
-    return s
 
 
-def _score_into(sink, walk, rt, s: Summary, *, batch, workers, threshold, quiet, log, output,
-                record, dicom_tags=None) -> None:
+def _source(rt, ray, batch: int, workers: int | None, say) -> Source:
+    """The local source over ``rt``, or Ray's (``ray``: an address) with the same model file;
+    ``rt`` runs once first, so a model that does not fit its card fails before any row."""
+    run_model(rt, np.zeros((1, 1, rt.card.image_size, rt.card.image_size), np.uint8),
+              len(rt.card.classes))
+    if ray is None:
+        return LocalSource(rt, batch, workers)
+    from pneumo_edge.sources.ray import RaySource
+
+    return RaySource(rt, ray, batch=batch, log=say)
+
+
+def _output_sink(output, head, files, source: Source, s: Summary, *, paths, model, used,
+                 threshold, resume: bool, follow_links: bool, say):
+    """The ``-o FILE`` sink (continuing ``FILE.partial`` with ``resume``) and the started
+    provenance record, written beside ``FILE.partial``."""
+    info = source.model
+    provenance.recover(output)
+    earlier = provenance.check_resume(output, info, used, _has_rows(output)) if resume \
+        else None
+    record = provenance.start_record(
+        output=output, inputs=paths, model=model, runtime=info, threshold=used,
+        threshold_from="card" if threshold is None else "--threshold",
+        follow_links=follow_links, earlier=earlier)
+    finished = (earlier or {}).get("input_identity") or {}
+
+    def seal(digest):
+        provenance.write(output, provenance.end_record(record, s, "finished", s.exit_code,
+                                                       digest))
+
+    sink = PartialSink(output, head, files, resume=resume, log=say,
+                       check=RowCheck(info.card, used), finished_digest=finished.get("sha256"),
+                       seal=seal, publish=lambda: provenance.publish(output))
+    _take_resumed(s, sink.resumed, say, sink.partial)
+    provenance.write(output, record)
+    return sink, record
+
+
+def _score_into(sink, walk, source, s: Summary, *, threshold, quiet, log, output, record,
+                dicom_tags=None, explainer=None) -> None:
     """Score every file into ``sink`` and finish it; on any failure keep what was written,
     record the outcome in the provenance file, and say how to continue."""
     status = "interrupted"
+    hooks = (explainer.add_batch,) if explainer is not None else ()
     with _progress(len(walk.files), s.resumed, quiet) as bar:
         try:
-            score_files(walk.files, rt, sink, batch=batch, workers=workers, threshold=threshold,
-                        summary=s, progress=bar, known=walk.errors, dicom_tags=dicom_tags)
-            sink.finish()
+            score_source(walk.files, source, sink, threshold=threshold, summary=s,
+                         progress=bar, known=walk.errors, dicom_tags=dicom_tags,
+                         after_batch=hooks)
+            sink.finish()  # with -o, this writes the finished run's provenance record
             status = "finished"
         except BaseException as exc:
             sink.close()
@@ -254,17 +266,17 @@ def _score_into(sink, walk, rt, s: Summary, *, batch, workers, threshold, quiet,
             status = "write failed" if isinstance(exc, WriteError) else status
             raise
         finally:
-            if record is not None:
+            if record is not None and status != "finished":
                 _record_end(output, record, s, status, log)
+    if explainer is not None:
+        explainer.finish()
 
 
 def _record_end(output, record, s: Summary, status: str, log) -> None:
-    code = s.exit_code if status == "finished" else (2 if status == "write failed" else None)
+    code = 2 if status == "write failed" else None
     try:
         provenance.write(output, provenance.end_record(record, s, status, code))
     except PneumoError as exc:
-        if status == "finished":
-            raise
         if status == "interrupted":  # after a write failure the error line says it all
             log(f"warning: {exc}")
 
@@ -293,6 +305,9 @@ def _take_resumed(s: Summary, r, say, partial) -> None:
     s.resumed, s.scored, s.failed, s.labels = r.rows, r.scored, r.failed, dict(r.labels)
     if r.rows:
         say(f"resuming {partial}: {r.rows} of {s.files} rows already written")
+    if r.changed is not None:
+        say(f"{path_text(r.changed)}: changed since its row was written (size, modification "
+            "time or inode): scoring it and the files after it again")
 
 
 def _report(s: Summary, classes, output, say) -> None:

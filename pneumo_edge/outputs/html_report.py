@@ -18,6 +18,12 @@ def esc(x) -> str:
     return html.escape(str(x), quote=True)
 
 
+def esc_path(path) -> str:
+    """A file or folder name as the CSV writes it (:func:`pneumo_edge.outputs.csvout.path_text`:
+    bytes that are not UTF-8 as ``\\xNN``), HTML-escaped."""
+    return esc(_shown(path))
+
+
 def num(x, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) \
         else f"{x:.{digits}f}"
@@ -163,11 +169,11 @@ def card_section(card, m: dict) -> str:
 
 def data_section(m: dict) -> str:
     counts = ", ".join(f"{c}: {n}" for c, n in m["counts"].items())
-    out = [(f"<p>Folder <code>{esc(m['data'])}</code>: {esc(counts)} image files; "
+    out = [(f"<p>Folder <code>{esc_path(m['data'])}</code>: {esc(counts)} image files; "
            f"{m['n']} evaluated, {m['skipped_unreadable']} could not be decoded.</p>")]
     if m["failed"]:
         out.append('<table><tr><th class="l">file not evaluated</th><th class="l">reason</th>'
-                   "</tr>" + _rows([[(f["path"], "l"), (f["reason"], "l")]
+                   "</tr>" + _rows([[(_shown(f["path"]), "l"), (f["reason"], "l")]
                                     for f in m["failed"][:50]]) + "</table>")
         if len(m["failed"]) > 50:
             out.append(f"<p class='note'>... and {len(m['failed']) - 50} more (eval's JSON "
@@ -234,11 +240,12 @@ def gallery_section(m: dict, pictures: dict) -> str:
         for it in items:
             png = pictures.get(it["index"])
             if png is None:
-                out.append(f"<p>{esc(it['path'])}: P = {it['p']:.3f}</p>")
+                out.append(f"<p>{esc_path(it['path'])}: P = {it['p']:.3f}</p>")
                 continue
             b64 = base64.b64encode(png).decode("ascii")
-            out.append(f'<figure><img alt="{esc(it["path"])}" src="data:image/png;base64,'
-                       f'{b64}"><figcaption class="note">{esc(it["path"])}</figcaption></figure>')
+            out.append(f'<figure><img alt="{esc_path(it["path"])}" src="data:image/png;base64,'
+                       f'{b64}"><figcaption class="note">{esc_path(it["path"])}</figcaption>'
+                       "</figure>")
         out.append("</div>")
     return "\n".join(out)
 
@@ -249,9 +256,9 @@ def build_html(m: dict, card, pictures: dict | None = None, method: str = "") ->
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>pneumo-edge evaluation: {esc(m['data'])}</title>",
+        f"<title>pneumo-edge evaluation: {esc_path(m['data'])}</title>",
         f"<style>{CSS}</style></head><body>",
-        f"<h1>pneumo-edge evaluation of {esc(m['data'])}</h1>",
+        f"<h1>pneumo-edge evaluation of {esc_path(m['data'])}</h1>",
         (f"<p class='note'>Written {when} by pneumo-edge eval. Research software, not a medical "
         "device.</p>"),
         "<h2>Model</h2>", card_section(card, m),
@@ -284,8 +291,15 @@ def gallery_pictures(ev, runtime) -> dict:
             px = ev.pixels[it["index"]]
             e = ex(px)
             label = card.classes[card.label_index(e.probs)]
-            out[it["index"]] = picture_png(px, it["path"], e, card, card.threshold, label)
+            out[it["index"]] = picture_png(px, _shown(it["path"]), e, card, card.threshold,
+                                           label)
     return out
+
+
+def _shown(path) -> str:
+    from pneumo_edge.outputs.csvout import path_text
+
+    return path_text(str(path))
 
 
 def write_report(ev, runtime, path) -> None:

@@ -5,7 +5,7 @@ The file list (walked on the driver, as local scoring walks it) becomes a Ray da
 preprocessing and its error reasons); an actor pool runs the model (each actor opens the model
 file once, the very file the driver opened and checked: same sha256, or the actor refuses; one
 GPU per actor when the cluster has GPUs); the results stream back to the driver in input order
-and go through :func:`pneumo_edge.commands.score.score_files` like local batches. So the CSV (header,
+and go through :func:`pneumo_edge.commands.score.score_source` like local batches. So the CSV (header,
 rows, error rows, number formats, DICOM columns), the ``-o`` file with its provenance record,
 and ``--resume`` are local scoring's own: rows are written in input order to ``FILE.partial``
 as they arrive, and a rerun with ``--resume`` skips the rows already written. The driver is the
@@ -15,6 +15,12 @@ the input paths).
 Failures: a killed decode task is retried and a killed actor is restarted by Ray (its batch is
 run again); rows are written by index, once each, and a gap or repeat in the stream is an
 error, never a silently shifted CSV. Ray is imported only here, only when ``--ray`` is used.
+
+Reaching the cluster: a ``HOST:PORT`` (or ``ray://HOST:PORT``) address is probed before Ray is
+started (:func:`probe`): nothing listening, no route, or a server that does not answer as a
+gRPC (HTTP/2) server does, as Ray's GCS and Ray Client do, is one :class:`UsageError` (exit 2)
+within :data:`PROBE_TIMEOUT_S` seconds each for the connection and the answer, instead of Ray's
+own minute of retries and C++ warnings on stderr.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import sys
-from dataclasses import dataclass
+import time
 
 import numpy as np
 
 from pneumo_edge.errors import ModelError, PneumoError, UsageError
-from pneumo_edge.inputs.pipeline import Batch
+from pneumo_edge.sources import ModelInfo, ScoredBatch
 
 INSTALL_HINT = "--ray needs Ray Data: pip install 'pneumo-edge[ray]' (or pip install 'ray[data]')"
 _ADDRESS = re.compile(r"^(auto|local|ray://[^\s]+|[A-Za-z0-9_.\-\[\]:]+:\d+)$")
@@ -43,6 +50,49 @@ def check_address(address: str) -> str:
     return address
 
 
+#: seconds for the TCP connection, and again for the server's first answer, of :func:`probe`
+PROBE_TIMEOUT_S = 4.0
+#: the HTTP/2 client connection preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5)
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Refuse (:class:`UsageError`) a ``HOST:PORT`` or ``ray://HOST:PORT`` address where no
+    gRPC server answers: a server speaking HTTP/2 sends its SETTINGS frame first. ``local``
+    and ``auto`` are Ray's to resolve and pass unprobed."""
+    if address in ("local", "auto"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except (OSError, ValueError) as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else \
+            (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
+        raise UsageError(f"--ray {address}: cannot connect ({why}); is the Ray cluster up "
+                         "at that address?") from None
+    with sock:
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(_H2_PREFACE)
+            head = _read_exactly(sock, 9)
+        except OSError:
+            head = b""
+    if len(head) < 9 or head[3] != 0x4:  # frame type 4: SETTINGS
+        raise UsageError(f"--ray {address}: the server there does not speak Ray (no gRPC "
+                         f"answer within {timeout:g} s); give the Ray head's GCS address (port "
+                         "6379 by default) or ray://HOST:10001")
+
+
+def _read_exactly(sock, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def import_ray():
     try:
         import ray
@@ -52,41 +102,29 @@ def import_ray():
     return ray
 
 
-@dataclass
-class RayBatch(Batch):
-    """A :class:`Batch` whose probabilities were computed on the cluster (``probs``: one row
-    per decoded file, in ``ok`` order)."""
+class RaySource:
+    """Scored batches from a Ray cluster: decode tasks and an actor pool running the file
+    ``runtime`` (opened and checked on the driver) was opened from, with the same runtime."""
 
-    probs: np.ndarray | None = None
-
-
-class RayScorer:
-    """Stands in for the driver's runtime in :func:`pneumo_edge.commands.score.score_files`: it has the
-    runtime's name, card, file and sha256 (for the provenance record), runs it for the local
-    pre-flight check, and supplies the decoded-and-scored batches from Ray (``batches``)."""
-
-    def __init__(self, runtime, address: str = "local", *, log=None, actors: int | None = None):
-        self.rt, self.address = runtime, check_address(address)
+    def __init__(self, runtime, address: str = "local", *, batch: int = 32, log=None,
+                 actors: int | None = None):
+        self.model = ModelInfo.of(runtime)
+        self.address, self.batch = check_address(address), batch
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-        self.actors = actors
+        self.actors, self.workers = actors, 0
         self.started = False
         self.actor_runtimes: set = set()
         import_ray()  # say how to install it before any row is written
+        probe(self.address)  # an unreachable cluster: one line before any row is written
 
-    def __getattr__(self, name):  # name, device, card, path, sha256, precision
-        return getattr(self.rt, name)
-
-    def __call__(self, pixels):
-        return self.rt(pixels)
-
-    def batches(self, files, size, batch, workers=None, start=0, known=None):
-        """Like :func:`pneumo_edge.inputs.pipeline.decode_batches`: ``files[start:]`` as batches in
-        input order, each carrying its probabilities."""
+    def batches(self, files, start=0, known=None):
+        """``files[start:]`` as scored batches in input order, each carrying its
+        probabilities (no pixels: they stay on the cluster)."""
         if start >= len(files):
             return
         ray = self._connect()
         try:
-            yield from self._stream(ray, files, size, batch, start, known or {})
+            yield from self._stream(ray, files, start, known or {})
         finally:
             self.close()
 
@@ -111,17 +149,22 @@ class RayScorer:
             ray.shutdown()
             self.started = False
 
-    def _stream(self, ray, files, size, batch, start, known):
-        ds = dataset(ray, files, start, known, size, batch, self.rt, self.actors)
-        expect = start
-        for block in _guarded(iter(ds.iter_batches(batch_size=batch, batch_format="numpy"))):
+    def _stream(self, ray, files, start, known):
+        ds = dataset(ray, files, start, known, self.model, self.batch, self.actors)
+        self.workers = int(ray.cluster_resources().get("CPU", 0))
+        expect, blocks = start, iter(ds.iter_batches(batch_size=self.batch, batch_format="numpy"))
+        while True:
+            t0 = time.perf_counter()
+            block = _next_block(blocks)
+            if block is None:
+                break
             idx = block["i"].astype(np.int64)
             if len(idx) and (idx[0] != expect or np.any(np.diff(idx) != 1)):
                 raise PneumoError(f"Ray returned rows out of order (expected file {expect}, "
                                   f"got {int(idx[0])}); nothing after row {expect} was written")
             expect += len(idx)
             self.actor_runtimes.update(set(block["runtime"].tolist()))
-            yield _batch(files, block)
+            yield _batch(files, block, time.perf_counter() - t0)
         if expect != len(files):
             raise PneumoError(f"Ray returned {expect - start} of {len(files) - start} rows; "
                               "rerun with --resume")
@@ -129,32 +172,30 @@ class RayScorer:
             self.log("ray actors ran: " + ", ".join(sorted(self.actor_runtimes)))
 
 
-def _guarded(blocks):
-    """Ray's own failures (a task that kept failing, an actor that cannot open the model)
-    as one line: the rows written so far stay, --resume continues."""
-    while True:
-        try:
-            block = next(blocks)
-        except StopIteration:
-            return
-        except PneumoError:
-            raise
-        except Exception as exc:  # noqa: BLE001 -- Ray wraps the cause in its own types
-            cause = getattr(exc, "cause", None) or exc
-            text = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]
-            raise ModelError(f"Ray scoring failed: {text[:240]}") from None
-        yield block
+def _next_block(blocks):
+    """The next block from Ray (None at the end); Ray's own failures (a task that kept
+    failing, an actor that cannot open the model) as one line: the rows written so far stay,
+    --resume continues."""
+    try:
+        return next(blocks)
+    except StopIteration:
+        return None
+    except PneumoError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- Ray wraps the cause in its own types
+        cause = getattr(exc, "cause", None) or exc
+        text = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]
+        raise ModelError(f"Ray scoring failed: {text[:240]}") from None
 
 
-def _batch(files, block) -> RayBatch:
+def _batch(files, block, wait_s: float) -> ScoredBatch:
     idx = block["i"].astype(np.int64)
     errors = [str(e) for e in block["error"]]
     ok = [j for j, e in enumerate(errors) if not e]
-    return RayBatch(int(idx[0]), [files[i] for i in idx],
-                    np.zeros((0, 1, 1, 1), np.uint8), ok,
-                    {j: e for j, e in enumerate(errors) if e},
-                    float(np.sum(block["cpu_s"])),
-                    probs=np.asarray(block["probs"], np.float32)[ok])
+    return ScoredBatch(int(idx[0]), [files[i] for i in idx], ok,
+                       {j: e for j, e in enumerate(errors) if e},
+                       np.asarray(block["probs"], np.float32)[ok],
+                       decode_cpu_s=float(np.sum(block["cpu_s"])), wait_s=wait_s)
 
 
 def cluster_plan(ray, actors: int | None):
@@ -167,7 +208,7 @@ def cluster_plan(ray, actors: int | None):
     return actors or max(1, int(res.get("CPU", 1)) // 4), 0
 
 
-def dataset(ray, files, start, known, size, batch, rt, actors=None):
+def dataset(ray, files, start, known, model: ModelInfo, batch, actors=None):
     from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()
@@ -179,12 +220,12 @@ def dataset(ray, files, start, known, size, batch, rt, actors=None):
              for i in range(start, len(files))]
     blocks = max(1, min(len(items), -(-len(items) // (batch * 4))))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map_batches(_decode, fn_kwargs={"size": size}, batch_size=batch,
+    ds = ds.map_batches(_decode, fn_kwargs={"size": model.card.image_size}, batch_size=batch,
                         batch_format="numpy", num_cpus=1)
     return ds.map_batches(
-        _ScoreActor, fn_constructor_kwargs={"file": str(rt.path), "runtime": rt.name,
-                                            "sha256": rt.sha256,
-                                            "classes": len(rt.card.classes)},
+        _ScoreActor, fn_constructor_kwargs={"file": str(model.path), "runtime": model.name,
+                                            "sha256": model.sha256,
+                                            "classes": len(model.card.classes)},
         batch_size=batch, batch_format="numpy", compute=ActorPoolStrategy(size=n_actors),
         num_gpus=gpus, num_cpus=0 if gpus else 1)  # Ray Data retries tasks and restarts
     # actors without limit by default (max_retries, max_restarts, max_task_retries = -1)
