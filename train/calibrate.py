@@ -136,6 +136,25 @@ def calibrate_network(model, card, data: dict, device, *, gate: str = "auto",
     return net.to(device).eval(), calib, entry
 
 
+def calibrate_card(model, card, data: dict, device, *, gate: str = "auto",
+                   rate: float = FALSE_FLAG_RATE, log=print):
+    """(calibrated network, its card): :func:`calibrate_network` plus the card: ``net`` options,
+    the threshold mapped onto the calibrated scale (from the uncalibrated one when ``model`` was
+    calibrated before), ``metrics["calibration"]`` and ``metrics["ood"]``."""
+    from dataclasses import replace
+
+    if card.net.get("calibration", "none") != "none":  # recalibrating: start from the raw scale
+        card = replace(card, threshold=card.metrics["calibration"]["threshold_before"])
+    net, calib, entry = calibrate_network(model, card, data, device, gate=gate, rate=rate,
+                                          log=log)
+    new = replace(card, net={**card.net, "calibration": net.calibration, "ood": net.ood},
+                  threshold=cal.map_threshold(card.threshold, calib["temperature"],
+                                              calib["bias"]),
+                  metrics={**card.metrics, "calibration": calib, "ood": entry})
+    new.validate()
+    return net, new
+
+
 def summary(calib: dict, gate: dict) -> str:
     lines = [f"calibration: T {calib['temperature']:.3f}, b {calib['bias']:+.3f} (fitted on val)"]
     for k in ("val", "test"):

@@ -22,6 +22,9 @@ from pneumo_edge.evaluation.stats import calibration as reliability
 #: bins of the expected calibration error and the reliability diagram (issue 20)
 ECE_BINS = 15
 METHOD = "temperature+bias"
+#: bounds of 1/T and |b|: on cleanly separated validation data the likelihood keeps improving as
+#: 1/T grows, so the fit stops at the bound (and says so) instead of running off to infinity
+MAX_INV_T, MAX_BIAS = 20.0, 20.0
 _EPS = 1e-12
 
 
@@ -61,13 +64,15 @@ def fit(logp, labels, positive: int, *, bias: bool = True, steps: int = 100) -> 
         while _nll(lp, onehot, positive, theta - t * step) > \
                 _nll(lp, onehot, positive, theta) + 1e-12 and t > 1e-6:
             t /= 2  # backtracking: never a step that makes the fit worse
-        theta = theta - t * step
-        if np.max(np.abs(t * step)) < 1e-10:
+        new = np.clip(theta - t * step, [-MAX_INV_T, -MAX_BIAS], [MAX_INV_T, MAX_BIAS])
+        moved, theta = np.max(np.abs(new - theta)), new
+        if moved < 1e-10:
             break
     if not theta[0] > 0:
         raise ModelError("calibration failed: on validation the probabilities rank the classes "
                          "backwards (fitted 1/T <= 0)")
     return {"temperature": float(1.0 / theta[0]), "bias": float(theta[1]),
+            "at_bound": bool(theta[0] >= MAX_INV_T or abs(theta[1]) >= MAX_BIAS),
             "nll_before": _nll(lp, onehot, positive, np.array([1.0, 0.0])),
             "nll_after": _nll(lp, onehot, positive, theta)}
 
@@ -142,7 +147,7 @@ def report(sets: dict, fitted: dict, positive: int) -> dict:
     """What the card records: the parameters and, per named set of ``(logp, labels)``
     (uncalibrated log-probabilities), ECE / Brier / reliability bins before and after."""
     out = {"method": METHOD, "temperature": fitted["temperature"], "bias": fitted["bias"],
-           "fitted_on": "val", "nll_before": fitted["nll_before"],
+           "fitted_on": "val", "at_bound": fitted["at_bound"], "nll_before": fitted["nll_before"],
            "nll_after": fitted["nll_after"], "ece_bins": ECE_BINS}
     for name, (logp, labels) in sets.items():
         truth = np.asarray(labels) == positive
