@@ -47,6 +47,7 @@ EVAL = "pneumo_edge.commands.options:EvalOptions"
 BENCH = "pneumo_edge.commands.options:BenchOptions"
 SCORE = "pneumo_edge.commands.options:ScoreOptions"
 EXPLAIN = "pneumo_edge.commands.options:ExplainOptions"
+LISTEN = "pneumo_edge.dicomnode.node:NodeConfig"
 
 
 class Finite(click.FloatRange):
@@ -450,6 +451,31 @@ def explain(paths, model, out, method, runtime, batch, force):
 
     sys.exit(run_explain(paths, model, out, method=method, runtime=runtime, force=force,
                          batch=batch))
+
+
+@main.command()
+@click.option("--model", "model", required=True, type=click.Path(), help="Model directory.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="The node's folder: received instances, results.csv, outbox, sent objects.")
+@from_field(LISTEN, "port", type=click.IntRange(1, 65535))
+@from_field(LISTEN, "ae_title")
+@from_field(LISTEN, "host")
+@from_field(LISTEN, "allow", metavar="AET[@IP],...")
+@from_field(LISTEN, "send_to", metavar="AET@HOST:PORT")
+@from_field(LISTEN, "explain", is_flag=True)
+@from_field(LISTEN, "batch", type=click.IntRange(1))
+@from_field(LISTEN, "max_wait", type=Finite(0))
+@from_field(LISTEN, "runtime", type=click.Choice(RUNTIME_CHOICES))
+@friendly
+def listen(**opts):
+    """A DICOM node: receive CR/DX chest radiographs by C-STORE, score them in batches, write
+    OUT/results.csv (the score CSV), and send a Structured Report (and with --explain a
+    heatmap Secondary Capture) per instance back to --send-to. Every instance acknowledged is
+    on disk first and is scored and sent exactly once, across kill -9 and restarts. SIGTERM
+    or Ctrl-C: stop accepting, finish what was accepted, exit 0. Research use only."""
+    from pneumo_edge.dicomnode.node import NodeConfig, run_node
+
+    sys.exit(run_node(NodeConfig(**opts)))
 
 
 @main.command()
