@@ -314,8 +314,9 @@ def test_other_sop_classes_refused_unscoreable_ones_get_error_rows(tiny_exported
 def test_garbage_on_the_socket_does_not_stop_the_node(tiny_exported, tmp_path):
     node = Node(tiny_exported, tmp_path / "node", free_port())
     try:
-        for junk in (b"\x00" * 10, b"GET / HTTP/1.1\r\n\r\n", os.urandom(4096),
-                     b"\x01\x00\x00\x00\xff\xff\xff\xff" + os.urandom(64)):
+        junks = (b"\x00" * 10, b"GET / HTTP/1.1\r\n\r\n", os.urandom(4096),
+                b"\x01\x00\x00\x00\xff\xff\xff\xff" + os.urandom(64))
+        for junk in junks * 3:  # more than the 8 simultaneous associations allowed
             with socket.create_connection(("127.0.0.1", node.port), timeout=5) as s:
                 s.sendall(junk)
                 s.settimeout(2)
@@ -323,8 +324,11 @@ def test_garbage_on_the_socket_does_not_stop_the_node(tiny_exported, tmp_path):
                     s.recv(100)
                 except OSError:
                     pass
-        assert echo(node.port) == 0
+        # connections that never complete a request hold a place for at most the 5 s
+        # associate timeout (scp.Limits); then a valid C-ECHO and C-STORE are served
+        wait_until(lambda: echo(node.port) == 0, timeout=20, what="a C-ECHO after the garbage")
         assert store(node.port, [xray(tmp_path / "ok.dcm", 0)]) == [0]
+        assert node.proc.poll() is None
     finally:
         assert node.stop() == 0
 

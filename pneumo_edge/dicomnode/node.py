@@ -29,10 +29,10 @@ class NodeConfig:
     port: int = _opt(11112, "TCP port to listen on.")
     ae_title: str = _opt("PNEUMO_EDGE", "This node's AE title (the called AE title).")
     host: str = _opt("127.0.0.1", "Address to bind; anything but loopback needs --allow.")
-    allow: str | None = _opt(None, "AET[@IP],...: the calling AE titles (and addresses) that "
-                             "may associate; everyone else is refused and logged. Default: "
+    allow: str | None = _opt(None, "The calling AE titles (each optionally @ an IP address) "
+                             "that may associate; everyone else is refused and logged. Default: "
                              "any AE title (loopback only).")
-    send_to: str | None = _opt(None, "AET@HOST:PORT: C-STORE the results (SR, SC) there, "
+    send_to: str | None = _opt(None, "C-STORE the results (SR, SC) there, "
                                "retried with back-off until sent. Default: keep them in "
                                "OUT/dicom.")
     explain: bool = _opt(False, "Also send an occlusion heatmap Secondary Capture per "

@@ -105,7 +105,12 @@ class Sender:
             self.log(f"outbox: {self.dest} {why}; {len(files)} objects wait")
             return False
         try:
-            return all(self._send_one(assoc, f) for f in files)
+            ok = True
+            for f in files:  # one refused object does not hold back the others
+                if not assoc.is_established:
+                    return False
+                ok = self._send_one(assoc, f) and ok
+            return ok
         finally:
             if assoc.is_established:
                 assoc.release()

@@ -37,9 +37,11 @@ SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 @dataclass(frozen=True)
 class Limits:
     max_pdu: int = 65536  # bytes we accept in one P-DATA PDU
-    max_associations: int = 4  # simultaneous
+    max_associations: int = 8  # simultaneous (a connection that never completes its request
+    #                            holds a place until associate_timeout)
     max_instance_bytes: int = 256 * 2**20  # one received instance
-    timeout: float = 30.0  # ACSE, DIMSE and network idle, seconds
+    associate_timeout: float = 5.0  # seconds from connection to a complete A-ASSOCIATE-RQ
+    timeout: float = 30.0  # DIMSE and network idle, seconds
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ def make_ae(ae_title: str, limits: Limits):
     ae = AE(ae_title=ae_title)
     ae.maximum_pdu_size = limits.max_pdu
     ae.maximum_associations = limits.max_associations
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = limits.timeout
+    ae.acse_timeout = limits.associate_timeout
+    ae.dimse_timeout = ae.network_timeout = limits.timeout
     ae.add_supported_context(VERIFICATION)
     for uid in CHEST_CLASSES:
         ae.add_supported_context(uid, list(SYNTAXES))
