@@ -182,7 +182,7 @@ def test_bench_defaults_are_the_bench_module_constants():
     from pneumo_edge.commands.options import BenchOptions
 
     fn, opts = plain_defaults(run_bench), BenchOptions()
-    assert (opts.warmup, opts.iters) == (fn["warmup"], fn["iters"])
+    assert (opts.runtime, opts.warmup, opts.iters) == (fn["runtimes"], fn["warmup"], fn["iters"])
     assert opts.batch == ",".join(map(str, fn["batches"]))
 
 
