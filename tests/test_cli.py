@@ -275,3 +275,15 @@ def test_from_field_builds_an_option_from_a_dataclass_field():
         assert "--path TEXT Where. [required]" in text
     finally:
         del globals()["Opts"]
+
+
+@pytest.mark.parametrize("cmd,shows", [("train", "[default: 55m]"), ("export", "[default: 128;")])
+def test_help_of_torch_commands_works_without_torch(cmd, shows):
+    """The defaults of train and export are read from their modules: on an edge install (no
+    torch) their --help still works and shows them."""
+    from test_edge import run_without_torch
+
+    proc = run_without_torch(cmd, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert shows in " ".join(proc.stdout.split())
+    assert "BLOCKED-MODULES-LOADED=[]" in proc.stderr
