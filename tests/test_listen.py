@@ -349,3 +349,25 @@ def test_listen_refuses_a_public_address_without_allow(tiny_exported, tmp_path):
                        cwd=REPO, capture_output=True, text=True, check=False)
     assert r.returncode == 2
     assert r.stderr.startswith("error: --host 0.0.0.0") and "--allow" in r.stderr
+
+
+def test_an_instance_over_the_size_limit_is_refused_and_not_stored(tmp_path):
+    """The receiving side alone (no model): a real pynetdicom server with a small limit."""
+    from pneumo_edge.dicomnode.scp import OUT_OF_RESOURCES, Handlers, Limits, make_ae
+    from pneumo_edge.dicomnode.store import Store
+
+    store_ = Store(tmp_path / "node")
+    limits = Limits(max_instance_bytes=5000)
+    ae, port = make_ae(NODE_AET, limits), free_port()
+    seen = []
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=Handlers(store_, (), limits, lambda: None,
+                                                   seen.append).bindings())
+    try:
+        big, small = xray(tmp_path / "big.dcm", 0), tmp_path / "small.dcm"
+        make(small, np.zeros((8, 8), np.uint16))
+        assert store(port, [big, small]) == [OUT_OF_RESOURCES, 0]
+    finally:
+        server.shutdown()
+    assert [p.name for p in (tmp_path / "node" / "received").iterdir()] == [f"{sop_uid(small)}.dcm"]
+    assert any("over the 5000 byte limit" in line for line in seen)

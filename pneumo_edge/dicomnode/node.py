@@ -65,7 +65,7 @@ def check(cfg: NodeConfig):
 def run_node(cfg: NodeConfig, log=None, ready=None) -> int:
     """Run until SIGTERM or SIGINT (or ``ready``'s caller sets the returned stop event);
     returns the exit code."""
-    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    log = log or stamped
     allow, dest = check(cfg)
     from pneumo_edge.commands.score import _open
     from pneumo_edge.dicomnode.outbox import Sender
@@ -102,6 +102,13 @@ def run_node(cfg: NodeConfig, log=None, ready=None) -> int:
             sender.stop(flush=True)
     log("stopped")
     return 0
+
+
+def stamped(msg: str) -> None:
+    """One log line on stderr, prefixed with the UTC time to the millisecond."""
+    now = time.time()
+    print(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z "
+          + msg, file=sys.stderr, flush=True)
 
 
 def _serve(store, worker, sender, cfg, stop, arrived, server, wait_for_batch, log) -> None:
