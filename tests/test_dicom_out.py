@@ -18,6 +18,7 @@ from PIL import Image
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("highdicom")
 from test_dicom import PHI_ID, PHI_NAME, _score, make, picture
+from test_score import as_interrupted
 
 from pneumo_edge.outputs import dicom_objects as dob
 
@@ -140,9 +141,8 @@ def test_resume_writes_no_second_sr(tiny_exported, tmp_path):
     before = {p: (p.stat().st_mtime_ns, pydicom.dcmread(p).SOPInstanceUID)
               for p in dcm.rglob("*.dcm")}
     assert len(before) == 2 and not list(dcm.rglob("*.sc.dcm"))
-    lines = full.splitlines(keepends=True)
-    out.unlink()
-    Path(f"{out}.partial").write_text("".join(lines[:2]))  # a_rich's row, b_mono1's is lost
+    lines = full.splitlines(keepends=True)  # a_rich's row kept, b_mono1's lost
+    as_interrupted(out, "".join(lines[:2]).encode(), [d / "a_rich.dcm"])
     proc = _score([*args, "--resume"])
     assert proc.returncode == 1, proc.stderr
     assert out.read_text() == full
