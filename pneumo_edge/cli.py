@@ -48,6 +48,7 @@ BENCH = "pneumo_edge.commands.options:BenchOptions"
 SCORE = "pneumo_edge.commands.options:ScoreOptions"
 EXPLAIN = "pneumo_edge.commands.options:ExplainOptions"
 LISTEN = "pneumo_edge.dicomnode.node:NodeConfig"
+CALIBRATE = "pneumo_edge.commands.calibrate:CalibrateOptions"
 
 
 class Finite(click.FloatRange):
@@ -476,6 +477,23 @@ def listen(**opts):
     from pneumo_edge.dicomnode.node import NodeConfig, run_node
 
     sys.exit(run_node(NodeConfig(**opts)))
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--data", required=True, type=click.Path(file_okay=False),
+              help="The ImageFolder root RUN was trained on (its split is rebuilt from the card).")
+@from_field(CALIBRATE, "gate", type=click.Choice(["auto", "mahalanobis", "energy"]))
+@from_field(CALIBRATE, "false_flag_rate", type=Finite(0, 0.5, min_open=True, max_open=True))
+@from_field(CALIBRATE, "device")
+@friendly
+def calibrate(run, data, **opts):
+    """Fit calibrated probabilities and the input quality gate for RUN without retraining: the
+    weights stay, model.pt and card.json are rewritten, exported files become stale (run export
+    again). Exit 2 for bad input."""
+    from pneumo_edge.commands.calibrate import CalibrateOptions, run_calibrate
+
+    sys.exit(run_calibrate(run, data, take(CalibrateOptions, opts)))
 
 
 @main.command()
