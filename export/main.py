@@ -80,7 +80,11 @@ def remove_stale(run: Path, log=None) -> list[str]:
     files of an export still running. Returns the names removed, each said on stderr."""
     log = log or _warn
     removed = []
-    for entry in sorted(os.scandir(run), key=lambda e: e.name):
+    try:
+        entries = sorted(os.scandir(run), key=lambda e: e.name)
+    except OSError:  # a folder that cannot be listed: nothing of ours to find
+        return removed
+    for entry in entries:
         m = STALE.fullmatch(entry.name)
         if m is None or _alive(int(next(g for g in m.groups() if g))):
             continue
