@@ -79,7 +79,7 @@ def test_score_without_torch(tiny_exported, tmp_path, runtime):
         assert re.search(r"^runtime: onnx(-fp16|-int8)? on (cpu|cuda:\d+) ", proc.stderr,
                          re.MULTILINE)
     rows = list(csv.reader(io.StringIO(out.read_text(encoding="utf-8"), newline="")))
-    assert rows[0] == ["path", "label", "p_NORMAL", "p_PNEUMONIA", "error"]
+    assert rows[0] == ["path", "label", "p_NORMAL", "p_PNEUMONIA", "qc", "error"]
     assert len(rows) == 1 + 48 and all(r[1] for r in rows[1:])
 
 

@@ -25,7 +25,7 @@ from pneumo_edge.cli import main
 from pneumo_edge.runtimes import open_runtime
 
 REPO = Path(__file__).resolve().parents[1]
-HEADER = ["path", "label", "p_NORMAL", "p_PNEUMONIA", "error"]
+HEADER = ["path", "label", "p_NORMAL", "p_PNEUMONIA", "qc", "error"]
 
 
 def cli(*args):
@@ -90,7 +90,7 @@ def test_nan_model_gives_error_rows_never_a_label(nan_run, tmp_path):
     assert len(rows) == 3
     for r in rows:
         assert r[1:4] == ["", "", ""], r  # no label, no half score
-        assert r[4] == "model produced non-finite probabilities"
+        assert r[-1] == "model produced non-finite probabilities"
     assert "failed 3" in err
 
 
@@ -385,7 +385,7 @@ def test_unlistable_folder_gets_an_error_row_and_exit_1(tiny_exported, tmp_path)
     assert code == 1, err
     rows = {r[0]: r for r in rows_of(out)}
     assert len(rows) == 3 and rows[str(deep)][1] == ""
-    assert rows[str(deep)][4] == "cannot list folder: File name too long"
+    assert rows[str(deep)][-1] == "cannot list folder: File name too long"
     assert "failed 1" in err
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from pneumo_edge.errors import PneumoError
 from pneumo_edge.inputs.folders import walk_images
+from pneumo_edge.model.qc import Gatekeeper, uncalibrated_notice
 from pneumo_edge.outputs import provenance
 from pneumo_edge.outputs.csvout import (
     NON_FINITE,
@@ -47,6 +48,7 @@ class Summary:
     ignored: int = 0  # other files passed over
     resumed: int = 0  # rows taken from an interrupted run
     links_skipped: int = 0  # folder symlinks not followed
+    flagged: int = 0  # rows with a qc verdict (with --qc refuse also counted in failed)
     labels: dict = field(default_factory=dict)
     seconds: float = 0.0  # wall time of this run's scoring
     decode_cpu_s: float = 0.0  # CPU seconds in decode threads
@@ -72,6 +74,8 @@ class Summary:
             out.append(f"{self.links_skipped} symbolic links to folders not followed "
                        "(--follow-links follows those leading outside the scanned folders)")
         out.append("labels: " + ", ".join(f"{c} {self.labels.get(c, 0)}" for c in classes))
+        if self.flagged:
+            out.append(f"qc flagged {self.flagged} images (see the qc column)")
         out.append(f"{self.done_now} images in {self.seconds:.2f} s: {rate:.1f} images/s; "
                    f"decode {self.decode_cpu_s:.2f} s CPU on {self.workers} threads, "
                    f"compute {self.compute_s:.2f} s, waiting for decode {self.wait_s:.2f} s")
@@ -97,12 +101,13 @@ def score_files(files, runtime, sink, *, batch: int = 32, workers: int | None = 
 def score_source(files, source: Source, sink, *, threshold: float | None = None,
                  summary: Summary | None = None, progress=None,
                  known: dict[str, str] | None = None, dicom_tags: tuple | None = None,
-                 after_batch=()) -> Summary:
+                 after_batch=(), gate: Gatekeeper | None = None) -> Summary:
     """Score ``files[summary.resumed:]`` with ``source``, writing rows to ``sink`` per batch.
     ``known``: paths that failed already (folders that cannot be listed) -> reason.
     ``dicom_tags``: None for no DICOM columns, else the tags after the UIDs (may be empty).
     ``after_batch``: callables ``(scored batch, its rows)`` run after the rows are written
-    (``--explain`` uses the batch's decoded pixels)."""
+    (``--explain`` uses the batch's decoded pixels). ``gate``: the qc column and
+    ``--prevalence`` (:class:`pneumo_edge.model.qc.Gatekeeper`); None writes no qc column."""
     s = summary or Summary(files=len(files))
     s.workers = source.workers
     card = source.model.card
@@ -113,7 +118,10 @@ def score_source(files, source: Source, sink, *, threshold: float | None = None,
             s.wait_s += b.wait_s
             s.compute_s += b.compute_s
             s.decode_cpu_s += b.decode_cpu_s
-            rows = score_rows(b, b.probs, card, threshold)
+            probs = b.probs if gate is None else gate.probs(b.probs)
+            rows = score_rows(b, probs, card, threshold)
+            if gate is not None:
+                rows = _with_qc(rows, gate.cells(b), gate.mode, s)
             if dicom_tags is not None:  # before the error column, which stays last
                 rows = [r[:-1] + dicom_values(p, dicom_tags) + r[-1:]
                         for r, p in zip(rows, b.paths)]
@@ -128,6 +136,19 @@ def score_source(files, source: Source, sink, *, threshold: float | None = None,
         s.seconds += time.perf_counter() - t_start
         s.workers = source.workers  # a cluster's is known once it is reached
     return s
+
+
+def _with_qc(rows, cells, mode: str, s: Summary) -> list[list[str]]:
+    """``qc`` goes after the probabilities; with ``--qc refuse`` a flagged scored row becomes an
+    error row (no label, no probabilities)."""
+    out = []
+    for row, qc in zip(rows, cells):
+        if qc:
+            s.flagged += 1
+            if mode == "refuse" and row[1]:
+                row = [row[0], "", *[""] * (len(row) - 3), f"refused by --qc refuse: {qc}"]
+        out.append([*row[:-1], qc, row[-1]])
+    return out
 
 
 def _count(s: Summary, rows, b: ScoredBatch) -> None:
@@ -146,11 +167,13 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
               workers: int | None = None, quiet: bool = False, follow_links: bool = False,
               dicom_tags=(), stdout=None, log=None, explain=None,
               explain_which: str = "positives", explain_force: bool = False,
-              dicom_out=None) -> Summary:
+              dicom_out=None, qc: str = "flag", prevalence: float | None = None) -> Summary:
     """What the ``score`` command does; returns the summary (its ``exit_code`` is 0 or 1).
 
     ``ray``: None scores here; a Ray address (``local``, ``auto``, ``HOST:PORT``) scores
     on that cluster with :mod:`pneumo_edge.sources.ray`, same rows and files.
+    ``qc``: flag, refuse or off (:mod:`pneumo_edge.model.qc`); ``prevalence``: the deployment
+    population's positive rate (probabilities and threshold moved by Bayes' rule on the odds).
 
     Raises :class:`PneumoError` (exit 2) for usage errors, before writing anything, and
     :class:`WriteError` (exit 2) when the CSV cannot be written.
@@ -163,12 +186,18 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
         check_out_dir(dicom_out)
     walk = walk_images(paths, follow_links=follow_links)
     extra = dicom_columns(walk.dicom, tuple(dicom_tags))
-    columns = [*extra, SR_COLUMN] if dicom_out else extra
+    columns = ["qc", *extra, *([SR_COLUMN] if dicom_out else [])]
     if explain:  # refuse to replace earlier heatmaps before anything is opened or written
         from pneumo_edge.commands.explain import BatchExplainer, prepare_out
         explain = prepare_out(explain, walk.files, explain_force)
     rt = _open(model, runtime, say)
+    gate = Gatekeeper(rt.card, qc, prevalence, threshold)
+    note = uncalibrated_notice(rt.card, model)
+    if note:
+        say(note)
     source = _source(rt, ray, batch, workers, say)
+    if prevalence is not None:
+        threshold = gate.threshold
     used = rt.card.threshold if threshold is None else threshold
     explainer = BatchExplainer(explain, rt, used, explain_which, log=say) if explain else None
     s = Summary(files=len(walk.files), ignored=walk.ignored, links_skipped=walk.links_skipped)
@@ -178,6 +207,7 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
         sink, record = _output_sink(output, head, walk.files, source, s, paths=paths,
                                     model=model, used=used, threshold=threshold, resume=resume,
                                     follow_links=follow_links, say=say)
+        record.update(qc=qc, prevalence=prevalence)
     else:
         sink = StdoutSink(head, stdout)
     if dicom_out:
@@ -189,7 +219,7 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
             "or DICM at byte 128)")
     _score_into(sink, walk, source, s, threshold=threshold, quiet=quiet, log=log,
                 output=output, record=record, dicom_tags=tuple(dicom_tags) if extra else None,
-                explainer=explainer)
+                explainer=explainer, gate=gate)
     _report(s, rt.card.classes, output, say)
     return s
 
@@ -246,7 +276,7 @@ def _output_sink(output, head, files, source: Source, s: Summary, *, paths, mode
 
 
 def _score_into(sink, walk, source, s: Summary, *, threshold, quiet, log, output, record,
-                dicom_tags=None, explainer=None) -> None:
+                dicom_tags=None, explainer=None, gate=None) -> None:
     """Score every file into ``sink`` and finish it; on any failure keep what was written,
     record the outcome in the provenance file, and say how to continue."""
     status = "interrupted"
@@ -255,7 +285,7 @@ def _score_into(sink, walk, source, s: Summary, *, threshold, quiet, log, output
         try:
             score_source(walk.files, source, sink, threshold=threshold, summary=s,
                          progress=bar, known=walk.errors, dicom_tags=dicom_tags,
-                         after_batch=hooks)
+                         after_batch=hooks, gate=gate)
             sink.finish()  # with -o, this writes the finished run's provenance record
             status = "finished"
         except BaseException as exc:

@@ -34,8 +34,9 @@ class LocalSource:
                 t1 = time.perf_counter()
                 if b is None:
                     return
-                probs = run_model(self.rt, b.pixels, len(card.classes))
+                probs, ood = run_outputs(self.rt, b.pixels, len(card.classes))
                 yield ScoredBatch(b.start, b.paths, b.ok, b.errors, probs, pixels=b.pixels,
+                                  ood=ood,
                                   decode_cpu_s=b.decode_cpu_s, wait_s=t1 - t0,
                                   compute_s=time.perf_counter() - t1)
         finally:
@@ -45,10 +46,17 @@ class LocalSource:
 def run_model(runtime, pixels: np.ndarray, n_classes: int) -> np.ndarray:
     """``runtime`` on one batch of pixels: float32 ``[N, n_classes]``; a runtime that raises
     or answers in another shape is a :class:`ModelError` (the run stops, exit 2)."""
+    return run_outputs(runtime, pixels, n_classes)[0]
+
+
+def run_outputs(runtime, pixels: np.ndarray, n_classes: int):
+    """(probabilities ``[N, n_classes]``, the out-of-distribution score ``[N]`` or None when the
+    model has no gate) of ``runtime`` on one batch: :func:`run_model`'s checks."""
     if len(pixels) == 0:
-        return np.zeros((0, n_classes), np.float32)
+        return np.zeros((0, n_classes), np.float32), None
     try:
-        probs = np.asarray(runtime(pixels))
+        outs = runtime.outputs(pixels)
+        probs, ood = np.asarray(outs["probs"]), outs.get("ood")
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 -- each backend raises its own types
@@ -58,4 +66,7 @@ def run_model(runtime, pixels: np.ndarray, n_classes: int) -> np.ndarray:
     if probs.shape != (len(pixels), n_classes):
         raise ModelError(f"the {runtime.name} model returned shape {probs.shape} for a batch of "
                          f"{len(pixels)}; its card has {n_classes} classes (mismatched model)")
-    return probs
+    if ood is not None and np.shape(ood) != (len(pixels),):
+        raise ModelError(f"the {runtime.name} model returned an ood output of shape "
+                         f"{np.shape(ood)} for a batch of {len(pixels)} (mismatched model)")
+    return probs, ood
