@@ -117,7 +117,7 @@ def test_directory_with_only_model_onnx_scores_evals_and_benches(tiny_exported, 
     rt = open_runtime(run, "auto", log=lambda m: None)
     assert rt.name == "onnx" and rt.card == card  # the card from the file's metadata
     code, out, err = score(images, run)
-    assert code == 0 and out.splitlines()[0] == "path,label,p_NORMAL,p_PNEUMONIA,error", err
+    assert code == 0 and out.splitlines()[0] == "path,label,p_NORMAL,p_PNEUMONIA,qc,error", err
     assert len(out.splitlines()) == 4
     res = CliRunner().invoke(main, ["eval", "--model", str(run), "--data", str(tiny_labelled),
                                     "--runtime", "onnx"])

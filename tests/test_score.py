@@ -29,6 +29,7 @@ from pneumo_edge.model.card import Card
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "chest_xray" / "train"
 HEADER = ["path", "label", "p_NORMAL", "p_PNEUMONIA", "error"]
+SCORED = [*HEADER[:-1], "qc", HEADER[-1]]  # what score writes: the qc column before error
 
 
 def runtime_line(model, runtime) -> str:
@@ -47,8 +48,8 @@ def run(*args):
 
 def rows_of(text: str) -> list[list[str]]:
     rows = list(csv.reader(io.StringIO(text, newline="")))
-    assert rows[0] == HEADER
-    assert all(len(r) == len(HEADER) for r in rows)
+    assert rows[0] == SCORED
+    assert all(len(r) == len(SCORED) for r in rows)
     return rows[1:]
 
 
@@ -86,7 +87,7 @@ def check_labels(rows, card: Card, threshold=None):
             p = [float(x) for x in r[2:4]]
             assert abs(sum(p) - 1) < 1e-4
             assert r[1] == ("PNEUMONIA" if p[1] >= t else "NORMAL"), r
-            assert r[4] == ""
+            assert r[-1] == ""
 
 
 # --------------------------------------------------------------------------- the contract
@@ -99,7 +100,7 @@ def test_bundled_samples_header_order_one_row_each(tiny_exported):
     expected = walk_images([SAMPLES]).files
     assert len(expected) == 48
     assert [r[0] for r in rows] == expected  # sorted walk order, one row per file
-    assert all(r[1] and not r[4] for r in rows)
+    assert all(r[1] and not r[-1] for r in rows)
     check_labels(rows, Card.load(tiny_exported))
     assert all(len(x.split(".")[1]) == 6 for r in rows for x in r[2:4])
     # the summary and the runtime choice are on stderr only
@@ -248,7 +249,7 @@ def test_hostile_files_get_error_rows_not_crashes(tiny_exported, tmp_path):
     for name, word in bad.items():
         r = rows[name]
         assert r[1:4] == ["", "", ""], name  # never a label or half a score
-        assert word in r[4] and "\n" not in r[4], (name, r[4])
+        assert word in r[-1] and "\n" not in r[-1], (name, r[-1])
     assert rows["good.jpg"][1] and rows["looks_like.png/inside.bmp"][1]
     assert f"failed {len(bad)}" in err and "ignored 2" in err
 
@@ -263,7 +264,7 @@ def test_unreadable_file_gets_error_row(tiny_exported, tmp_path):
     finally:
         p.chmod(0o644)
     rows = rows_of(out)
-    assert code == 1 and "permission denied" in rows[0][4] and rows[1][1]
+    assert code == 1 and "permission denied" in rows[0][-1] and rows[1][1]
 
 
 def test_unexpected_decoder_exception_becomes_error_row(tiny_exported, tmp_path, monkeypatch):
@@ -278,7 +279,7 @@ def test_unexpected_decoder_exception_becomes_error_row(tiny_exported, tmp_path,
     monkeypatch.setattr(pipeline, "load_image", flaky)
     code, out, _ = run(tmp_path / "d", "--model", tiny_exported)
     rows = rows_of(out)
-    assert code == 1 and rows[1][4] == "cannot decode: RuntimeError: decoder blew up"
+    assert code == 1 and rows[1][-1] == "cannot decode: RuntimeError: decoder blew up"
     assert rows[0][1] and rows[2][1]
 
 
@@ -362,7 +363,7 @@ def test_no_image_files_is_header_only(tiny_exported, tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.txt").write_text("x")
     code, out, err = run(tmp_path / "d", "--model", tiny_exported)
-    assert code == 0 and out == ",".join(HEADER) + "\n" and "no image files" in err
+    assert code == 0 and out == ",".join(SCORED) + "\n" and "no image files" in err
 
 
 # --------------------------------------------------------------------------- -o and --resume
@@ -443,7 +444,7 @@ def as_interrupted(out: Path, data: bytes, files) -> None:
 def same_rows(got, ref):
     assert [r[0] for r in got] == [r[0] for r in ref]  # no row dropped or duplicated
     assert [r[1] for r in got] == [r[1] for r in ref]
-    assert [r[4] for r in got] == [r[4] for r in ref]
+    assert [r[-1] for r in got] == [r[-1] for r in ref]
     for g, r in zip(got, ref):
         if r[1]:
             assert np.allclose([float(x) for x in g[2:4]], [float(x) for x in r[2:4]], atol=2e-6)
