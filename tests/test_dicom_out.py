@@ -228,3 +228,18 @@ def test_a_full_precision_threshold_is_recognised_and_another_replaces_both(tmp_
     assert pydicom.dcmread(sr).SOPInstanceUID == uid
     assert dob.write_result_objects(src, info_for(threshold=0.3), out) == [sr]
     assert pydicom.dcmread(sr).SOPInstanceUID != uid and not sc.exists()
+
+
+def test_dicom_out_with_heatmaps_imports_no_torch(tiny_exported, tmp_path):
+    from test_edge import run_without_torch  # the torch-hiding launcher of the edge tests
+
+    d = tmp_path / "in"
+    d.mkdir()
+    make(d / "a.dcm", picture().astype(np.int32) * 16)
+    proc = run_without_torch("score", d, "--model", tiny_exported, "--runtime", "onnx",
+                             "--dicom-out", tmp_path / "dcm", "--explain", tmp_path / "ex",
+                             "--explain-which", "all")
+    assert proc.returncode == 0, proc.stderr
+    assert "BLOCKED-MODULES-LOADED=[]" in proc.stderr
+    assert len(list((tmp_path / "dcm").rglob("*.sr.dcm"))) == 1
+    assert len(list((tmp_path / "dcm").rglob("*.sc.dcm"))) == 1
