@@ -396,6 +396,8 @@ def bench(model, runtime, batch, warmup, iters, max_time, data, limit, threads, 
 @click.option("--force-explain", "explain_force", is_flag=True,
               help="Replace heatmaps and explain.csv already in the --explain folder.")
 @from_field(SCORE, "dicom_columns", metavar="TAG,...")
+@from_field(SCORE, "qc", type=click.Choice(["flag", "refuse", "off"]))
+@from_field(SCORE, "prevalence", type=Finite(0, 1, min_open=True, max_open=True))
 @click.option("--dicom-out", type=click.Path(file_okay=False), metavar="DIR",
               help="Per scored DICOM input, write a DICOM Structured Report (and with --explain "
                    "a heatmap Secondary Capture) in its study to "
@@ -403,7 +405,8 @@ def bench(model, runtime, batch, warmup, iters, max_time, data, limit, threads, 
                    "column names it. Research use only.")
 @friendly
 def score(paths, model, runtime, batch, threshold, output, resume, workers, quiet, ray,
-          follow_links, explain, explain_which, explain_force, dicom_columns, dicom_out):
+          follow_links, explain, explain_which, explain_force, dicom_columns, dicom_out, qc,
+          prevalence):
     """Score image files and folders: CSV (path,label,p_<class>...,error) on stdout or -o.
 
     Inputs: .jpg .jpeg .png .bmp .tif .tiff, DICOM as .dcm/.dicom (any case), and any other
@@ -411,6 +414,10 @@ def score(paths, model, runtime, batch, threshold, output, resume, workers, quie
     input is DICOM, study_uid,series_uid,sop_uid columns (and --dicom-columns) come before
     error; no patient name or other PHI is written. A DICOM that is not a CR/DX/DR chest
     radiograph gets an error row.
+
+    The qc column is empty when an image looks like the X-rays the model was trained on, else
+    it says why not (blank image, out-of-distribution score, lateral view); --qc refuse turns
+    those rows into error rows.
 
     Exit 0 when every image file was scored, 1 when some could not be (their rows carry the
     reason), 2 for usage errors and when the CSV cannot be written. With -o FILE, FILE.json
@@ -424,7 +431,7 @@ def score(paths, model, runtime, batch, threshold, output, resume, workers, quie
                             follow_links=follow_links, explain=explain,
                             explain_which=explain_which, explain_force=explain_force,
                             dicom_tags=[t.strip() for t in dicom_columns.split(",") if t.strip()],
-                            dicom_out=dicom_out)
+                            dicom_out=dicom_out, qc=qc, prevalence=prevalence)
     except BrokenPipeError:  # the reader stopped (`| head`): stop quietly, like other tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)

@@ -64,6 +64,11 @@ class ScoreOptions:
                               "Modality, ViewPosition, BodyPartExamined, "
                               "PhotometricInterpretation, TransferSyntaxUID, SOPClassUID, "
                               "BitsStored, Rows, Columns, Manufacturer, ManufacturerModelName.")
+    qc: str = _opt("flag", "Input quality gate: flag (keep the label, reasons in the qc column), "
+                   "refuse (flagged images become error rows, exit 1) or off.")
+    prevalence: float | None = _opt(None, "Positive rate of the population scored, when it "
+                                    "differs from the validation split's: probabilities follow "
+                                    "Bayes' rule on the odds, labels stay (calibrated models).")
 
 
 @dataclass
