@@ -257,7 +257,7 @@ def broken_files(tmp_path: Path, grey: np.ndarray) -> dict[str, str]:
     (tmp_path / "rle_cut.dcm").write_bytes(rle[:len(rle) * 2 // 3])
     return {"truncated.dcm": "truncated", "garbage.dcm": "no DICM marker",
             "nopixels.dcm": "DICOM without pixel data", "ct.dcm": "Modality 'CT'",
-            "knee.dcm": "BodyPartExamined 'KNEE'", "multiframe.dcm": "multi-frame DICOM (2",
+            "knee.dcm": "BodyPartExamined is not CHEST", "multiframe.dcm": "multi-frame DICOM (2",
             "rgb.dcm": "only greyscale", "huge.dcm": "too large: 20000x20000",
             "rle_cut.dcm": "truncated DICOM pixel data (RLE Lossless)"}
 
@@ -377,6 +377,8 @@ def test_identifying_dicom_columns_are_refused(tiny_exported, tmp_path, grey):
 
 
 def test_resume_keeps_the_dicom_header(tiny_exported, tmp_path, grey):
+    from test_score import as_interrupted
+
     d = tmp_path / "in"
     d.mkdir()
     for i in range(3):
@@ -385,8 +387,7 @@ def test_resume_keeps_the_dicom_header(tiny_exported, tmp_path, grey):
     assert _score([d, "--model", tiny_exported, "--runtime", "onnx", "-o", out]).returncode == 0
     full = out.read_text()
     lines = full.splitlines(keepends=True)
-    out.unlink()
-    Path(f"{out}.partial").write_text("".join(lines[:2]))
+    as_interrupted(out, "".join(lines[:2]).encode(), [d / "0.dcm"])  # header + the first row
     proc = _score([d, "--model", tiny_exported, "--runtime", "onnx", "-o", out, "--resume"])
     assert proc.returncode == 0, proc.stderr
     assert out.read_text() == full

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pneumo_edge.errors import DataError
-from pneumo_edge.inputs.images import input_kind
+from pneumo_edge.inputs.images import input_kind, quiet_decoders
 
 
 @dataclass
@@ -44,7 +44,10 @@ def walk_images(paths, *, follow_links: bool = False) -> Walk:
     Directories named like images (``x.png/``) are descended, not listed. Broken symlinks with
     an image extension are listed (so they get an error row); a folder that cannot be listed
     is listed with its reason in ``errors``. See the module docstring for symlinks.
+    Every caller decodes what it finds next, so decoders' warnings are silenced here, before
+    any decode thread starts (:func:`pneumo_edge.inputs.images.quiet_decoders`).
     """
+    quiet_decoders()
     walk = Walk([])
     roots = [os.path.realpath(p) for p in paths if os.path.isdir(p)]
     seen: set[str] = set()

@@ -35,13 +35,14 @@ through :mod:`pneumo_edge.inputs.dicom` (Modality LUT, VOI LUT, MONOCHROME1 inve
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pneumo_edge.inputs.dicom import DICOM_EXTENSIONS, DicomError, is_dicomdir, sniff
+from pneumo_edge.inputs.dicom import DICOM_EXTENSIONS, DicomError, is_dicomdir, quiet, sniff
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 
@@ -49,6 +50,19 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 MAX_PIXELS = 80_000_000
 #: Refuse files above this many bytes before opening them.
 MAX_FILE_BYTES = 512 * 1024 * 1024
+
+
+def quiet_decoders() -> None:
+    """Process-wide, once per run, in the main thread before decode threads start (the warnings
+    filter list is global, and ``warnings.catch_warnings`` inside decode threads would race):
+    pydicom's warnings off (:func:`pneumo_edge.inputs.dicom.quiet`), and Pillow's
+    DecompressionBombWarning too (the ``max_pixels`` check below refuses those images itself,
+    with its reason)."""
+    quiet()
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+quiet_decoders()
 
 
 class ImageError(Exception):
@@ -105,20 +119,18 @@ def decode_grey(
     if input_kind(path) == "dicom":
         return _decode_dicom(path, max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise ImageError(path, f"too large: {w}x{h} pixels (limit {max_pixels:,})")
-                if draft_size and im.format == "JPEG":
-                    im.draft("L", (draft_size, draft_size))
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                return _to_grey(im, path)
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageError(path, f"too large: {w}x{h} pixels (limit {max_pixels:,})")
+            if draft_size and im.format == "JPEG":
+                im.draft("L", (draft_size, draft_size))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_grey(im, path)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageError(path, f"too large (decompression bomb check): {exc}") from None
     except UnidentifiedImageError:
         raise ImageError(path, "not a recognised image file") from None
@@ -146,6 +158,8 @@ def _check_file(path: str | os.PathLike) -> None:
         raise ImageError(path, f"cannot read: {exc.strerror or exc}") from None
     if p.is_dir():
         raise ImageError(path, "is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the first read: never opened
+        raise ImageError(path, "not a regular file (FIFO, device or socket): not read")
     if st.st_size == 0:
         raise ImageError(path, "empty file (0 bytes)")
     if st.st_size > MAX_FILE_BYTES:

@@ -74,6 +74,8 @@ def dicom_values(path: str, tags=()) -> list[str]:
     if input_kind(path) != "dicom":
         return [""] * (3 + len(tags))
     ident = identity(path, tags)
+    for note in ident.notes:  # a value left empty (not a valid UID); the note quotes nothing
+        print(f"note: {path_text(path)}: {note}", file=sys.stderr)
     return [*ident.uids, *ident.tags]
 
 
