@@ -580,7 +580,7 @@ def test_resume_rescores_files_replaced_since_the_interrupted_run(tiny_exported,
     changed = Path(ref[2][0])
     Image.fromarray(grey(99, w=100, h=130)).save(changed, format=changed.suffix[1:].replace(
         "jpg", "jpeg").upper())
-    code, _, new_ref = run(d, "--model", tiny_exported, "--batch", "2")
+    code, new_ref, _ = run(d, "--model", tiny_exported, "--batch", "2")
     new_ref = rows_of(new_ref)
     assert new_ref[2][2:4] != ref[2][2:4]  # the replacement scores differently
     code, _, err = run(d, "--model", tiny_exported, "--batch", "2", "-o", out, "--resume")
@@ -596,7 +596,7 @@ def test_resume_of_a_finished_file_rescores_after_an_input_changed(tiny_exported
     assert "input_identity" in json.loads((tmp_path / "out.csv.json").read_text())
     changed = Path(ref[-3][0])
     Image.fromarray(grey(77)).save(changed, format="PNG" if changed.suffix == ".png" else "JPEG")
-    code, _, new_ref = run(d, "--model", tiny_exported)
+    code, new_ref, _ = run(d, "--model", tiny_exported)
     code, _, err = run(d, "--model", tiny_exported, "-o", out, "--resume")
     assert code == 1 and "scoring all again" in err, err
     assert rows_of(out.read_text(encoding="utf-8")) == rows_of(new_ref)
