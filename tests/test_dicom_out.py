@@ -243,3 +243,23 @@ def test_dicom_out_with_heatmaps_imports_no_torch(tiny_exported, tmp_path):
     assert "BLOCKED-MODULES-LOADED=[]" in proc.stderr
     assert len(list((tmp_path / "dcm").rglob("*.sr.dcm"))) == 1
     assert len(list((tmp_path / "dcm").rglob("*.sc.dcm"))) == 1
+
+
+@pytest.mark.parametrize("tags", [{"PatientSex": "U"}, {"PatientBirthDate": "19470132"},
+                                  {"StudyDate": "2024/01/02"}, {"StudyTime": "25:00"},
+                                  {"PatientID": "x" * 70},
+                                  {"ReferringPhysicianName": "a^b^c^d^e^f"}])
+def test_invalid_patient_and_study_values_are_written_empty(tmp_path, monkeypatch, tags):
+    """Hospital data is not always valid DICOM: such a Type 2 value is left empty in the
+    objects (which then pass dciodvfy) rather than costing the image its result."""
+    from pydicom import config
+
+    monkeypatch.setattr(config.settings, "writing_validation_mode", config.IGNORE)
+    src = make(tmp_path / "a.dcm", picture().astype(np.int32) * 16, **RICH | tags)
+    monkeypatch.setattr(config.settings, "writing_validation_mode", config.WARN)
+    paths = dob.write_result_objects(src, info_for(), tmp_path / "out",
+                                     np.zeros((8, 8, 3), np.uint8))
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        assert all(str(ds.get(k)) == "" for k in tags) and ds.StudyID == "S1"
+        assert dciodvfy_errors(p) == [], p

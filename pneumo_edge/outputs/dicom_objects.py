@@ -218,9 +218,29 @@ def _evidence(source):
     if missing:
         raise DicomOutError(f"the source has no {missing[0]}: no DICOM result can reference it")
     for k in _TYPE2:
-        if k not in header:
+        if k not in header or not _valid(header, k):
             setattr(header, k, None)
     return header
+
+
+def _valid(header, keyword: str) -> bool:
+    """Whether a Type 2 patient/study value is valid DICOM (its VR's form and length, a real
+    date or time, a sex of M/F/O, at most five name components): an invalid one is written
+    empty, since highdicom refuses it or dciodvfy would reject the object."""
+    from pydicom import config
+    from pydicom.valuerep import DA, TM, validate_value
+
+    try:
+        elem = header[keyword]
+        text = "" if elem.value is None else str(elem.value)
+        if text:
+            validate_value(elem.VR, elem.value, config.RAISE)
+            {"DA": DA, "TM": TM}.get(elem.VR, str)(text)
+        ok_sex = keyword != "PatientSex" or text in ("", "M", "F", "O")
+        ok_name = elem.VR != "PN" or all(g.count("^") <= 4 for g in text.split("="))
+        return ok_sex and ok_name
+    except Exception:  # noqa: BLE001 -- any conversion failure: not valid
+        return False
 
 
 def is_current(sr_path: Path, info: ResultInfo) -> bool:
