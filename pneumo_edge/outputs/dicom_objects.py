@@ -31,8 +31,8 @@ planar or volumetric ROI group), with:
   "RESEARCH USE ONLY. NOT FOR DIAGNOSTIC USE. ..."; the series description says the same.
 
 Both objects join the source's study (same Study Instance UID; patient, study and equipment
-modules copied from the source's header, which is why the PACS files them with the study) in a
-new series per study and model (series UID derived from both; SR series number 9901, SC 9902),
+modules copied from the source's header, which is why the PACS files them with the study; a
+patient/study value that is not valid DICOM is written empty) in a new series per study and model (series UID derived from both; SR series number 9901, SC 9902),
 with new random SOP Instance UIDs. The SC (RGB, 8 bit) references the source in Source Image
 Sequence and has ``BurnedInAnnotation YES``: a banner with "NOT FOR DIAGNOSTIC USE" and the
 probability is drawn into its pixels above the heatmap picture.
