@@ -273,6 +273,7 @@ class Duration(click.ParamType):
 @from_field(TRAIN, "force", is_flag=True)
 @from_field(TRAIN, "cache", type=click.Path(file_okay=False), show_default=False)
 @from_field(TRAIN, "no_cache", is_flag=True)
+@from_field(TRAIN, "calibrate", "--calibrate/--no-calibrate")
 @friendly
 def train(**opts):
     """Train a class-weighted ResNet on an ImageFolder of chest X-rays, within a time budget.

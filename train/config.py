@@ -88,6 +88,9 @@ class TrainConfig:
                           "torchrun rank (rebuilt when the files, --image-size or the "
                           "preprocessing change). Default: OUT/pixel-cache.")
     no_cache: bool = _opt(False, "Decode every image into memory instead of the pixel cache.")
+    calibrate: bool = _opt(True, "After selection, fit calibrated probabilities and the input "
+                                 "quality gate on validation (pneumo-edge calibrate does it "
+                                 "later for a model trained without).")
 
     @property
     def augment_preset(self) -> str:

@@ -57,12 +57,18 @@ def final_evaluation(out, state, cfg, data, device, t_start, log) -> dict:
                     "test_source": card.split.get("test_source", "folder")}
     card.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     card.validate()
+    if cfg.calibrate:  # issue 20: calibration and the gate go into the network and the card
+        from pneumo_edge.train.calibrate import calibrate_card
+
+        model, card = calibrate_card(model, card, {k: data[k] for k in ("train", "val", "test")
+                                                   if data[k] is not None}, device, log=log)
     save_model(out, model, card)
     card.save(out)
     result = {"best_epoch": best["epoch"], "select": cfg.select, "threshold": threshold,
               "threshold_rule": cfg.threshold_for, **metrics,
               "shifted_val_per_perturbation": per,
               "threshold_on": cfg.threshold_on,
+              **{k: card.metrics[k] for k in ("calibration", "ood") if k in card.metrics},
               "threshold_rules": _compare_rules(truth, probs, cfg.threshold_for,
                                                 cfg.threshold_on),
               "time": {"budget_s": cfg.time_budget, "planned_epochs": state["planned_epochs"],
