@@ -8,7 +8,10 @@ outputs, test-time augmentation included) and the positive class ``k``:
 ``q = softmax(l / T + b e_k)``. With two classes this is ``sigmoid(logit(p) / T + b)``:
 ``T`` undoes over- or under-confidence, ``b`` undoes the prior shift that class-weighted training
 puts into every probability. Both are fitted by minimising the negative log-likelihood on the
-validation split (convex in ``1/T`` and ``b``: Newton's method). The network applies the same map
+validation split (convex in ``1/T`` and ``b``: Newton's method), against Platt's smoothed
+targets (``(n_k + 1) / (n_k + 2)`` for an image of class k with n_k such images), which keep
+the fit finite when validation is small and cleanly separated, and change nothing measurable
+on hundreds of images. The network applies the same map
 inside the graph (:class:`pneumo_edge.model.net.XrayNet`, option ``calibration``).
 """
 
@@ -55,7 +58,7 @@ def fit(logp, labels, positive: int, *, bias: bool = True, steps: int = 100) -> 
     c = lp.shape[1]
     if len(np.unique(y)) < 2:
         raise ModelError("calibration needs both classes in the validation split")
-    onehot = np.eye(c)[y]
+    onehot = _targets(y, c)
     theta = np.array([1.0, 0.0])  # (1/T, b)
     for _ in range(steps):
         grad, hess = _grad_hess(lp, onehot, positive, theta, bias)
@@ -71,10 +74,21 @@ def fit(logp, labels, positive: int, *, bias: bool = True, steps: int = 100) -> 
     if not theta[0] > 0:
         raise ModelError("calibration failed: on validation the probabilities rank the classes "
                          "backwards (fitted 1/T <= 0)")
+    hard = np.eye(c)[y]  # the reported likelihoods are of the labels themselves
     return {"temperature": float(1.0 / theta[0]), "bias": float(theta[1]),
             "at_bound": bool(theta[0] >= MAX_INV_T or abs(theta[1]) >= MAX_BIAS),
-            "nll_before": _nll(lp, onehot, positive, np.array([1.0, 0.0])),
-            "nll_after": _nll(lp, onehot, positive, theta)}
+            "nll_before": _nll(lp, hard, positive, np.array([1.0, 0.0])),
+            "nll_after": _nll(lp, hard, positive, theta)}
+
+
+def _targets(y: np.ndarray, c: int) -> np.ndarray:
+    """Platt's smoothed targets: ``(n_k + 1) / (n_k + 2)`` on the true class k, the rest spread
+    evenly over the others."""
+    counts = np.bincount(y, minlength=c).astype(np.float64)
+    hit = (counts[y] + 1.0) / (counts[y] + 2.0)
+    out = np.repeat(((1.0 - hit) / (c - 1))[:, None], c, axis=1)
+    out[np.arange(len(y)), y] = hit
+    return out
 
 
 def _scores(lp, positive, theta) -> np.ndarray:

@@ -1,0 +1,201 @@
+"""Calibration (issue 20): the numpy fit and maps, the map inside the network, the calibrate
+command on the shared tiny model, and the exported graph carrying calibration and the gate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pneumo_edge.errors import ModelError
+from pneumo_edge.model import calibration as cal
+
+
+def _miscalibrated(n=4000, scale=3.0, shift=1.5, seed=0):
+    """Labels drawn from sigmoid(d), and log-probabilities of a model that reports
+    sigmoid(scale * d + shift): over-confident and shifted towards the positive class."""
+    rng = np.random.default_rng(seed)
+    d = rng.normal(0, 2, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-d))).astype(int)
+    z = scale * d + shift
+    logp = np.stack([-np.logaddexp(0, z), -np.logaddexp(0, -z)], axis=1)
+    return logp, y
+
+
+def test_fit_recovers_temperature_and_bias_and_lowers_ece():
+    logp, y = _miscalibrated()
+    f = cal.fit(logp, y, 1)
+    assert f["temperature"] == pytest.approx(3.0, rel=0.1)
+    assert f["bias"] == pytest.approx(-0.5, abs=0.15)  # shift / scale
+    assert f["nll_after"] < f["nll_before"]
+    before = cal.figures(y == 1, np.exp(logp[:, 1]))
+    after = cal.figures(y == 1, cal.apply(logp, f["temperature"], f["bias"], 1)[:, 1])
+    assert before["ece"] > 0.1 and after["ece"] < 0.03
+    assert after["brier"] < before["brier"]
+    assert len(after["bins"]) == cal.ECE_BINS == 15
+
+
+def test_temperature_only_fit_leaves_the_prior_shift():
+    logp, y = _miscalibrated()
+    t_only = cal.fit(logp, y, 1, bias=False)
+    both = cal.fit(logp, y, 1)
+    assert t_only["bias"] == 0.0
+    assert both["nll_after"] < t_only["nll_after"]
+
+
+def test_mapped_threshold_keeps_every_label():
+    logp, y = _miscalibrated(seed=3)
+    f = cal.fit(logp, y, 1)
+    q = cal.apply(logp, f["temperature"], f["bias"], 1)[:, 1]
+    for t in (0.05, 0.25, 0.5, 0.9):
+        t2 = cal.map_threshold(t, f["temperature"], f["bias"])
+        assert np.array_equal(np.exp(logp[:, 1]) >= t, q >= t2)
+    assert cal.map_threshold(0.0, 2.0, 1.0) == 0.0 and cal.map_threshold(1.0, 2.0, 1.0) == 1.0
+
+
+def test_fit_refuses_one_class_and_stays_finite_on_separable_data():
+    logp, _ = _miscalibrated(n=50)
+    with pytest.raises(ModelError, match="both classes"):
+        cal.fit(logp, np.ones(50, int), 1)
+    # four cleanly separated images: plain maximum likelihood would send 1/T to infinity;
+    # Platt's smoothed targets (3/4 and 1/4 here) keep it finite and soften the probabilities
+    z = np.array([-4.0, -3.0, 3.0, 4.0])
+    sep = np.stack([-np.logaddexp(0, z), -np.logaddexp(0, -z)], axis=1)
+    f = cal.fit(sep, (z > 0).astype(int), 1)
+    assert not f["at_bound"] and 1.0 < f["temperature"] < 10.0
+
+
+def test_prevalence_moves_probabilities_not_the_ranking():
+    p = np.array([0.0, 0.1, 0.3, 0.5, 0.8, 1.0])
+    same = cal.adjust_prevalence(p, 0.3, 0.3)
+    assert np.allclose(same, p)
+    low = cal.adjust_prevalence(p, 0.05, 0.3)
+    assert np.all(np.diff(low) > 0) and np.all(low[1:-1] < p[1:-1])
+    assert low[0] == 0.0 and low[-1] == 1.0
+    # Bayes' rule on the odds: 0.5 at prevalence 0.3 -> odds 1 * (0.05/0.95) / (0.3/0.7)
+    odds = (0.05 / 0.95) / (0.3 / 0.7)
+    assert low[3] == pytest.approx(odds / (1 + odds))
+    t = cal.adjust_threshold(0.4, 0.05, 0.3)
+    assert np.array_equal(p >= 0.4, low >= t)
+    with pytest.raises(ModelError):
+        cal.adjust_prevalence(p, 1.0, 0.3)
+
+
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_network_applies_the_same_map_as_numpy(tta):
+    torch = pytest.importorskip("torch")
+    from pneumo_edge.model.net import build_model
+
+    torch.manual_seed(0)
+    net = build_model("resnet18", 2, norm="image", tta=tta, calibration="temperature+bias",
+                      ood="energy").eval()
+    net.set_calibration(1.7, -0.8, 1)
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 1, 64, 64), np.uint8))
+    with torch.no_grad():
+        probs, ood = net.outputs(x)
+        logp, _, z = net.uncalibrated(x)
+    want = cal.apply(logp.numpy(), 1.7, -0.8, 1)
+    assert np.abs(probs.numpy() - want).max() < 1e-5
+    assert np.allclose(ood.numpy(), -np.log(np.exp(z.numpy()).sum(axis=1)), atol=1e-5)
+    assert torch.equal(net(x), probs)
+
+
+def test_a_network_without_the_options_is_the_old_one():
+    torch = pytest.importorskip("torch")
+    from pneumo_edge.model.net import build_model
+
+    net = build_model("resnet18", 2).eval()
+    assert not any(k.startswith(("cal_", "ood_")) for k in net.state_dict())
+    x = torch.zeros(2, 1, 64, 64, dtype=torch.uint8)
+    with torch.no_grad():
+        probs, ood = net.outputs(x)
+        old = torch.softmax(net.backbone(net.normalise(x)), dim=1)
+    assert ood is None and torch.allclose(probs, old)
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tiny_run, tiny_dataset, tmp_path_factory):
+    """A copy of the tiny model after ``pneumo-edge calibrate`` (read-only)."""
+    from conftest import copy_model_dir
+
+    from pneumo_edge.commands.calibrate import CalibrateOptions, run_calibrate
+
+    run = copy_model_dir(tiny_run, tmp_path_factory.mktemp("calibrated") / "run")
+    lines = []
+    assert run_calibrate(run, tiny_dataset, CalibrateOptions(device="cpu"), log=lines.append) == 0
+    return run, lines
+
+
+def test_calibrate_command_keeps_labels_and_records_the_figures(calibrated_run, tiny_run,
+                                                                tiny_labelled):
+    from pneumo_edge.inputs.pipeline import decode_labelled
+    from pneumo_edge.model.card import Card
+    from pneumo_edge.model.torchload import load_model, read_checkpoint
+
+    run, lines = calibrated_run
+    old_model, old = load_model(tiny_run)
+    model, card = load_model(run)  # card.json agrees with the card inside model.pt
+    assert read_checkpoint(run).card == card == Card.load(run)
+    assert card.net["calibration"] == "temperature+bias"
+    assert card.net["ood"] in ("mahalanobis", "energy")
+    c = card.metrics["calibration"]
+    assert c["threshold_before"] == old.threshold
+    assert card.threshold == pytest.approx(cal.map_threshold(old.threshold, c["temperature"],
+                                                             c["bias"]))
+    for split in ("val", "test"):
+        assert {"before", "after"} <= set(c[split])
+        assert len(c[split]["after"]["bins"]) == 15
+    g = card.metrics["ood"]
+    assert g["false_flag_rate"] == 0.01 and set(g["comparison"]) == {"mahalanobis", "energy"}
+    assert any(line.startswith("calibration: T") for line in lines)
+    json.dumps(card.to_dict(), allow_nan=False)  # strict JSON: no NaN slipped in
+    torch = pytest.importorskip("torch")
+    px, _, _ = decode_labelled(
+        [(str(p), 0) for p in sorted(tiny_labelled.rglob("*.*"))], card.image_size)
+    with torch.no_grad():
+        p_old = old_model(torch.from_numpy(px)).numpy()[:, old.positive_index]
+        p_new = model(torch.from_numpy(px)).numpy()[:, card.positive_index]
+    assert np.array_equal(p_old >= old.threshold, p_new >= card.threshold)
+    assert not np.allclose(p_old, p_new)
+
+
+def test_calibrate_names_stale_exports_and_refuses_other_data(tiny_exported, tiny_dataset,
+                                                              tiny_labelled, copy_run):
+    from pneumo_edge.commands.calibrate import CalibrateOptions, run_calibrate
+    from pneumo_edge.errors import PneumoError
+
+    run = copy_run(tiny_exported)
+    lines = []
+    run_calibrate(run, tiny_dataset, CalibrateOptions(device="cpu"), log=lines.append)
+    assert any("model.onnx" in ln and "stale" in ln for ln in lines)
+    other = tiny_labelled.parent / "other_data"
+    if not other.exists():
+        import shutil
+
+        shutil.copytree(tiny_labelled, other / "train")
+    with pytest.raises(PneumoError, match="validation split differs"):
+        run_calibrate(run, other, CalibrateOptions(device="cpu"), log=lines.append)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_onnx_carries_calibration_and_gate(calibrated_run, tmp_path, half):
+    ort = pytest.importorskip("onnxruntime")
+    torch = pytest.importorskip("torch")
+    from pneumo_edge.export.onnx import export_onnx
+
+    from pneumo_edge.model.torchload import load_checked
+
+    run, _ = calibrated_run
+    model, card, ckpt = load_checked(run)
+    path = export_onnx(model, card, tmp_path / "m.onnx", weights_sha256=ckpt.sha256, half=half)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["probs", "ood"]
+    x = np.random.default_rng(1).integers(0, 256, (5, 1, card.image_size, card.image_size),
+                                          np.uint8)
+    probs, ood = sess.run(None, {"image": x})
+    with torch.no_grad():
+        want_p, want_o = (t.numpy() for t in model.outputs(torch.from_numpy(x)))
+    tol = 1e-2 if half else 1e-5
+    assert np.abs(probs - want_p).max() <= tol
+    assert np.abs(ood - want_o).max() <= tol * max(1.0, float(np.abs(want_o).max()))
