@@ -36,6 +36,13 @@ def stored():
     return picture().astype(np.uint16) * 16  # 96x96, 12-bit
 
 
+def secretly(path: Path, stored: np.ndarray, **kw) -> Path:
+    """:func:`make` with values pydicom warns about when they are set (the test's own writes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return make(path, stored, **kw)
+
+
 def reason(path, max_pixels=10**8) -> str:
     with pytest.raises(ImageError) as err:
         load_image(path, SIZE, max_pixels=max_pixels)
@@ -106,10 +113,8 @@ def test_uid_grammar():
 
 
 def test_a_uid_holding_text_is_left_empty_with_a_note_that_quotes_nothing(tmp_path, stored):
-    f = make(tmp_path / "u.dcm", stored, StudyInstanceUID=f"1.2.840.{SECRET}.DOE^JOHN")
-    ds = pydicom.dcmread(f)
-    ds.SOPClassUID = f"1.2.{SECRET}"
-    ds.save_as(f)
+    f = secretly(tmp_path / "u.dcm", stored, StudyInstanceUID=f"1.2.840.{SECRET}.DOE^JOHN",
+                 SOPClassUID=f"1.2.{SECRET}")
     ident = dicom.identity(f, ("TransferSyntaxUID", "SOPClassUID"))
     assert ident.uids[0] == "" and ident.uids[1] and ident.uids[2].startswith("1.2.")
     assert ident.tags == ("1.2.840.10008.1.2.1", "")
@@ -118,12 +123,11 @@ def test_a_uid_holding_text_is_left_empty_with_a_note_that_quotes_nothing(tmp_pa
 
 
 def test_refusal_reasons_name_the_tag_never_its_value(tmp_path, stored):
-    files = {"part.dcm": make(tmp_path / "part.dcm", stored, body_part=f"{SECRET} DOE"),
-             "mod.dcm": make(tmp_path / "mod.dcm", stored, modality=SECRET),
-             "pi.dcm": make(tmp_path / "pi.dcm", stored, photometric=SECRET)}
-    nopix = pydicom.dcmread(make(tmp_path / "n.dcm", stored))
+    files = {"part.dcm": secretly(tmp_path / "part.dcm", stored, body_part=f"{SECRET} DOE"),
+             "mod.dcm": secretly(tmp_path / "mod.dcm", stored, modality=SECRET),
+             "pi.dcm": secretly(tmp_path / "pi.dcm", stored, photometric=SECRET)}
+    nopix = pydicom.dcmread(secretly(tmp_path / "n.dcm", stored, SOPClassUID=f"1.2.{SECRET}"))
     del nopix.PixelData
-    nopix.SOPClassUID = f"1.2.{SECRET}"
     nopix.save_as(tmp_path / "nopix.dcm")
     files["nopix.dcm"] = tmp_path / "nopix.dcm"
     for name, f in files.items():
@@ -143,9 +147,7 @@ def _warning_folder(d: Path, n: int = 8) -> Path:
     v = picture().astype(np.uint16) * 16
     for i in range(0, 2 * n, 2):
         Image.fromarray(rng.integers(0, 255, (600, 600), dtype=np.uint8)).save(d / f"f{i:02d}.png")
-        with warnings.catch_warnings():  # pydicom warns when writing it, too
-            warnings.simplefilter("ignore")
-            make(d / f"f{i + 1:02d}.dcm", v, StudyInstanceUID=f"1.2.840.{SECRET}.DOE^JOHN",
+        secretly(d / f"f{i + 1:02d}.dcm", v, StudyInstanceUID=f"1.2.840.{SECRET}.DOE^JOHN",
                  SpecificCharacterSet=f"{SECRET}_CS")
     return d
 
@@ -323,3 +325,18 @@ def test_identity_and_sniff_never_open_a_fifo(tmp_path):
         pytest.fail("opening a FIFO blocked")
     assert result["ident"].uids == ("", "", "") and result["sniffed"] is False
 
+
+
+def test_the_header_is_parsed_once_per_scored_file(tmp_path, stored, monkeypatch):
+    f = make(tmp_path / "a.dcm", stored)
+    calls = []
+    real = dicom._parse_header
+    monkeypatch.setattr(dicom, "_parse_header", lambda *a: calls.append(a[1]) or real(*a))
+    load_image(f, SIZE)
+    first = dicom.identity(f, ("Modality",))
+    assert len(calls) == 1 and first.uids[2].startswith("1.2.") and first.tags == ("DX",)
+    assert dicom.identity(f) == dicom.Identity(first.uids, ())  # not remembered twice: parsed
+    assert len(calls) == 2
+    load_image(f, SIZE)
+    os.utime(f, ns=(0, 10**9))  # changed since it was decoded: read again
+    assert dicom.identity(f).uids == first.uids and len(calls) == 4

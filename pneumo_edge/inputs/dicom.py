@@ -53,8 +53,10 @@ import os
 import re
 import stat
 import struct
+import threading
 import warnings
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -346,6 +348,7 @@ def read_grey(path: str | os.PathLike, *, max_pixels: int) -> np.ndarray:
     """The DICOM file at ``path`` as 8-bit grey, ``uint8 [rows, cols]`` (module docstring)."""
     with _open(path) as f:
         head = _parse_header(f, path)
+        _remember(path, f, head.ds)
         try:
             if not head.has_pixels:
                 raise DicomError(f"DICOM without pixel data ({_sop_class(head.ds)})")
@@ -584,15 +587,59 @@ def identity(path: str | os.PathLike, tags=()) -> Identity:
 
     The UID rule: a UID (and a TransferSyntaxUID or SOPClassUID tag) is written only when it
     follows the DICOM UID grammar (:func:`valid_uid`); any other value (text, a name, too long)
-    is left empty and ``notes`` says which tag, never what it held."""
-    try:
-        ds = read_header(path)
-    except DicomError:
-        return Identity(("", "", ""), tuple("" for _ in tags))
+    is left empty and ``notes`` says which tag, never what it held.
+
+    The header :func:`read_grey` just parsed for this very file (same device, inode, size and
+    mtime) is not parsed again: its fields are remembered (at most :data:`_RECENT_MAX` files)."""
+    bad = [t for t in tags if t not in SAFE_TAGS]
+    if bad:
+        raise ValueError(f"{bad[0]} is not one of the tags that may be written: {SAFE_TAGS}")
+    fields = _recalled(path)
+    if fields is None:
+        try:
+            fields = _fields(read_header(path))
+        except DicomError:
+            return Identity(("", "", ""), tuple("" for _ in tags))
     notes: list[str] = []
-    uids = tuple(_uid(_text(ds.get(k)), k, notes) for k in _UID_TAGS)
-    values = tuple(_tag(ds, t, notes) for t in tags)
+    uids = tuple(_uid(fields[k], k, notes) for k in _UID_TAGS)
+    values = tuple(_uid(fields[t], t, notes) if t in ("TransferSyntaxUID", "SOPClassUID")
+                   else " ".join(fields[t].split())[:64] for t in tags)
     return Identity(uids, values, tuple(notes))  # type: ignore[arg-type]
+
+
+_RECENT: OrderedDict[tuple, dict[str, str]] = OrderedDict()
+_RECENT_LOCK = threading.Lock()
+_RECENT_MAX = 2048
+
+
+def _fields(ds) -> dict[str, str]:
+    """The header values :func:`identity` may use, as text (cut at 256 characters)."""
+    meta = getattr(ds, "file_meta", None)
+    fields = {k: _text(ds.get(k))[:256] for k in (*_UID_TAGS, *SAFE_TAGS)}
+    fields["TransferSyntaxUID"] = _text(meta.get("TransferSyntaxUID")
+                                        if meta is not None else None)[:256]
+    return fields
+
+
+def _file_key(path, st: os.stat_result) -> tuple:
+    return os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _remember(path, f, ds) -> None:
+    key = _file_key(path, os.fstat(f.fileno()))
+    with _RECENT_LOCK:
+        _RECENT[key] = _fields(ds)
+        while len(_RECENT) > _RECENT_MAX:
+            _RECENT.popitem(last=False)
+
+
+def _recalled(path) -> dict[str, str] | None:
+    try:
+        key = _file_key(path, os.stat(path))
+    except OSError:
+        return None
+    with _RECENT_LOCK:
+        return _RECENT.pop(key, None)
 
 
 def _uid(text: str, tag: str, notes: list[str]) -> str:
@@ -600,17 +647,6 @@ def _uid(text: str, tag: str, notes: list[str]) -> str:
         return text
     notes.append(f"{tag} is not a valid UID: left empty")
     return ""
-
-
-def _tag(ds, name: str, notes: list[str]) -> str:
-    if name not in SAFE_TAGS:
-        raise ValueError(f"{name} is not one of the tags that may be written: {SAFE_TAGS}")
-    if name == "TransferSyntaxUID":
-        meta = getattr(ds, "file_meta", None)
-        return _uid(_text(meta.get(name) if meta is not None else None), name, notes)
-    if name == "SOPClassUID":
-        return _uid(_text(ds.get(name)), name, notes)
-    return " ".join(_text(ds.get(name)).split())[:64]
 
 
 def _text(elem) -> str:
