@@ -52,7 +52,7 @@ def run_calibrate(run: str | os.PathLike, data: str | os.PathLike,
         raise UsageError(f"--false-flag-rate {opts.false_flag_rate}: use a rate in (0, 0.5)")
     device = pick_device(opts.device)
     model, card, _ = load_checked(run, str(device))
-    parts = _split_pixels(run, data, card, log)
+    parts = split_pixels(run, data, card, log)
     net, new = calibrate_card(model, card, parts, device, gate=opts.gate,
                               rate=opts.false_flag_rate, log=log)
     save_model(run, net, new)
@@ -66,7 +66,7 @@ def run_calibrate(run: str | os.PathLike, data: str | os.PathLike,
     return 0
 
 
-def _split_pixels(run: Path, data, card, log) -> dict:
+def split_pixels(run: Path, data, card, log) -> dict:
     """train / val / test pixels of ``data`` split as the card records; UsageError when the
     validation files differ from the ones the model was selected on."""
     from pneumo_edge.train.config import TrainConfig

@@ -1,0 +1,145 @@
+"""The input quality gate on any calibrated model directory (issue 20): for the internal test
+split and each out-of-distribution family (blank frames, noise, upside-down, inverted,
+mirrored-and-inverted and black-bordered test X-rays, pydicom's bundled CT/MR slices,
+matplotlib's sample photographs), the share the gate flags and the score's ROC AUC against the
+test X-rays, for the score in the network and for the other one when it can be computed; and
+the gate's cost per image (the ood head plus the blank check) against the network's time.
+
+    .venv/bin/python benchmarks/ood.py --model RUN --data DATA [--out benchmarks/OOD.md]
+
+DATA is the folder RUN was trained on (its split is rebuilt from the card, as ``pneumo-edge
+calibrate`` does). Prints a Markdown report (and writes it with --out), with the machine and
+its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from common import machine
+
+
+def scores(model, pixels: np.ndarray, gate: dict) -> dict:
+    """{score name: [N]}: the network's own ood output, and energy from the logits."""
+    import torch
+    from pneumo_edge.train.calibrate import energy, split_outputs
+
+    out = {gate["method"]: [], "energy": []}
+    with torch.no_grad():
+        for i in range(0, len(pixels), 64):
+            _, ood = model.outputs(torch.from_numpy(np.ascontiguousarray(pixels[i:i + 64])))
+            out[gate["method"]].append(ood.numpy())
+    out[gate["method"]] = np.concatenate(out[gate["method"]])
+    out["energy"] = energy(split_outputs(model, pixels, "cpu")["logits"])
+    return out
+
+
+def figures(model, card, test_px: np.ndarray) -> list[dict]:
+    """One row per (set, score): n, flagged share (qc: blank check + gate), ROC AUC."""
+    from pneumo_edge.train.calibrate import ood_families
+
+    from pneumo_edge.evaluation.metrics import roc_auc
+    from pneumo_edge.model import qc
+
+    gate = qc.gate(card)
+    thresholds = {k: v["threshold"] for k, v in gate["comparison"].items()}
+    sets = {"internal test X-rays": test_px, **ood_families(test_px, card.image_size)}
+    base = scores(model, test_px, gate)
+    rows = []
+    for name, px in sets.items():
+        s = base if px is test_px else scores(model, px, gate)
+        blank = np.array([qc.blank_reason(p) != "" for p in px])
+        for method, v in s.items():
+            if method not in thresholds:
+                continue
+            flagged = blank | (v > thresholds[method])
+            truth = np.r_[np.zeros(len(test_px), bool), np.ones(len(px), bool)]
+            auc = None if px is test_px else roc_auc(truth, np.r_[base[method], v])
+            rows.append({"set": name, "score": method, "in_graph": method == gate["method"],
+                         "n": len(px), "flagged": float(flagged.mean()), "roc_auc": auc})
+    return rows
+
+
+def gate_cost(model, card, pixels: np.ndarray, reps: int = 7) -> dict:
+    """ms per image: the whole network (gate included), the gate's head alone (from the pooled
+    features to the score: timed by itself, since on a busy machine the difference of two
+    whole-network timings is noise) and the blank check; medians over ``reps`` runs."""
+    import torch
+
+    from pneumo_edge.model import qc
+
+    x = torch.from_numpy(np.ascontiguousarray(pixels))
+    times = {"network": [], "ood head": [], "blank check": []}
+    with torch.no_grad():
+        _, _, feats, z = model._deployed(x)
+        model.outputs(x)  # warm-up
+        for _ in range(reps):
+            for name, fn in (("network", lambda: model.outputs(x)),
+                             ("ood head", lambda: model._ood(feats, z.float())),
+                             ("blank check", lambda: [qc.blank_reason(p) for p in pixels])):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1000 / len(pixels))
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    med["gate"] = med["ood head"] + med["blank check"]
+    med["share"] = med["gate"] / med["network"]
+    return med
+
+
+def report(rows, cost, card, run, data, started) -> str:
+    m = machine()
+    g = card.metrics["ood"]
+    lines = [f"# Input quality gate: {card.arch} {card.image_size} px", "",
+             (f"Model {run} (trained on {data}); gate in the network: **{g['method']}**, "
+             f"threshold {g['threshold']:.4g} at {g['false_flag_rate']:.0%} false flags on "
+             f"validation. Flagged = blank check or score above its threshold (the qc column); "
+             "ROC AUC = the score separating the set from the internal test X-rays."), "",
+             "| set | score | n | flagged | ROC AUC |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        auc = "" if r["roc_auc"] is None else f"{r['roc_auc']:.3f}"
+        star = " (in graph)" if r["in_graph"] else ""
+        lines.append(f"| {r['set']} | {r['score']}{star} | {r['n']} | {r['flagged']:.1%} | "
+                     f"{auc} |")
+    lines += ["", (f"Gate cost (torch, CPU, batch {cost['batch']}): the network takes "
+                   f"{cost['network']:.2f} ms/image; its ood head {cost['ood head']:.3f} and the "
+                   f"blank check {cost['blank check']:.3f} ms/image: the gate adds "
+                   f"{cost['gate']:.3f} ms/image = {cost['share']:.2%} of the network's time."),
+              "", (f"Machine: {m.get('cpu', '?')}, {os.cpu_count()} cores; load average "
+                  f"{os.getloadavg()[0]:.1f} at the end (started at {started:.1f}); "
+                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="A calibrated model directory.")
+    ap.add_argument("--data", required=True, help="The folder the model was trained on.")
+    ap.add_argument("--out", help="Also write the Markdown report here.")
+    ap.add_argument("--batch", type=int, default=32, help="Batch for the cost figures.")
+    args = ap.parse_args(argv)
+    from pneumo_edge.commands.calibrate import split_pixels
+    from pneumo_edge.model import qc
+    from pneumo_edge.model.torchload import load_model
+
+    started = os.getloadavg()[0]
+    model, card = load_model(args.model)
+    if qc.gate(card) is None:
+        sys.exit(f"error: {args.model} has no gate: run pneumo-edge calibrate first")
+    parts = split_pixels(Path(args.model), args.data, card, lambda m: print(m, file=sys.stderr))
+    test = parts["test"] if parts["test"] is not None else parts["val"]
+    rows = figures(model, card, test[0])
+    cost = {**gate_cost(model, card, test[0][:args.batch]), "batch": args.batch}
+    text = report(rows, cost, card, args.model, args.data, started)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
