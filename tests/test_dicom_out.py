@@ -82,7 +82,7 @@ def test_sr_and_sc_are_valid_in_the_study_and_carry_the_csv_numbers(scored):
         sr = pydicom.dcmread(sr_path)
         got = dob.read_result(sr_path)
         assert got["probability"] == float(row["p_PNEUMONIA"])  # the CSV's number, exactly
-        assert got["threshold"] == 0.5 and "threshold: 0.5 from card" in got["parameters"]
+        assert got["threshold"] == 0.5 and "threshold: 0.5 (card)" in got["parameters"]
         assert got["present"] == (row["label"] == "PNEUMONIA")
         assert got["source_sop_uid"] == src.SOPInstanceUID
         assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
@@ -168,7 +168,7 @@ def test_threshold_override_is_recorded_and_replaces_the_sr(tiny_exported, tmp_p
     got = dob.read_result(row["dicom_sr"])
     assert row["dicom_sr"] == str(sr_path) and row["label"] == "NORMAL"
     assert got["threshold"] == 0.999 and not got["present"]
-    assert "threshold: 0.999 from --threshold override" in got["parameters"]
+    assert "threshold: 0.999 (--threshold override)" in got["parameters"]
     assert pydicom.dcmread(sr_path).SOPInstanceUID != uid
     assert dciodvfy_errors(sr_path) == []
 
@@ -263,3 +263,15 @@ def test_invalid_patient_and_study_values_are_written_empty(tmp_path, monkeypatc
         ds = pydicom.dcmread(p)
         assert all(str(ds.get(k)) == "" for k in tags) and ds.StudyID == "S1"
         assert dciodvfy_errors(p) == [], p
+
+
+def test_the_qc_verdict_goes_into_the_sr(tiny_exported, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    make(d / "lat.dcm", picture().astype(np.int32) * 16, ViewPosition="LL")
+    proc = _score([d, "--model", tiny_exported, "--runtime", "onnx", "--dicom-out",
+                   tmp_path / "dcm"])
+    assert proc.returncode == 0, proc.stderr
+    row = next(csv.DictReader(io.StringIO(proc.stdout)))
+    assert row["qc"] and row["label"]  # flagged, still labelled (--qc flag)
+    assert f"input quality: {row['qc']}" in dob.read_result(row["dicom_sr"])["parameters"]

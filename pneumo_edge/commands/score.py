@@ -211,9 +211,11 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
     else:
         sink = StdoutSink(head, stdout)
     if dicom_out:
-        from pneumo_edge.outputs.dicom_objects import DicomOutSink
-        sink = DicomOutSink(sink, dicom_out, walk.files[s.resumed:], rt, used, threshold is None,
-                            explain_which if explain else None, log=say)
+        from pneumo_edge.outputs.dicom_objects import DicomOutSink, threshold_source
+        sink = DicomOutSink(sink, dicom_out, walk.files[s.resumed:], rt, used,
+                            threshold_source(threshold, prevalence),
+                            explain_which if explain else None, log=say, head=head,
+                            prevalence=prevalence)
     if not walk.files:
         say("note: no image files found (.jpg .jpeg .png .bmp .tif .tiff .dcm .dicom, "
             "or DICM at byte 128)")

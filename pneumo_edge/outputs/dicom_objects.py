@@ -23,7 +23,8 @@ planar or volumetric ROI group), with:
 - measurement DCM 122411 "Threshold Value" = the threshold used, unit UCUM ``1``;
 - TID 4019 algorithm identification: name ``pneumo-edge``, its version, parameters giving the
   model file's name and sha256, runtime, precision, positive class, where the threshold came
-  from (``card`` or ``--threshold override``), and prevalence / input quality when given;
+  from (``card``, ``--threshold override`` or ``moved to --prevalence P``), and the
+  prevalence and the input quality (qc) verdict when there are;
 - the source image referenced from the group (SOP class + instance UID) and in the image
   library; procedure reported SCT 399208008 "Plain chest X-ray"; device observer ``pneumo-edge``
   (UID derived from the model's sha256);
@@ -83,7 +84,7 @@ class ResultInfo:
     label: str
     positive_class: str
     threshold: float
-    threshold_source: str  # "card" or "--threshold override"
+    threshold_source: str  # "card", "--threshold override" or "moved to --prevalence P"
     model_sha256: str
     model_file: str  # name only
     runtime: str
@@ -279,7 +280,7 @@ def _parameters(info: ResultInfo) -> list[str]:
     out = [f"model file: {info.model_file}", f"model sha256: {info.model_sha256}",
            f"runtime: {info.runtime}", f"precision: {info.precision}",
            f"positive class: {info.positive_class}",
-           f"threshold: {info.threshold:g} from {info.threshold_source}"]
+           f"threshold: {info.threshold:g} ({info.threshold_source})"]
     if info.prevalence is not None:
         out.append(f"prevalence: {info.prevalence:g}")
     if info.qc:
@@ -502,7 +503,12 @@ def _quiet() -> None:
 
 # --- score --dicom-out -------------------------------------------------------------------------
 
-THRESHOLD_SOURCES = ("card", "--threshold override")
+def threshold_source(threshold: float | None, prevalence: float | None = None) -> str:
+    """Where a run's threshold came from, as the SR says it: ``threshold`` is the run's
+    ``--threshold`` (None: the card's), ``prevalence`` its ``--prevalence``."""
+    if prevalence is not None:
+        return f"moved to --prevalence {prevalence:g}"
+    return "card" if threshold is None else "--threshold override"
 
 
 def check_out_dir(out_dir) -> Path:
@@ -526,11 +532,15 @@ class DicomOutSink:
     the row's :data:`SR_COLUMN` (before ``error``) names it; error rows and other inputs get
     nothing and an empty column. ``files``: the inputs of the rows still to come, in order."""
 
-    def __init__(self, sink, out_dir, files, runtime, threshold: float, from_card: bool,
-                 explain_which: str | None = None, log=None):
+    def __init__(self, sink, out_dir, files, runtime, threshold: float, source: str,
+                 explain_which: str | None = None, log=None, head=(),
+                 prevalence: float | None = None):
+        """``source``: :func:`threshold_source`; ``head``: the CSV header (its ``qc``
+        column, when there, goes into the SR); ``prevalence``: the run's ``--prevalence``."""
         self.inner, self.files, self.next = sink, files, 0
         self.out, self.rt, self.threshold = check_out_dir(out_dir), runtime, float(threshold)
-        self.source = THRESHOLD_SOURCES[0] if from_card else THRESHOLD_SOURCES[1]
+        self.source, self.prevalence = source, prevalence
+        self.qc = list(head).index("qc") if "qc" in head else None
         self.which, self.explainer = explain_which, None
         self.log = log or (lambda m: None)
         self.written = self.kept = self.heatmaps = self.refused = 0
@@ -554,7 +564,8 @@ class DicomOutSink:
             return ""
         card = self.rt.card
         info = ResultInfo.from_runtime(self.rt, float(row[2 + card.positive_index]), row[1],
-                                       self.threshold, self.source)
+                                       self.threshold, self.source, prevalence=self.prevalence,
+                                       qc=row[self.qc] if self.qc is not None else "")
         try:
             sr = object_paths(self.out, _sop_uid(path), info.model_sha256)[0]
             if is_current(sr, info):
