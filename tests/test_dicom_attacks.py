@@ -5,6 +5,7 @@ are written with the helpers of tests/test_dicom.py."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import os
 import struct
@@ -20,7 +21,7 @@ import pytest
 from PIL import Image
 
 pydicom = pytest.importorskip("pydicom")
-from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless
 from test_dicom import REPO, SIZE, make, picture
 
 from pneumo_edge.inputs import dicom, images
@@ -60,8 +61,10 @@ def _raster(path: Path, rows: int, cols: int) -> Path:
 # -- 1. DICOM that decodes wrong is not scored ---------------------------------------------------
 
 
-@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGBaseline8Bit])
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless])
 def test_codestream_size_other_than_rows_columns_is_refused(tmp_path, stored, syntax):
+    if syntax == JPEGLSLossless and importlib.util.find_spec("jpeg_ls") is None:
+        pytest.skip("pyjpegls (dev extra) encodes JPEG-LS")
     grey = picture()
     f = make(tmp_path / "x.dcm", grey if syntax == JPEGBaseline8Bit else stored,
              bits_stored=8 if syntax == JPEGBaseline8Bit else 12, syntax=syntax)

@@ -133,7 +133,10 @@ def sniff(path: str | os.PathLike) -> bool:
 
 def open_regular(path: str | os.PathLike):
     """``path`` opened for binary reading when it is a regular file; :class:`DicomError` for a
-    FIFO, device or socket. The open is non-blocking, so a FIFO without a writer never hangs."""
+    FIFO, device or socket, which is not opened (``stat`` first; the open is non-blocking and
+    checked again with ``fstat``, for a file swapped in between)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise DicomError("not a regular file (FIFO, device or socket): not read")
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
