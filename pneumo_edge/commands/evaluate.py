@@ -11,7 +11,8 @@ from pneumo_edge.errors import DataError, PneumoError
 from pneumo_edge.evaluation import stats
 from pneumo_edge.evaluation.metrics import METRIC_KEYS, binary_metrics
 from pneumo_edge.inputs.folders import scan_labelled
-from pneumo_edge.inputs.pipeline import decode_labelled, predict
+from pneumo_edge.inputs.pipeline import decode_labelled, predict_outputs
+from pneumo_edge.model.qc import evaluation_entries
 
 RESAMPLES = stats.RESAMPLES
 GALLERY = 4  # most confident false negatives and false positives shown
@@ -50,7 +51,7 @@ def run_evaluation(runtime, folder, batch: int = 32, warn=None, *,
                         f"{first}; no metrics")
     for f in failed:
         warn(f"skipping {f}")
-    probs = predict(runtime, px, batch)
+    probs, ood = predict_outputs(runtime, px, batch)
     bad = int((~np.isfinite(probs).all(axis=1)).sum())
     if bad:
         err = PneumoError(f"the model produced non-finite probabilities for {bad} of "
@@ -67,6 +68,7 @@ def run_evaluation(runtime, folder, batch: int = 32, warn=None, *,
                     for i, c in enumerate(card.classes)},
          "failed": [{"path": f.path, "reason": f.reason} for f in failed],
          **uncertainty(ok, truth, p, card.threshold, resamples),
+         **evaluation_entries(card, truth, p, px, ood),  # issue 20: 15-bin ECE, qc
          "gallery": mistakes(ok, truth, p, card.threshold, gallery)}
     return Evaluation(m, ok, truth, p, px)
 

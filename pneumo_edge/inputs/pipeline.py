@@ -124,3 +124,12 @@ def predict(runtime, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
     """``runtime``'s probabilities [N, C] for ``pixels``, ``batch`` images at a time."""
     out = [runtime(pixels[i:i + batch]) for i in range(0, len(pixels), batch)]
     return np.concatenate(out) if out else np.zeros((0, len(runtime.card.classes)), np.float32)
+
+
+def predict_outputs(runtime, pixels: np.ndarray, batch: int = 32):
+    """(probabilities [N, C], the ood score [N] or None for a model without a gate)."""
+    outs = [runtime.outputs(pixels[i:i + batch]) for i in range(0, len(pixels), batch)]
+    probs = np.concatenate([o["probs"] for o in outs]) if outs else \
+        np.zeros((0, len(runtime.card.classes)), np.float32)
+    has = bool(outs) and outs[0].get("ood") is not None
+    return probs, (np.concatenate([o["ood"] for o in outs]) if has else None)

@@ -129,6 +129,15 @@ def map_threshold(threshold: float, temperature: float, bias: float) -> float:
     return float(1.0 / (1.0 + np.exp(-(d / temperature + bias))))
 
 
+def invert(p_pos, temperature: float, bias: float) -> np.ndarray:
+    """The uncalibrated positive probabilities behind calibrated ones (two classes): the
+    inverse of :func:`map_threshold`'s map, so eval can show both sides from one run."""
+    p = np.clip(np.asarray(p_pos, np.float64), 1e-300, 1.0)
+    with np.errstate(divide="ignore"):
+        d = (np.log(p) - np.log1p(-p) - bias) * temperature
+    return 1.0 / (1.0 + np.exp(-d))
+
+
 def adjust_prevalence(p_pos, prevalence: float, trained: float) -> np.ndarray:
     """Bayes' rule on the odds: calibrated positive probabilities that reflect a population with
     positive rate ``trained`` (the validation split's), moved to one with rate ``prevalence``.

@@ -136,3 +136,26 @@ class Gatekeeper:
                 if input_kind(path) == "dicom" else None
             out.append(verdicts(self.card, px, ood, view)[0])
         return out
+
+
+def counts(verdicts_: list[str]) -> dict:
+    """How many verdicts flag an image, and how many give each kind of reason."""
+    kinds: dict[str, int] = {}
+    for v in verdicts_:
+        for reason in filter(None, v.split("; ")):
+            kind = reason.split(" (")[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return {"images": len(verdicts_), "flagged": sum(1 for v in verdicts_ if v), "reasons": kinds}
+
+
+def evaluation_entries(card, truth, p, pixels, ood) -> dict:
+    """What eval adds for issue 20: ECE / Brier / reliability (15 bins) of the probabilities
+    as deployed and, for a calibrated model, of the uncalibrated ones behind them; qc counts."""
+    out = {"calibration": cal.figures(truth, p), "calibrated": calibrated(card),
+           "qc": counts(verdicts(card, pixels, ood))}
+    if calibrated(card) and len(card.classes) == 2:
+        c = card.metrics["calibration"]
+        out["calibration_before"] = cal.figures(truth, cal.invert(p, c["temperature"],
+                                                                  c["bias"]))
+        out["calibration_map"] = {k: c[k] for k in ("method", "temperature", "bias")}
+    return out
