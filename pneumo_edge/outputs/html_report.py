@@ -112,14 +112,35 @@ def pr_chart(m: dict) -> str:
                           f"card threshold {m['threshold']:.3f}")])
 
 
-def reliability_chart(cal: dict) -> str:
+def reliability_chart(cal: dict, before: dict | None = None) -> str:
+    """Reliability of the probabilities as deployed and, for a calibrated model, ``before``:
+    those of the uncalibrated network behind them (issue 20)."""
     bins = [b for b in cal["bins"] if b["n"]]
     total = sum(b["n"] for b in bins) or 1
     bars = [(b["low"], b["high"], b["n"] / total, "#dde6f2") for b in bins]
-    return chart(f"reliability (ECE {num(cal['ece'])}, Brier {num(cal['brier'])})",
-                 "mean predicted probability", "observed positive fraction",
-                 lines=[([b["mean_predicted"] for b in bins], [b["observed"] for b in bins],
-                         "#1f5fa8", "model")], bars=bars, diagonal=True)
+    lines = [([b["mean_predicted"] for b in bins], [b["observed"] for b in bins], "#1f5fa8",
+              "model")]
+    title = f"reliability (ECE {num(cal['ece'])}, Brier {num(cal['brier'])})"
+    if before is not None:
+        old = [b for b in before["bins"] if b["n"]]
+        lines.append(([b["mean_predicted"] for b in old], [b["observed"] for b in old],
+                      "#aaaaaa", "uncalibrated"))
+        title = (f"reliability: ECE {num(before['ece'])} -> {num(cal['ece'])}, "
+                 f"Brier {num(before['brier'])} -> {num(cal['brier'])}")
+    return chart(title, "mean predicted probability", "observed positive fraction",
+                 lines=lines, bars=bars, diagonal=True)
+
+
+def qc_note(m: dict) -> str:
+    """The input quality gate's counts on this data (issue 20), or why there are none."""
+    q = m.get("qc")
+    if q is None:
+        return ""
+    kinds = ", ".join(f"{esc(k)} {v}" for k, v in sorted(q["reasons"].items())) or "none"
+    cal = "" if m.get("calibrated") else (" This model has no calibration or input gate "
+                                          "(pneumo-edge calibrate adds both).")
+    return (f"<p class='note'>Input quality gate: {q['flagged']} of {q['images']} images "
+            f"flagged (reasons: {kinds}).{cal}</p>")
 
 
 # --- HTML ---------------------------------------------------------------------------------------
@@ -266,7 +287,8 @@ def build_html(m: dict, card, pictures: dict | None = None, method: str = "") ->
         "<h2>Metrics with 95 % confidence intervals</h2>", metrics_section(m),
         "<h2>Confusion matrix</h2>", confusion_section(m, card),
         "<h2>Curves and calibration</h2>", '<div class="charts">',
-        roc_chart(m), pr_chart(m), reliability_chart(m["calibration"]), "</div>",
+        roc_chart(m), pr_chart(m),
+        reliability_chart(m["calibration"], m.get("calibration_before")), "</div>", qc_note(m),
         (f"<p class='note'>Calibration: {esc(m['calibration']['binning'])}; ECE is the "
         "image-weighted mean gap between observed and predicted; Brier is the mean squared "
         "error of the probability. Bars: share of images per bin.</p>"),
