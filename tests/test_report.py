@@ -210,7 +210,7 @@ def test_eval_report_with_non_utf8_file_names(tiny_exported, tiny_labelled, tmp_
         out.write(b"not a png")
     res = CliRunner().invoke(main, ["eval", "--model", str(tiny_exported), "--data", str(data),
                                     "--runtime", "onnx", "--out", str(tmp_path / "e.json"),
-                                    "--report", str(tmp_path / "r.html"), "--resamples", "50",
+                                    "--report", str(tmp_path / "r.html"), "--resamples", "100",
                                     "--gallery", "8"])
     assert res.exit_code == 0, res.output
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
