@@ -439,17 +439,18 @@ def burn_in(rgb: np.ndarray, info: ResultInfo) -> np.ndarray:
     return np.asarray(im)
 
 
-def heatmap_picture(explainer, image: np.ndarray, threshold: float) -> np.ndarray:
+def heatmap_picture(explainer, image: np.ndarray, threshold: float | None = None) -> np.ndarray:
     """The heatmap overlay (uint8 RGB) of one uint8 ``image [1, S, S]`` explained by
-    ``explainer`` (:class:`pneumo_edge.explain.methods.Explainer`), captioned without the file
-    name (names can carry patient data): what :func:`write_result_objects` takes."""
+    ``explainer`` (:class:`pneumo_edge.explain.methods.Explainer`): what
+    :func:`write_result_objects` takes. Its caption names the method only: no file name (names
+    can carry patient data) and no label or probability, which the banner burns in from the
+    SR's own numbers (the runtime's raw probability can differ from the reported one, e.g.
+    after ``--prevalence``). ``threshold`` is not used (kept for callers)."""
     from pneumo_edge.explain.methods import caption
     from pneumo_edge.explain.overlay import render
 
-    card = explainer.card
     expl = explainer(image)
-    label = card.classes[card.label_index(expl.probs, threshold)]
-    lines = caption("", expl, card, threshold, label)[1:]
+    lines = caption("", expl, explainer.card, explainer.card.threshold, "")[2:]  # the method
     return np.asarray(render(image[0], expl.heat, expl.legend, lines))
 
 
