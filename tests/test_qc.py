@@ -4,6 +4,9 @@ photographs."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +124,67 @@ def test_gate_passes_bundled_xrays_and_flags_what_is_not_one(xray_run):
     whole = _variants(slices[:2], SIZE)[::10]  # CT_small and MR_small, whole, unrotated
     card, _, ood = _scores(xray_run, whole)
     assert all(v.startswith("out_of_distribution") for v in qc.verdicts(card, whole, ood))
+
+
+def _score(*args):
+    from click.testing import CliRunner
+
+    from pneumo_edge.cli import main
+
+    res = CliRunner().invoke(main, ["score", *map(str, args)], catch_exceptions=False)
+    return res.exit_code, list(csv.DictReader(io.StringIO(res.stdout, newline=""))), res.stderr
+
+
+def test_score_writes_qc_refuses_on_request_and_reads_the_lateral_view(tiny_run, tmp_path):
+    """The shared tiny model has no gate (an old model directory): the qc column still names
+    blank images and lateral DICOM views; --qc refuse turns them into error rows (exit 1);
+    --prevalence needs a calibrated model."""
+    from PIL import Image
+    from test_dicom import make
+
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(np.zeros((80, 80), np.uint8)).save(d / "a_black.png")
+    Image.fromarray(rng.integers(0, 256, (80, 80)).astype(np.uint8)).save(d / "b_noise.png")
+    picture = rng.integers(0, 4096, (90, 90))
+    make(d / "c_lateral.dcm", picture, ViewPosition="LL")
+    make(d / "d_pa.dcm", picture)
+    code, rows, err = _score(d, "--model", tiny_run, "--runtime", "torch")
+    by = {Path(r["path"]).name: r for r in rows}
+    assert code == 0, err
+    assert by["a_black.png"]["qc"] == qc.BLANK and by["a_black.png"]["label"]
+    assert by["c_lateral.dcm"]["qc"] == "lateral view (ViewPosition LL)"
+    assert by["b_noise.png"]["qc"] == "" and by["d_pa.dcm"]["qc"] == ""
+    assert err.count("has no calibration or input gate") == 1
+    assert "qc flagged 2 images" in err
+    code, rows, err = _score(d, "--model", tiny_run, "--runtime", "torch", "--qc", "refuse")
+    by = {Path(r["path"]).name: r for r in rows}
+    assert code == 1
+    assert by["a_black.png"]["label"] == "" and by["a_black.png"]["p_PNEUMONIA"] == ""
+    assert by["a_black.png"]["error"] == f"refused by --qc refuse: {qc.BLANK}"
+    assert by["d_pa.dcm"]["label"] and not by["d_pa.dcm"]["error"]
+    code, rows, _ = _score(d, "--model", tiny_run, "--runtime", "torch", "--qc", "off")
+    assert code == 0 and all(r["qc"] == "" for r in rows)
+    code, _, err = _score(d, "--model", tiny_run, "--prevalence", "0.1")
+    assert code == 2 and "--prevalence needs a calibrated" in err
+
+
+def test_prevalence_moves_probabilities_not_labels(xray_run, tmp_path):
+    from pneumo_edge.model import calibration as cal
+
+    files = sorted(p for p in SAMPLES.rglob("*.jpeg"))[:12]
+    base = _score(*files, "--model", xray_run, "--runtime", "torch")
+    out = tmp_path / "low.csv"
+    low = _score(*files, "--model", xray_run, "--runtime", "torch", "--prevalence", "0.05",
+                 "-o", out)
+    assert base[0] == low[0] == 0
+    card = Card.load(xray_run)
+    trained = card.metrics["calibration"]["prevalence"]
+    rows = list(csv.DictReader(io.StringIO(out.read_text(encoding="utf-8"), newline="")))
+    for a, b in zip(base[1], rows):
+        assert a["label"] == b["label"]
+        want = cal.adjust_prevalence([float(a["p_PNEUMONIA"])], 0.05, trained)[0]
+        assert float(b["p_PNEUMONIA"]) == pytest.approx(want, abs=5e-6)
+    record = json.loads((tmp_path / "low.csv.json").read_text())
+    assert record["prevalence"] == 0.05 and record["qc"] == "flag"
