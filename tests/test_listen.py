@@ -371,3 +371,24 @@ def test_an_instance_over_the_size_limit_is_refused_and_not_stored(tmp_path):
         server.shutdown()
     assert [p.name for p in (tmp_path / "node" / "received").iterdir()] == [f"{sop_uid(small)}.dcm"]
     assert any("over the 5000 byte limit" in line for line in seen)
+
+
+def test_the_node_scores_and_builds_objects_without_torch(tiny_exported, tmp_path):
+    """The node's whole path (store, worker with --explain, SR and SC) in a fresh interpreter:
+    torch is never imported (an edge box has onnxruntime only)."""
+    src = xray(tmp_path / "x.dcm", 0)
+    code = f"""
+import sys, shutil
+from pneumo_edge.commands.score import _open
+from pneumo_edge.dicomnode.store import Store
+from pneumo_edge.dicomnode.worker import Worker
+st = Store({str(tmp_path / 'node')!r})
+shutil.copy({str(src)!r}, st.received / {sop_uid(src) + '.dcm'!r})
+w = Worker(st, _open({str(tiny_exported)!r}, "onnx", print), send=True, explain=True, log=print)
+rows = w.score(st.pending())
+print("label:", rows[0][1], "objects:", len(list((st.out / "outbox").rglob("*.dcm"))))
+print("torch:", "torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    assert "objects: 2" in out and "torch: False" in out, out
