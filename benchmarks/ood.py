@@ -91,7 +91,30 @@ def gate_cost(model, card, pixels: np.ndarray, reps: int = 7) -> dict:
     return med
 
 
-def report(rows, cost, card, run, data, started) -> str:
+def calibration_choice(model, card, parts: dict) -> list[dict]:
+    """Temperature alone vs temperature + bias, both fitted on validation: ECE (15 bins) and
+    Brier on validation and the internal test split (the figures behind the choice)."""
+    from pneumo_edge.train.calibrate import split_outputs
+
+    from pneumo_edge.model import calibration as cal
+
+    pos = card.positive_index
+    logp = {k: split_outputs(model, parts[k][0], "cpu")["logp"] for k in ("val", "test")
+            if parts.get(k) is not None}
+    fits = {"none": {"temperature": 1.0, "bias": 0.0},
+            "temperature": cal.fit(logp["val"], parts["val"][1], pos, bias=False),
+            "temperature+bias": cal.fit(logp["val"], parts["val"][1], pos)}
+    rows = []
+    for name, f in fits.items():
+        for split, lp in logp.items():
+            p = cal.apply(lp, f["temperature"], f["bias"], pos)[:, pos]
+            fig = cal.figures(parts[split][1] == pos, p)
+            rows.append({"map": name, "T": f["temperature"], "b": f["bias"], "split": split,
+                         "ece": fig["ece"], "brier": fig["brier"]})
+    return rows
+
+
+def report(rows, cost, card, run, data, started, calib=()) -> str:
     m = machine()
     g = card.metrics["ood"]
     lines = [f"# Input quality gate: {card.arch} {card.image_size} px", "",
@@ -105,6 +128,11 @@ def report(rows, cost, card, run, data, started) -> str:
         star = " (in graph)" if r["in_graph"] else ""
         lines.append(f"| {r['set']} | {r['score']}{star} | {r['n']} | {r['flagged']:.1%} | "
                      f"{auc} |")
+    if calib:
+        lines += ["", "Calibration maps fitted on validation (ECE over 15 bins):", "",
+                  "| map | T | b | split | ECE | Brier |", "|---|---:|---:|---|---:|---:|"]
+        lines += [f"| {r['map']} | {r['T']:.3f} | {r['b']:+.3f} | {r['split']} | "
+                  f"{r['ece']:.4f} | {r['brier']:.4f} |" for r in calib]
     lines += ["", (f"Gate cost (torch, CPU, batch {cost['batch']}): the network takes "
                    f"{cost['network']:.2f} ms/image; its ood head {cost['ood head']:.3f} and the "
                    f"blank check {cost['blank check']:.3f} ms/image: the gate adds "
@@ -134,7 +162,8 @@ def main(argv=None) -> int:
     test = parts["test"] if parts["test"] is not None else parts["val"]
     rows = figures(model, card, test[0])
     cost = {**gate_cost(model, card, test[0][:args.batch]), "batch": args.batch}
-    text = report(rows, cost, card, args.model, args.data, started)
+    calib = calibration_choice(model, card, parts)
+    text = report(rows, cost, card, args.model, args.data, started, calib)
     print(text)
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
