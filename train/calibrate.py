@@ -155,6 +155,20 @@ def calibrate_card(model, card, data: dict, device, *, gate: str = "auto",
     return net, new
 
 
+def calibrate_trained(model, card, data: dict, device, log=print):
+    """:func:`calibrate_card` at the end of training: data that cannot support a fit (e.g. a
+    validation split that ranks the classes backwards) leaves the model uncalibrated with a
+    warning instead of losing the run."""
+    from pneumo_edge.errors import ModelError
+
+    try:
+        return calibrate_card(model, card, data, device, log=log)
+    except (ModelError, ValueError) as exc:
+        log(f"warning: calibration and input gate skipped: {exc} (the model is saved "
+            f"uncalibrated; pneumo-edge calibrate can add both later)")
+        return model, card
+
+
 def summary(calib: dict, gate: dict) -> str:
     lines = [f"calibration: T {calib['temperature']:.3f}, b {calib['bias']:+.3f} (fitted on val)"]
     for k in ("val", "test"):

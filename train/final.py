@@ -58,10 +58,11 @@ def final_evaluation(out, state, cfg, data, device, t_start, log) -> dict:
     card.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     card.validate()
     if cfg.calibrate:  # issue 20: calibration and the gate go into the network and the card
-        from pneumo_edge.train.calibrate import calibrate_card
+        from pneumo_edge.train.calibrate import calibrate_trained
 
-        model, card = calibrate_card(model, card, {k: data[k] for k in ("train", "val", "test")
-                                                   if data[k] is not None}, device, log=log)
+        model, card = calibrate_trained(model, card, {k: data[k] for k in ("train", "val",
+                                                                            "test")
+                                                      if data[k] is not None}, device, log=log)
     save_model(out, model, card)
     card.save(out)
     result = {"best_epoch": best["epoch"], "select": cfg.select, "threshold": threshold,
