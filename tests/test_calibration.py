@@ -199,3 +199,24 @@ def test_onnx_carries_calibration_and_gate(calibrated_run, tmp_path, half):
     tol = 1e-2 if half else 1e-5
     assert np.abs(probs - want_p).max() <= tol
     assert np.abs(ood - want_o).max() <= tol * max(1.0, float(np.abs(want_o).max()))
+
+
+def test_training_keeps_an_uncalibrated_model_when_the_fit_fails(tiny_run, tiny_dataset):
+    """Validation labels that the model ranks backwards cannot be calibrated (1/T <= 0):
+    training's hook warns and keeps the model instead of losing the run."""
+    pytest.importorskip("torch")
+    from pneumo_edge.train.calibrate import calibrate_trained
+
+    from pneumo_edge.inputs.folders import scan_labelled
+    from pneumo_edge.inputs.pipeline import decode_labelled
+    from pneumo_edge.model.torchload import load_model
+
+    model, card = load_model(tiny_run)
+    px, labels, _ = decode_labelled(scan_labelled(tiny_dataset / "train").samples,
+                                    card.image_size)
+    lines = []
+    out, same = calibrate_trained(model, card, {"train": (px, labels), "val": (px, 1 - labels)},
+                                  "cpu", log=lines.append)
+    assert out is model and same is card
+    assert lines[-1].startswith("warning: calibration and input gate skipped: calibration "
+                                "failed")
