@@ -247,8 +247,8 @@ def _parse_header(f, path) -> _Header:
         syntax = meta.get("TransferSyntaxUID")
         if not syntax:
             raise DicomError("DICOM file meta without a Transfer Syntax UID")
-        implicit, little = _encoding(syntax)
-        if syntax.is_deflated:
+        implicit, little, deflated = _encoding(syntax)
+        if deflated:
             head.f = _inflate(f, MAX_INFLATED_BYTES)
         body = read_dataset(head, implicit, little, stop_when=_at_pixel_data)
         ds = pydicom.dataset.FileDataset(os.fspath(path), body, preamble, meta, implicit, little)
@@ -268,13 +268,14 @@ def _at_pixel_data(tag, vr, length) -> bool:
     return tag in _PIXEL_TAGS
 
 
-def _encoding(syntax) -> tuple[bool, bool]:
-    """(implicit VR, little endian) of a transfer syntax; any syntax pydicom does not know is
-    explicit VR little endian, as the standard says of every encapsulated one (PS3.5 A.4)."""
+def _encoding(syntax) -> tuple[bool, bool, bool]:
+    """(implicit VR, little endian, deflated) of a transfer syntax; any syntax pydicom does not
+    know is explicit VR little endian, as the standard says of every encapsulated one (PS3.5
+    A.4): its pixel data then fails to decode, with the syntax in the reason."""
     try:
-        return bool(syntax.is_implicit_VR), bool(syntax.is_little_endian)
+        return bool(syntax.is_implicit_VR), bool(syntax.is_little_endian), syntax.is_deflated
     except ValueError:
-        return False, True
+        return False, True, False
 
 
 def _inflate(f, cap: int) -> io.BytesIO:
