@@ -65,7 +65,7 @@ def when(stamp: str) -> float:
 
 
 def node_run(model: Path, files: list[Path], work: Path, runtime: str, batch: int,
-             max_wait: float) -> tuple[float, list[float]]:
+             max_wait: float) -> tuple[float, list[float], dict]:
     pacs = Orthanc(free_port(), free_port(), free_port(), work / "orthanc")
     pacs.folder.mkdir()
     pacs.start()
@@ -98,7 +98,12 @@ def node_run(model: Path, files: list[Path], work: Path, runtime: str, batch: in
         elif s := re.match(r"sent \S+\.sr\.dcm for (\S+) to", m.group(2)):
             sent[s.group(1)] = when(m.group(1))
     latencies = [sent[u] - received[u] for u in sent if u in received]
-    return len(files) / (max(sent.values()) - t0), latencies
+    busy = sum(float(m.group(1)) for ln in lines
+               if (m := re.search(r"scored \d+ instances in ([\d.]+) s", ln)))
+    first, last = min(received.values()), max(received.values())
+    span = max(sent.values()) - t0
+    return len(files) / span, latencies, {"span": span, "worker": busy,
+                                          "receiving": last - first, "to_first": first - t0}
 
 
 def _wait(check, node, timeout: float = 900) -> None:
@@ -135,7 +140,7 @@ def main() -> None:
         model = args.model or _random_model(tmp / "model")
         files = write_inputs(tmp / "in", args.count)
         score_ips = plain_score(model, tmp / "in", args.runtime, args.batch)
-        node_ips, lat = node_run(model, files, tmp, args.runtime, args.batch, args.max_wait)
+        node_ips, lat, parts = node_run(model, files, tmp, args.runtime, args.batch, args.max_wait)
     load_after = os.getloadavg()
     p50, p95 = np.percentile(lat, [50, 95]) if lat else (float("nan"), float("nan"))
     m = machine()
@@ -153,6 +158,11 @@ Orthanc included).
 | `pneumo-edge listen` (received -> SR stored in Orthanc) | {node_ips:.1f} ({node_ips / score_ips:.0%} of score) |
 
 Receive-to-result latency per instance: p50 {p50:.2f} s, p95 {p95:.2f} s ({len(lat)} instances).
+
+Node time line: {parts['span']:.1f} s from the store request to the last SR acknowledged;
+the first instance arrived after {parts['to_first']:.1f} s, the last {parts['receiving']:.1f} s
+later (Orthanc sending); the scoring worker was busy {parts['worker']:.1f} s (decode, model,
+SR/SC building, journal; batches overlap receiving).
 
 Machine: {m.get('cpu', '?')}, {m.get('cores', os.cpu_count())} cores, Python {m['python']},
 {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Load average (1/5/15 min) before

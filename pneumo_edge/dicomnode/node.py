@@ -100,6 +100,7 @@ def run_node(cfg: NodeConfig, log=None, ready=None) -> int:
     finally:
         if sender:
             sender.stop(flush=True)
+        worker.close()
     log("stopped")
     return 0
 

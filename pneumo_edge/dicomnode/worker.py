@@ -120,10 +120,17 @@ class Worker:
         score_files([str(p) for p in files], self.rt, sink, batch=max(1, len(files)),
                     workers=self.workers, dicom_tags=())
         rows = [r[:-1] + [""] + r[-1:] for r in sink.rows]  # the SR column, before error
+        todo = []
         for row, f in zip(rows, files):
             row[0] = path_text(str(self.store.scored / f.name))
-            if row[1]:
-                self._stage(f, row)
+            job = self._job(f, row) if row[1] else None
+            if job:
+                todo.append((row, job))
+        for (row, _), (stem, sr, error) in zip(todo, self._build([j for _, j in todo])):
+            if error:
+                self.log(f"no result objects for {stem}.dcm: {error}")
+            else:
+                row[-2] = path_text(str(self.store.out / "dicom" / sr.relative_to(self.staging)))
         fsync_dir(self.staging)
         crash_point("staged")
         self.results.append(rows)
@@ -136,27 +143,32 @@ class Worker:
         self.store.sync()
         return rows
 
-    def _stage(self, src: Path, row: list[str]) -> None:
-        """The SR (+ SC) of one scored row into ``staging/<uid>/``; its final path into the
-        row's SR column. A source that cannot get them is logged (reason, no values)."""
-        from pneumo_edge.outputs.dicom_objects import ResultInfo, write_result_objects
+    def _job(self, src: Path, row: list[str]):
+        """What :func:`build_objects` needs for one scored row, or None (logged) when it gets
+        no objects."""
+        from pneumo_edge.outputs.dicom_objects import ResultInfo
 
-        card = self.card
         if row[-3] != src.stem:  # the dataset's SOP Instance UID (sop_uid column)
             self.log(f"no result objects for {src.name}: the dataset's SOP Instance UID is "
                      "not the one it was sent with")
-            return
+            return None
+        card = self.card
         info = ResultInfo.from_runtime(self.rt, float(row[2 + card.positive_index]), row[1],
                                        card.threshold, "card")
-        shutil.rmtree(self.staging / src.stem, ignore_errors=True)
         try:
             heat = self._heatmap(src) if self.explain else None
-            paths = write_result_objects(src, info, self.staging, heat)
-        except Exception as exc:  # noqa: BLE001 -- one instance's objects never stop the node
-            shutil.rmtree(self.staging / src.stem, ignore_errors=True)
+        except Exception as exc:  # noqa: BLE001 -- one instance's heatmap never stops the node
             self.log(f"no result objects for {src.name}: {one_line(str(exc))[:200]}")
-            return
-        row[-2] = path_text(str(self.store.out / "dicom" / paths[0].relative_to(self.staging)))
+            return None
+        return src, info, self.staging, heat
+
+    def _build(self, jobs: list) -> list:
+        """:func:`build_objects` for each job, in order, here. (A process pool would build SRs
+        in parallel, but its workers outlive a kill -9 of the node.)"""
+        return [build_objects(j) for j in jobs]
+
+    def close(self) -> None:
+        self.results.close()
 
     def _heatmap(self, src: Path) -> np.ndarray:
         from pneumo_edge.explain.methods import Explainer
@@ -179,6 +191,20 @@ class Worker:
         if target.exists():
             shutil.rmtree(target)
         os.replace(d, target)
+
+
+def build_objects(job) -> tuple[str, Path | None, str]:
+    """(source UID, SR path, "") or (source UID, None, reason) for one ``(source, ResultInfo,
+    staging folder, heatmap or None)``: the SR (+ SC) written into ``staging/<uid>/``."""
+    from pneumo_edge.outputs.dicom_objects import write_result_objects
+
+    src, info, staging, heat = job
+    shutil.rmtree(staging / src.stem, ignore_errors=True)
+    try:
+        return src.stem, write_result_objects(src, info, staging, heat)[0], ""
+    except Exception as exc:  # noqa: BLE001 -- one instance's objects never stop the node
+        shutil.rmtree(staging / src.stem, ignore_errors=True)
+        return src.stem, None, one_line(str(exc))[:200]
 
 
 def wait_for_batch(store, batch: int, max_wait: float, stop, arrived) -> list[Path]:
