@@ -222,7 +222,9 @@ def _weigh_against(before: dict, entry: dict, form: modeldir.Form, identity: dic
                    warn) -> None:
     """A weaker run never replaces stronger evidence silently: when the previous parity.json
     checked this very file (same sha256, same weights) on more images, say so; when it failed
-    there on at least as many images, a pass now does not overrule it: the entry stays failed."""
+    there on more images, a pass now does not overrule it: the entry stays failed. (On as many
+    images, a pass replaces a failure: that is how a user loosens a tolerance; auto still holds
+    recorded tolerances to the defaults.)"""
     old = before.get("forms", {}).get(form.runtime)
     images = before.get("images")
     old_n = images.get("count") if isinstance(images, dict) else None
@@ -230,8 +232,8 @@ def _weigh_against(before: dict, entry: dict, form: modeldir.Form, identity: dic
         old.get("sha256") == entry.get("sha256") and before.get("identity") == identity
     if not same_file or not isinstance(old_n, int):
         return
-    if old.get("status") == "fail" and entry["status"] == "pass" and old_n >= n:
-        entry.update(status="fail", failed=["earlier failure"],
+    if old.get("status") == "fail" and entry["status"] == "pass" and old_n > n:
+        entry.update(status="fail", failed=[],
                      reason=f"this file failed parity on {old_n} images before; a pass on {n} "
                             f"does not overrule it (remove {modeldir.PARITY_JSON} to start over)")
         warn(f"parity: {form.file} failed on {old_n} images in the previous {modeldir.PARITY_JSON}"

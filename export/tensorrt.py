@@ -18,8 +18,8 @@ from pathlib import Path
 
 from pneumo_edge.errors import ModelError, PneumoError, RuntimeUnavailable
 from pneumo_edge.model import modeldir
-from pneumo_edge.runtimes import gpu_present, has_package
-from pneumo_edge.runtimes.trt_rt import INSTALL_HINT
+from pneumo_edge.runtimes import GPU_HINT as INSTALL_HINT
+from pneumo_edge.runtimes import missing_packages, why_unavailable
 
 TIMING_CACHE = modeldir.TIMING_CACHE
 
@@ -33,7 +33,7 @@ class BuildOptions:
     workspace_mib: int = field(default=2048, metadata={
         "help": "TensorRT workspace memory pool limit, MiB."})
     timing_cache: str | None = field(default=None, metadata={
-        "help": "TensorRT timing cache, reused across builds. Default: RUN/trt_timing.cache"})
+        "help": f"TensorRT timing cache, reused across builds. Default: RUN/{TIMING_CACHE}"})
 
     def validate(self) -> None:
         if not 1 <= self.batch_min <= self.batch_opt <= self.batch_max:
@@ -45,34 +45,23 @@ class BuildOptions:
 
 def trt_missing() -> str:
     """What this machine lacks to build or run an engine ('' when nothing). Imports nothing."""
-    missing = [pkg for pkg, mod in (("tensorrt", "tensorrt"), ("cuda-python", "cuda.bindings"))
-               if not _importable(mod)]
-    if missing:
-        return f"{' and '.join(missing)} not installed ({INSTALL_HINT})"
-    if not gpu_present():
+    if missing_packages("trt"):
+        return missing_packages("trt")
+    if why_unavailable("trt"):
         return "no NVIDIA GPU on this machine (an engine is built on the GPU that runs it)"
     return ""
-
-
-def _importable(module: str) -> bool:
-    try:
-        return has_package(module)
-    except ModuleNotFoundError:  # parent package (cuda) missing
-        return False
 
 
 def build_engine(onnx_path, engine_path, opts: BuildOptions, log=print) -> dict:
     """Build ``engine_path`` from ``onnx_path``; write the sidecar (with the card and weights
     sha256 from the ONNX file's metadata); return the sidecar dict."""
     import tensorrt as trt
-    from pneumo_edge.export.onnx import read_metadata
 
     from pneumo_edge.runtimes.trt_rt import current_platform
 
     check_trt_version(trt.__version__)
     opts.validate()
-    check_uint8_inputs(onnx_path)
-    source = read_metadata(onnx_path)
+    source = check_uint8_inputs(onnx_path)
     card = modeldir.onnx_card(onnx_path, source)
     engine_path = Path(engine_path)
     here = current_platform()
@@ -129,12 +118,16 @@ def uint8_input_problems(proto) -> list[str]:
             for name in uint8.intersection(n.input)]
 
 
-def check_uint8_inputs(onnx_path) -> None:
+def check_uint8_inputs(onnx_path) -> dict[str, str]:
+    """Refuse an ONNX file whose uint8 input TensorRT cannot take; its metadata_props (one
+    read of the graph, no weights)."""
     import onnx
 
-    problems = uint8_input_problems(onnx.load(os.fspath(onnx_path), load_external_data=False))
+    proto = onnx.load(os.fspath(onnx_path), load_external_data=False)
+    problems = uint8_input_problems(proto)
     if problems:
         raise ModelError(f"{onnx_path}: {problems[0]}")
+    return {p.key: p.value for p in proto.metadata_props}
 
 
 def _parse(trt, builder, logger, onnx_path):

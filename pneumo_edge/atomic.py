@@ -5,6 +5,7 @@ the new one survives a crash."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from collections.abc import Callable
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pneumo_edge.errors import PneumoError
-from pneumo_edge.model.card import json_safe
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[BinaryIO], None]) -> Path:
@@ -62,6 +62,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     """``obj`` as indented JSON, non-finite floats as null (valid JSON for any reader)."""
     return write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def json_safe(x):
+    """``x`` with non-finite floats (an undefined ROC AUC) as None, so json.dumps writes valid
+    JSON instead of NaN."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
 
 
 def torch_save_atomic(path: str | os.PathLike, obj) -> Path:

@@ -177,3 +177,36 @@ def tiny_exported(tiny_run, tmp_path_factory) -> Path:
     code = run_export(out)
     assert code == 0, "export of the tiny model failed parity"
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_verified(tiny_exported, tmp_path_factory) -> Path:
+    """A copy of ``tiny_exported`` whose parity.json holds evidence ``auto`` accepts: parity on
+    modeldir.MIN_PARITY_IMAGES images (tiny_exported's card split is too small, so there auto
+    runs fp32 and says the reduced-precision forms are not verified). The images are copies of
+    the ten per class the tiny model ranks most clearly (lowest / highest positive
+    probability), so INT8 rounding cannot flip a label or a ranking: the fixture tests auto's
+    rules, not the tiny model's margins. Read-only for tests."""
+    from pneumo_edge.export.main import check_parity
+    from pneumo_edge.export.parity import parity_images
+
+    from pneumo_edge.inputs.images import load_image
+    from pneumo_edge.runtimes import open_form
+
+    root = tmp_path_factory.mktemp("tiny_verified")
+    want = -(-modeldir.MIN_PARITY_IMAGES // len(CLASSES))
+    candidates = write_labelled(root / "candidates", per_class=40, seed=2)
+    torch_rt = open_form(tiny_exported, "torch", device="cpu")
+    positive = torch_rt.card.positive_index
+    for name in CLASSES:
+        files = sorted((candidates / name).iterdir())
+        p = torch_rt(np.stack([load_image(f, IMAGE_SIZE) for f in files]))[:, positive]
+        order = np.argsort(-p if CLASSES.index(name) == positive else p, kind="stable")
+        (root / "parity" / name).mkdir(parents=True)
+        for i in range(want):
+            f = files[order[i % 10]]
+            shutil.copy2(f, root / "parity" / name / f"{i:03d}_{f.name}")
+    out = copy_model_dir(tiny_exported, root / "run")
+    card = modeldir.read_card(out)
+    assert check_parity(out, card, parity_images(card, root / "parity")) == 0, "parity failed"
+    return out

@@ -41,6 +41,9 @@ class FakeRuntime:
 
     name = "fake"
     device = "cpu"
+    path = "fake.onnx"
+    sha256 = "0" * 64
+    precision = "fp32"
 
     def __init__(self, size=16):
         self.card = Card(classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA",
@@ -51,6 +54,9 @@ class FakeRuntime:
         assert batch.dtype == np.uint8 and batch.shape[1:] == (1, 16, 16)
         self.calls.append(len(batch))
         return np.full((len(batch), 2), 0.5, np.float32)
+
+    def outputs(self, batch):
+        return {"probs": self(batch)}
 
 
 @pytest.fixture(scope="module")

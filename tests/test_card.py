@@ -6,18 +6,19 @@ import pytest
 
 from pneumo_edge.errors import ModelError
 from pneumo_edge.model.card import CARD_VERSION, Card
+from pneumo_edge.model.modeldir import card_sha256, read_card, write_card
 
 
 def make(**kw):
-    base = dict(classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", image_size=224,
-                threshold=0.4, arch="resnet50", metrics={"val": {"f1": 0.9}})
+    base = {"classes": ["NORMAL", "PNEUMONIA"], "positive_class": "PNEUMONIA", "image_size": 224,
+            "threshold": 0.4, "arch": "resnet50", "metrics": {"val": {"f1": 0.9}}}
     return Card(**(base | kw))
 
 
 def test_round_trip_through_directory(tmp_path):
     c = make(split={"seed": 1, "val_files": ["a", "b"]})
-    c.save(tmp_path)
-    back = Card.load(tmp_path)
+    write_card(tmp_path, c)
+    back = read_card(tmp_path)
     assert back == c
     d = json.loads((tmp_path / "card.json").read_text())
     for key in ("classes", "positive_class", "image_size", "threshold", "arch", "card_version"):
@@ -71,43 +72,43 @@ def test_invalid_card_files_name_the_file(tmp_path, kw, msg):
     d = make().to_dict() | kw
     (tmp_path / "card.json").write_text(json.dumps(d))  # NaN/inf go in as JSON's NaN/Infinity
     with pytest.raises(ModelError, match=msg) as err:
-        Card.load(tmp_path)
+        read_card(tmp_path)
     assert str(err.value).startswith(f"{tmp_path / 'card.json'}: ")
 
 
 def test_missing_and_corrupt_card_files(tmp_path):
     with pytest.raises(ModelError, match="no model card"):
-        Card.load(tmp_path)
+        read_card(tmp_path)
     (tmp_path / "card.json").write_text("{not json")
     with pytest.raises(ModelError, match="not valid JSON"):
-        Card.load(tmp_path)
+        read_card(tmp_path)
     (tmp_path / "card.json").write_bytes(make().to_json().replace("NORMAL", "NORM\xc9L")
                                          .encode("latin-1"))
     with pytest.raises(ModelError, match="card.json: model card is not UTF-8 text"):
-        Card.load(tmp_path)
+        read_card(tmp_path)
     (tmp_path / "card.json").write_text("[1, 2]")
     with pytest.raises(ModelError, match="not a JSON object"):
-        Card.load(tmp_path)
+        read_card(tmp_path)
     (tmp_path / "card.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(ModelError, match="not valid JSON"):
-        Card.load(tmp_path)
+        read_card(tmp_path)
 
 
 def test_oversized_card_is_refused_without_reading_it(tmp_path):
     with open(tmp_path / "card.json", "wb") as f:
         f.truncate(2 << 30)  # sparse: 2 GiB that are never read
     with pytest.raises(ModelError, match="more than the 1048576"):
-        Card.load(tmp_path)
+        read_card(tmp_path)
 
 
 def test_card_that_is_not_a_regular_file(tmp_path):
     (tmp_path / "card.json").mkdir()
     with pytest.raises(ModelError, match="card.json: not a regular file \\(a directory\\)"):
-        Card.load(tmp_path)
+        read_card(tmp_path)
     (tmp_path / "card.json").rmdir()
     (tmp_path / "card.json").symlink_to("/dev/zero")
     with pytest.raises(ModelError, match="not a regular file \\(a character device\\)"):
-        Card.load(tmp_path)
+        read_card(tmp_path)
 
 
 def test_labels_use_threshold_on_positive_class():
@@ -118,3 +119,25 @@ def test_labels_use_threshold_on_positive_class():
     three = make(classes=["NORMAL", "BACTERIA", "VIRUS"], positive_class="VIRUS", threshold=0.5)
     assert three.label_for([0.1, 0.5, 0.4]) == "BACTERIA"
     assert three.label_for([0.1, 0.3, 0.6]) == "VIRUS"
+
+
+def test_card_identity_tells_two_runs_apart():
+    """card_sha256 binds parity evidence to one training run: the same agreed fields with other
+    metrics or creation time are another card."""
+    a = make(created="2026-01-01T00:00:00+00:00")
+    assert card_sha256(a) == card_sha256(Card.from_json(a.to_json()))
+    assert card_sha256(a) != card_sha256(make(created="2026-01-02T00:00:00+00:00"))
+    assert card_sha256(a) != card_sha256(make(created=a.created, metrics={"val": {"f1": 0.8}}))
+
+
+def test_no_import_loop_between_atomic_card_and_modeldir():
+    """Before: atomic imported card (json_safe), card's save/load imported modeldir, and modeldir
+    imports atomic. Now atomic imports neither, and importing card imports no model directory."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import pneumo_edge.atomic as a; print('pneumo_edge.model.card' in "
+            "sys.modules); import pneumo_edge.model.card; print('pneumo_edge.model.modeldir' in "
+            "sys.modules); print(a.json_safe({'x': [float('nan'), 1.0]}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:3] == ["False", "False", "{'x': [None, 1.0]}"]

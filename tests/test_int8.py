@@ -108,11 +108,11 @@ def test_missing_training_images_name_the_way_out(tmp_path):
 
 
 @cpu_only
-def test_auto_picks_int8_only_for_the_exact_file_that_passed(copy_run, tiny_exported):
-    run = copy_run(tiny_exported)
+def test_auto_picks_int8_only_for_the_exact_file_that_passed(copy_run, tiny_verified):
+    run = copy_run(tiny_verified)
     rt, said = _auto(run)
     assert (rt.name, rt.device) == ("onnx-int8", "cpu")
-    assert "parity passed: agreement 100.0 %" in said
+    assert "parity passed on 200 images: agreement 100.0 %, max metric delta 0.00 points" in said
     # a changed file (still a valid model) is not eligible: auto falls back to fp32 and says why
     proto = onnx.load(str(run / modeldir.ONNX_INT8))
     proto.doc_string += " edited"
@@ -125,8 +125,8 @@ def test_auto_picks_int8_only_for_the_exact_file_that_passed(copy_run, tiny_expo
 
 @cpu_only
 @pytest.mark.parametrize("edit", ["fail", "missing entry", "no parity.json", "not json"])
-def test_auto_needs_a_passing_parity_entry(copy_run, tiny_exported, edit):
-    run = copy_run(tiny_exported)
+def test_auto_needs_a_passing_parity_entry(copy_run, tiny_verified, edit):
+    run = copy_run(tiny_verified)
     path = run / modeldir.PARITY_JSON
     report = json.loads(path.read_text())
     if edit == "fail":

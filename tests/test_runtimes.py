@@ -49,11 +49,11 @@ def test_onnx_runtime_refuses_a_file_from_another_model(copy_run, tiny_exported)
     ("onnx", "'cpu'"), ("onnx-int8", "'cpu'"),
     pytest.param("auto", "None", marks=pytest.mark.skipif(
         gpu_present(), reason="auto tries torch-fp16 on a GPU machine"))])
-def test_onnx_runtime_imports_no_torch(tiny_exported, name, device):
+def test_onnx_runtime_imports_no_torch(tiny_verified, name, device):
     """Also auto's choice of INT8 on a CPU (reading parity.json's evidence) imports no torch."""
     pytest.importorskip("onnxruntime", reason="needs onnxruntime")
     code = ("import sys; from pneumo_edge.runtimes import open_runtime; import numpy as np; "
-            f"rt = open_runtime({str(tiny_exported)!r}, {name!r}, device={device}, "
+            f"rt = open_runtime({str(tiny_verified)!r}, {name!r}, device={device}, "
             "log=lambda m: None); rt(np.zeros((2, 1, 64, 64), np.uint8)); "
             "print(rt.name, 'torch' in sys.modules, 'tensorrt' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -307,3 +307,114 @@ def test_trt_runtime_refuses_an_engine_from_another_gpu(trt_run, copy_run):
     side.write_text(json.dumps({**meta, "gpu": "Some Other GPU"}))
     with pytest.raises(ModelError, match="Some Other GPU"):
         open_runtime(run, "trt")
+
+
+# --- the runtime table: one place knows how each form runs --------------------------------------
+
+def test_every_form_has_one_backend_row_whose_class_exists_without_heavy_imports():
+    import importlib
+
+    from pneumo_edge.model import modeldir
+    from pneumo_edge.runtimes import BACKENDS, DEVICE_POLICIES
+
+    assert sorted(b.name for b in BACKENDS) == sorted(modeldir.RUNTIMES)
+    for b in BACKENDS:
+        assert b.devices in DEVICE_POLICIES and b.install and b.packages
+        assert callable(getattr(importlib.import_module(b.module), b.cls))
+        assert b.gpu == (b.devices != "any")
+    code = ("import sys, importlib; from pneumo_edge.runtimes import BACKENDS; "
+            "[importlib.import_module(b.module) for b in BACKENDS]; "
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'tensorrt') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_one_device_parser():
+    from pneumo_edge.errors import UsageError
+    from pneumo_edge.runtimes import parse_device
+
+    assert [parse_device(d) for d in (None, "auto", "cpu", "cuda", "cuda:3")] == \
+        [("auto", None), ("auto", None), ("cpu", None), ("cuda", None), ("cuda", 3)]
+    for bad in ("gpu", "cuda:x", "cuda:-1", "CUDA", "cuda:", "mps", "cpu:0"):
+        with pytest.raises(UsageError, match="unknown device"):
+            parse_device(bad)
+
+
+def test_training_reads_device_strings_with_the_same_parser():
+    pytest.importorskip("torch")
+    from pneumo_edge.train.config import pick_device
+
+    from pneumo_edge.errors import UsageError
+
+    assert str(pick_device("cpu")) == "cpu"
+    with pytest.raises(UsageError, match=r"--device cuda:x: unknown device 'cuda:x'"):
+        pick_device("cuda:x")
+
+
+def test_why_unavailable_says_why_without_importing(tiny_run, monkeypatch):
+    from pneumo_edge import runtimes
+
+    assert runtimes.why_unavailable("torch", "cpu", tiny_run) == ""
+    assert runtimes.why_unavailable("onnx", "cpu", tiny_run) == "no model.onnx"
+    assert runtimes.why_unavailable("torch-fp16", "cpu") == "torch-fp16 runs on CUDA only"
+    assert runtimes.why_unavailable("trt", "cpu").startswith("trt runs on CUDA only")
+    if not gpu_present():
+        assert runtimes.why_unavailable("onnx", "cuda:0") == "no NVIDIA GPU"
+        assert runtimes.why_unavailable("trt") == "no NVIDIA GPU"
+    monkeypatch.setattr(runtimes, "has_package", lambda name: name != "onnxruntime")
+    assert runtimes.why_unavailable("onnx-int8", "cpu") == \
+        f"onnxruntime not installed ({runtimes.CPU_HINT})"
+    with pytest.raises(ModelError, match="unknown runtime 'openvino'"):
+        runtimes.why_unavailable("openvino")
+
+
+# --- outputs(): the probabilities and any further output of the model file ----------------------
+
+def test_onnx_outputs_carry_every_further_graph_output(copy_run, tiny_exported):
+    """A model file with further outputs (issue 20's ``ood``; here also one more, ``p1``):
+    outputs() has each, [N], by its graph name; calling the runtime still gives the
+    probabilities alone."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    from pneumo_edge.runtimes import open_form
+
+    before = open_form(tiny_exported, "onnx", device="cpu").outputs(_pixels(2))
+    gated = Card.load(tiny_exported).net.get("ood", "none") != "none"
+    assert sorted(before) == (["ood", "probs"] if gated else ["probs"])
+    run = copy_run(tiny_exported)
+    path = run / "model.onnx"
+    proto = onnx.load(str(path))
+    probs = proto.graph.output[0].name
+    proto.graph.initializer.append(numpy_helper.from_array(np.array(1, np.int64), "one"))
+    proto.graph.node.append(helper.make_node("Gather", [probs, "one"], ["p1"], axis=1))
+    proto.graph.output.append(helper.make_tensor_value_info("p1", onnx.TensorProto.FLOAT, ["N"]))
+    onnx.save(proto, str(path))
+    rt = open_form(run, "onnx", device="cpu")
+    out = rt.outputs(_pixels(3))
+    assert set(out) == {*before, "p1"} and out["p1"].shape == (3,)
+    assert all(out[k].shape == (3,) for k in out if k != "probs")
+    assert np.array_equal(out["p1"], out["probs"][:, 1])
+    assert np.array_equal(rt(_pixels(3)), out["probs"])
+
+
+def test_torch_outputs_take_a_network_that_returns_a_tuple(tiny_run):
+    torch = pytest.importorskip("torch")
+    from pneumo_edge.model.net import build_model
+    from pneumo_edge.runtimes import open_form
+
+    rt = open_form(tiny_run, "torch", device="cpu")
+    card = rt.card
+    plain = rt.outputs(_pixels(2))
+    gated = card.net.get("ood", "none") != "none"
+    assert sorted(plain) == (["ood", "probs"] if gated else ["probs"])
+    assert plain["probs"].shape == (2, 2) and np.array_equal(rt(_pixels(2)), plain["probs"])
+    # the same weights without a gate and with an energy gate (XrayNet.outputs: probs, ood)
+    for ood, want in (("none", ["probs"]), ("energy", ["ood", "probs"])):
+        net = build_model(card.arch, len(card.classes), weights="none", **{**card.net, "ood": ood})
+        net.load_state_dict(rt.model.state_dict(), strict=False)
+        other = open_form(tiny_run, "torch", device="cpu")
+        other.model = net.eval().to(memory_format=torch.channels_last)
+        out = other.outputs(_pixels(2))
+        assert sorted(out) == want and np.allclose(out["probs"], plain["probs"], atol=1e-6)
+        assert ood == "none" or (out["ood"].shape == (2,) and np.isfinite(out["ood"]).all())

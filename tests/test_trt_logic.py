@@ -312,3 +312,30 @@ def test_unreadable_or_uncreatable_timing_cache_builds_without_one(tmp_path):
     assert path.is_dir() and "could not save the timing cache" in said[0]
     save_timing_cache(Saved(), tmp_path / "ok.cache", said.append)
     assert (tmp_path / "ok.cache").read_bytes() == b"new cache"
+
+
+class OodContext(StandInContext):
+    """A stand-in engine with a second output ``ood`` [N] (the positive probability)."""
+
+    def get_tensor_shape(self, name):
+        return (self.shape[0],) if name == "ood" else super().get_tensor_shape(name)
+
+    def execute_async_v3(self, stream):
+        assert super().execute_async_v3(stream)
+        n = self.shape[0]
+        probs = self.mem.buffers[self.addr["out"]][:n * C * 4].view(np.float32).reshape(n, C)
+        ood = np.ascontiguousarray(probs[:, 1])
+        self.mem.buffers[self.addr["ood"]][:ood.nbytes] = ood.view(np.uint8)
+        return True
+
+
+def test_engine_io_returns_every_output_tensor(onnx_model):
+    mem = NumpyMemory()
+    ctx = OodContext(onnx_model, mem, 4, 8)
+    io = EngineIO(ctx, mem, "in", "out", S, C, 4, 8, "model.fp16.engine", extra_outputs=["ood"])
+    x = _pixels(11)
+    out = io.outputs(x)
+    assert sorted(out) == ["ood", "probs"] and out["ood"].shape == (11,)
+    assert np.allclose(out["probs"], onnx_model(x), atol=1e-6)
+    assert np.array_equal(out["ood"], out["probs"][:, 1]) and np.array_equal(io(x), out["probs"])
+    assert io.outputs(x[:0])["ood"].shape == (0,)

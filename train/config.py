@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from pneumo_edge.train.budget import SCHEDULES
 
-from pneumo_edge.errors import UsageError
+from pneumo_edge.errors import RuntimeUnavailable, UsageError
 from pneumo_edge.evaluation.metrics import validate_threshold_rule
 
 if TYPE_CHECKING:
@@ -106,21 +106,12 @@ class TrainConfig:
 def pick_device(name: str) -> torch.device:
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from pneumo_edge.runtimes.torch_rt import resolve_device  # the one --device parser
+
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") \
-            from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA GPU is visible to torch")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s)")
-    elif device.type != "cpu":
-        raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
-    return device
+        return torch.device(resolve_device(torch, name))
+    except (UsageError, RuntimeUnavailable) as exc:
+        raise UsageError(f"--device {name}: {exc}") from None
 
 
 def default_amp(device: torch.device) -> bool:

@@ -332,16 +332,15 @@ def open_for_bench(model, name: str, log=None):
     """(runtime, None) or (None, reason it cannot run here). A model directory that
     contradicts itself (modeldir.Refused) is an error, not a skipped runtime."""
     from pneumo_edge.model.modeldir import Refused
-    from pneumo_edge.runtimes import open_runtime
+    from pneumo_edge.runtimes import model_dir, open_runtime, why_unavailable
 
     try:
-        return open_runtime(model, name, log=log), None
+        why = "" if name == "auto" else why_unavailable(name, None, model_dir(model))
+        return (None, why) if why else (open_runtime(model, name, log=log), None)
     except Refused:
         raise
     except PneumoError as exc:
         return None, str(exc)
-    except ImportError as exc:  # a backend module or package that is not there
-        return None, f"cannot import {exc.name or exc}: {exc}"
 
 
 def run_bench(model, runtimes="auto", batches=DEFAULT_BATCHES, warmup: int = DEFAULT_WARMUP,

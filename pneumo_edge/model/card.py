@@ -145,18 +145,6 @@ class Card:
         return max(others)[1]
 
 
-def json_safe(x):
-    """``x`` with non-finite floats (an undefined ROC AUC) as None, so json.dumps writes valid
-    JSON instead of NaN."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    return x
-
-
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import stat
 from dataclasses import dataclass
@@ -404,40 +405,178 @@ def stale_source(engine_path: str | os.PathLike, meta: dict) -> str:
     return "" if sha256_file(src) == want else f"built from an older {src.name}"
 
 
+# ----------------------------------------------------------------------------- verification
+
+
+def card_sha256(card: Card) -> str:
+    """The identity of one copy of the card: sha256 of its canonical JSON. Two training runs
+    never share it (their metrics, split and creation time differ), so it ties parity evidence
+    to the run that made it even where AGREED_FIELDS alone cannot tell two runs apart."""
+    return hashlib.sha256(card.to_json().encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A model file checked against its directory: the card to run it with and the identities
+    parity evidence must match (:func:`parity_evidence`)."""
+
+    card: Card  # card.json's when the directory has one, else the file's own
+    sha256: str  # of the file's bytes as run
+    weights_sha256: str  # of the model.pt the file came from (model.pt: its own sha256)
+    card_sha256: str  # card_sha256(card)
+    embedded_card_sha256: str  # of the copy of the card inside the file (or its sidecar)
+
+
+def verify_file(file: str | os.PathLike, sha256: str, embedded: Card, weights: str | None,
+                card: Card | None = None, embedded_in: str | os.PathLike | None = None
+                ) -> Verified:
+    """The one check every runtime makes, once, on the file it is about to run: card.json
+    (``card``; None: read from the directory, if there) agrees with the card ``embedded`` in the
+    file (or in ``embedded_in``, the engine's sidecar), and the file came from the model.pt beside
+    it (``weights``: the model.pt sha256 the file records; for model.pt itself, its ``sha256``).
+    Refused on any disagreement."""
+    file = Path(file)
+    if card is None:
+        card = directory_card(file)
+    card = agreed_card(file, embedded, card, embedded_in=embedded_in)
+    if file.name != MODEL_PT:
+        check_weights(file, weights, recorded_in=embedded_in)
+    return Verified(card, sha256, weights if file.name != MODEL_PT else sha256,
+                    card_sha256(card), card_sha256(embedded))
+
+
 # ----------------------------------------------------------------------------- parity evidence
+
+#: parity's default tolerances per precision (what ``export`` gates on unless told otherwise, and
+#: the floor ``auto`` holds recorded tolerances to): max |dp| (None: reported, not gated), label
+#: agreement, max metric delta, max ROC AUC delta
+PARITY_TOLERANCES = {
+    "fp32": {"max_abs": 1e-4, "min_agreement": 1.0, "max_metric_delta": 0.0,
+             "max_auc_delta": 1e-3},
+    "fp16": {"max_abs": 1e-2, "min_agreement": 0.995, "max_metric_delta": 0.005,
+             "max_auc_delta": 0.005},
+    "int8": {"max_abs": None, "min_agreement": 0.99, "max_metric_delta": 0.01,
+             "max_auc_delta": 0.005},
+}
+#: the least evidence that verifies a reduced-precision form: parity on at least this many
+#: decodable images, with at least MIN_PARITY_PER_CLASS of every class. Fewer, and a one-image
+#: flip (0.5 % at 200) could hide below the tolerances; the form is then "not verified"
+MIN_PARITY_IMAGES = 200
+MIN_PARITY_PER_CLASS = 20
+
 
 @dataclass(frozen=True)
 class Evidence:
-    """What parity.json says about one file: ``passed`` only when its entry passed for exactly
-    this file (same sha256) against this model.pt; ``why`` says so in words either way."""
+    """What parity.json says about one file: ``passed`` only when its entry passed, on enough
+    images, at tolerances no looser than the defaults, for exactly this file and this model's
+    weights and card; ``failed`` when it records a failure of exactly this file; ``why`` says
+    so in words either way."""
 
     passed: bool
     why: str
+    failed: bool = False
 
 
-def parity_evidence(d: str | os.PathLike, form: Form, sha256: str) -> Evidence:
-    """Whether ``d``'s parity.json records a pass for ``form`` run from the file whose sha256
-    is ``sha256``. (That the file came from the model.pt beside it is check_weights' job.)"""
+def evidence_size(images: dict, classes) -> tuple[int, str]:
+    """(number of parity images, '' when that is enough evidence, else why not)."""
+    n, per_class = images.get("count"), images.get("per_class")
+    if not _is_count(n) or not isinstance(per_class, dict) or \
+            not all(_is_count(per_class.get(c)) for c in classes):
+        return 0, "records no image counts per class (re-run: pneumo-edge export)"
+    low = [c for c in classes if per_class[c] < MIN_PARITY_PER_CLASS]
+    if n < MIN_PARITY_IMAGES or low:
+        return n, (f"not verified: parity ran on {n} images "
+                   + (f"({', '.join(f'{per_class[c]} {c}' for c in low)})" if low else "")
+                   + f", the floor is {MIN_PARITY_IMAGES} with {MIN_PARITY_PER_CLASS} per class")
+    return n, ""
+
+
+def parity_evidence(d: str | os.PathLike, form: Form, v: Verified) -> Evidence:
+    """Whether ``d``'s parity.json verifies ``form`` run from the file ``v`` describes.
+    A parity.json whose fields have the wrong types is Refused (exit 2), never half-read."""
     path = Path(d) / PARITY_JSON
     if not os.path.lexists(path):
         return Evidence(False, f"no {PARITY_JSON} (run: pneumo-edge export {d})")
     try:
-        entry = read_json(path, "parity report")["forms"][form.runtime]
-    except (ModelError, KeyError, TypeError) as exc:
-        why = exc if isinstance(exc, ModelError) else f"no usable entry for {form.runtime}"
-        return Evidence(False, f"{path}: {why}")
-    if not isinstance(entry, dict) or entry.get("status") != "pass":
-        status = entry.get("status") if isinstance(entry, dict) else None
-        return Evidence(False, f"parity {status or 'not recorded'} for {form.file}")
-    if entry.get("sha256") != sha256:
+        report = read_json(path, "parity report")
+    except ModelError as exc:
+        return Evidence(False, str(exc))
+    entry = _parity_entry(path, report, form)
+    if entry is None:
+        return Evidence(False, f"{path}: no entry for {form.runtime}")
+    if entry.get("sha256") != v.sha256:
         return Evidence(False, f"{form.file} changed since parity (sha256 differs)")
-    return Evidence(True, _evidence_text(entry))
+    ident = report.get("identity") or {}
+    if ident.get("weights_sha256") != v.weights_sha256 or \
+            not ident.get("card_sha256") == v.card_sha256 == v.embedded_card_sha256:
+        return Evidence(False, f"refused: {PARITY_JSON} and {form.file} are not from the model "
+                               f"of this directory's {CARD_JSON} (weights or card differ; "
+                               f"re-run: pneumo-edge export {d})")
+    if entry["status"] != "pass":
+        return Evidence(False, f"parity {entry['status']} for {form.file}",
+                        failed=entry["status"] == "fail")
+    n, weak = evidence_size(report["images"], v.card.classes)
+    if weak:
+        return Evidence(False, f"{form.file} {weak}")
+    loose = looser_than_defaults(entry["tolerance"], form.precision)
+    if loose:
+        return Evidence(False, f"{form.file} passed at tolerances looser than the defaults "
+                               f"({loose}); auto runs it only at the defaults")
+    return Evidence(True, _evidence_text(entry, n))
 
 
-def _evidence_text(entry: dict) -> str:
-    deltas = entry.get("metric_deltas") or {}
-    worst = max((abs(v) for v in deltas.values() if isinstance(v, (int, float))), default=0.0)
-    text = (f"parity passed: agreement {100 * float(entry.get('agreement', 0)):.1f} %, "
+def _parity_entry(path: Path, report, form: Form) -> dict | None:
+    """``form``'s entry of a parsed parity.json, its fields type-checked (Refused if not)."""
+    def bad(what: str):
+        return Refused(f"{path}: {what} (re-run: pneumo-edge export {path.parent})")
+
+    if not isinstance(report, dict) or not isinstance(report.get("forms"), dict):
+        raise bad("not a parity report (no forms object)")
+    if not isinstance(report.get("images", {}), dict) or \
+            not isinstance(report.get("identity", {}), dict):
+        raise bad("images or identity is not an object")
+    entry = report["forms"].get(form.runtime)
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("status"), str):
+        raise bad(f"the {form.runtime} entry has no status")
+    if entry["status"] != "pass":
+        return entry
+    deltas, tol = entry.get("metric_deltas"), entry.get("tolerance")
+    if not _is_real(entry.get("agreement")) or not isinstance(deltas, dict) or \
+            not all(_is_real(x) for x in deltas.values()) or not isinstance(tol, dict) or \
+            not all(x is None or _is_real(x) for x in tol.values()) or \
+            not (entry.get("roc_auc_delta") is None or _is_real(entry["roc_auc_delta"])):
+        raise bad(f"the {form.runtime} entry's agreement, metric_deltas, roc_auc_delta or "
+                  f"tolerance has the wrong type")
+    return entry
+
+
+def looser_than_defaults(tol: dict, precision: str) -> str:
+    """'' when the recorded tolerances ``tol`` are at least as strict as PARITY_TOLERANCES for
+    ``precision``; else the looser ones, as ``name recorded > default``."""
+    out = []
+    for key, default in PARITY_TOLERANCES[precision].items():
+        got = tol.get(key)
+        if default is None:
+            continue
+        lower_is_looser = key == "min_agreement"
+        if got is None or (got < default if lower_is_looser else got > default):
+            out.append(f"{key} {got} vs {default}")
+    return ", ".join(out)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _evidence_text(entry: dict, n: int) -> str:
+    worst = max((abs(v) for v in entry["metric_deltas"].values()), default=0.0)
+    text = (f"parity passed on {n} images: agreement {100 * entry['agreement']:.1f} %, "
             f"max metric delta {100 * worst:.2f} points")
     auc = entry.get("roc_auc_delta")
-    return text + (f", ROC AUC delta {auc:+.4f}" if isinstance(auc, (int, float)) else "")
+    return text + (f", ROC AUC delta {auc:+.4f}" if auc is not None else "")

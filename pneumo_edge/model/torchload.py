@@ -27,6 +27,7 @@ class Checkpoint:
     state_dict: dict
     card: Card  # the card inside model.pt
     sha256: str  # of the file's bytes, the weights' identity recorded at export
+    verified: modeldir.Verified | None = None  # set by load_checked: checked against card.json
 
 
 def checkpoint_path(path: str | os.PathLike) -> Path:
@@ -45,7 +46,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     data = modeldir.read_regular(path, PT_CAP)
     try:
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
+    except Exception as exc:  # noqa: BLE001 -- torch raises many types for a bad file
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"{path}: not a readable checkpoint ({first[:120]})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) \
@@ -82,9 +83,8 @@ def load_model(path: str | os.PathLike, device: str = "cpu", card: Card | None =
 
 
 def load_checked(path: str | os.PathLike, device: str = "cpu", card: Card | None = None):
-    """(model, agreed Card, Checkpoint) — :func:`load_model` plus the checkpoint (sha256)."""
+    """(model, agreed Card, Checkpoint) — :func:`load_model` plus the checkpoint (sha256, and
+    what :func:`pneumo_edge.model.modeldir.verify_file` checked, in ``verified``)."""
     ckpt = read_checkpoint(path)
-    if card is None:
-        card = modeldir.directory_card(ckpt.path)
-    card = modeldir.agreed_card(ckpt.path, ckpt.card, card)
-    return build_from(ckpt, device), card, ckpt
+    ckpt.verified = modeldir.verify_file(ckpt.path, ckpt.sha256, ckpt.card, None, card)
+    return build_from(ckpt, device), ckpt.verified.card, ckpt

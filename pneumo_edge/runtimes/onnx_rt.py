@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_edge.errors import ModelError, RuntimeUnavailable, UsageError
+from pneumo_edge.errors import ModelError, RuntimeUnavailable
 from pneumo_edge.model import modeldir
+from pneumo_edge.runtimes import CPU_HINT, parse_device
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -54,8 +55,14 @@ class OnnxRuntime:
         self.session = _session(ort, path, data, threads, cuda_id)
         self.device = "cpu" if cuda_id is None else f"cuda:{cuda_id}"
         self.input_name = self.session.get_inputs()[0].name
+        # the first output is the probabilities whatever the graph calls it; the rest by name
+        self.output_names = ["probs"] + [o.name for o in self.session.get_outputs()[1:]]
         self.metadata = self.session.get_modelmeta().custom_metadata_map
-        self.card = checked_card(path, self.session, self.metadata, card)
+        self.verified = modeldir.verify_file(
+            path, self.sha256, modeldir.onnx_card(path, self.metadata),
+            self.metadata.get(modeldir.ONNX_WEIGHTS_KEY), card)
+        self.card = self.verified.card
+        check_io(path, self.session, self.card)
         s = self.card.image_size
         try:  # a provider that registers but cannot run (e.g. no kernels for this GPU)
             self(np.zeros((1, 1, s, s), np.uint8))
@@ -65,30 +72,35 @@ class OnnxRuntime:
             raise ModelError(f"{path}: onnxruntime cannot run it: {_first_line(exc)}") from None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities ``[N, C]``."""
+        return self.outputs(batch)["probs"]
+
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the model file: ``probs`` ``[N, C]`` first, then any further output
+        (e.g. ``ood``) under its graph name, ``[N]``."""
         x = np.ascontiguousarray(batch, dtype=np.uint8)
         try:
-            out = self.session.run(None, {self.input_name: x})[0]
+            outs = self.session.run(None, {self.input_name: x})
         except Exception as exc:  # onnxruntime raises its own exception types
             if self.device == "cpu":
                 raise
             raise RuntimeUnavailable(f"onnxruntime's CUDA provider failed on {self.device}: "
                                      f"{_first_line(exc)}") from None
-        return out.astype(np.float32, copy=False)
+        return {name: out.astype(np.float32, copy=False)
+                for name, out in zip(self.output_names, outs)}
 
 
 def cuda_device(device: str | None, has_cuda: bool) -> int | None:
     """The CUDA device id ``device`` asks for (None: CPU). ``auto``/None: device 0 when the
     CUDA provider is there."""
-    if device in (None, "auto"):
+    kind, index = parse_device(device)
+    if kind == "auto":
         return 0 if has_cuda else None
-    if device == "cpu":
+    if kind == "cpu":
         return None
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
-        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
     if not has_cuda:
         raise RuntimeUnavailable("onnxruntime has no CUDA provider (install onnxruntime-gpu)")
-    return int(index) if index else 0
+    return index or 0
 
 
 def _import_ort():
@@ -99,9 +111,7 @@ def _import_ort():
     try:
         import onnxruntime as ort
     except ImportError:
-        raise RuntimeUnavailable(
-            "onnxruntime is not installed (pip install 'pneumo-edge[cpu]', or "
-            "'pneumo-edge[gpu]' on an NVIDIA box; never both)") from None
+        raise RuntimeUnavailable(f"onnxruntime is not installed ({CPU_HINT})") from None
     return ort, ort.get_available_providers()
 
 
@@ -134,25 +144,13 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:200]
 
 
-def checked_card(path, session, metadata: dict, card):
-    """The card to run ``path`` with, after checking that card.json (``card``, or read from
-    the directory) agrees with the card in the file's metadata, that the file came from the
-    model.pt beside it (when there is one), and that its input fits the card."""
-    embedded = modeldir.onnx_card(path, metadata)
-    if card is None:
-        card = modeldir.directory_card(path)
-    card = modeldir.agreed_card(path, embedded, card)
-    modeldir.check_weights(path, metadata.get(modeldir.ONNX_WEIGHTS_KEY))
-    check_io(path, session, card)
-    return card
-
-
 def check_io(path, session, card) -> None:
-    """One uint8 input ``[N, 1, S, S]`` of the card's size and one output ``[N, C]``."""
+    """One uint8 input ``[N, 1, S, S]`` of the card's size, the output ``[N, C]`` first, and
+    any further outputs (e.g. ``ood``) one value per image, ``[N]``."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise ModelError(f"{path}: expected one input and one output, has {len(inputs)} and "
-                         f"{len(outputs)}")
+    if len(inputs) != 1 or not outputs:
+        raise ModelError(f"{path}: expected one input and at least one output, has "
+                         f"{len(inputs)} and {len(outputs)}")
     shape, s = list(inputs[0].shape), card.image_size
     hint = modeldir.fix_hint(Path(path).parent, modeldir.BY_RUNTIME["onnx"])
     if inputs[0].type != "tensor(uint8)" or len(shape) != 4 or shape[1:] != [1, s, s]:
@@ -162,3 +160,7 @@ def check_io(path, session, card) -> None:
     if len(out) != 2 or out[1] != len(card.classes):
         raise modeldir.Refused(f"{path}: output is {out}, the card has {len(card.classes)} "
                                f"classes ({hint})")
+    for extra in outputs[1:]:
+        if len(extra.shape) != 1 or extra.name == "probs":
+            raise modeldir.Refused(f"{path}: output {extra.name} is {list(extra.shape)}, "
+                                   f"expected one value per image [N] ({hint})")

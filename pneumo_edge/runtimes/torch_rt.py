@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from pneumo_edge.errors import RuntimeUnavailable, UsageError
+from pneumo_edge.runtimes import TRAIN_HINT, parse_device
 
 PRECISIONS = {"fp32": "torch", "fp16": "torch-fp16"}
 #: at most this many batch sizes get a CUDA graph each (each holds its own activations)
@@ -36,16 +37,14 @@ def tf32_state(torch) -> dict:
 def resolve_device(torch, device: str | None) -> str:
     """``cpu`` or ``cuda:N`` for a device string; RuntimeUnavailable when the GPU is not there,
     UsageError for a string that names no device."""
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
-        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    kind, index = parse_device(device)
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cpu":
+        return kind
     if not torch.cuda.is_available():
         raise RuntimeUnavailable("torch sees no CUDA GPU")
-    n = int(index) if index else torch.cuda.current_device()
+    n = torch.cuda.current_device() if index is None else index
     count = torch.cuda.device_count()
     if n >= count:
         raise RuntimeUnavailable(f"torch sees {count} CUDA GPU(s); there is no cuda:{n}")
@@ -63,7 +62,7 @@ class TorchRuntime:
         try:
             import torch
         except ImportError:
-            raise RuntimeUnavailable("torch is not installed (pip install 'pneumo-edge[train]')") from None
+            raise RuntimeUnavailable(f"torch is not installed ({TRAIN_HINT})") from None
         from pneumo_edge.model.torchload import load_checked
 
         self.name, self.precision, self._torch = PRECISIONS[precision], precision, torch
@@ -81,7 +80,7 @@ class TorchRuntime:
         if cuda:
             disable_tf32(torch)
         model, self.card, ckpt = load_checked(path, device=device, card=card)
-        self.path, self.sha256 = ckpt.path, ckpt.sha256
+        self.verified, self.path, self.sha256 = ckpt.verified, ckpt.path, ckpt.sha256
         if precision == "fp16":
             model = model.half()
         self.model = model.to(memory_format=torch.channels_last)
@@ -90,16 +89,26 @@ class TorchRuntime:
         self._graphs: dict[int, tuple] = {}
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities ``[N, C]``."""
+        return self.outputs(batch)["probs"]
+
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """``probs`` ``[N, C]``, plus ``ood`` ``[N]`` when the network returns a second output."""
         torch = self._torch
         x = np.ascontiguousarray(batch, dtype=np.uint8)
         if self._dev.type == "cuda":
             disable_tf32(torch)  # process-wide: whatever ran since must not change our maths
             if self.graphs and len(x) and (len(x) in self._graphs or len(self._graphs) < MAX_GRAPHS):
-                return self._replay(x)
+                return _named(self._replay(x))
         t = torch.from_numpy(x).to(self._dev)
         with torch.inference_mode():
-            probs = self.model(t.contiguous(memory_format=torch.channels_last))
-        return probs.float().cpu().numpy()
+            out = self._forward(t.contiguous(memory_format=torch.channels_last))
+        return _named(out)
+
+    def _forward(self, x):
+        """Every output: XrayNet.outputs (probs, ood or None); a plain module's forward."""
+        both = getattr(self.model, "outputs", None)
+        return both(x) if callable(both) else self.model(x)
 
     def _replay(self, x: np.ndarray) -> np.ndarray:
         """Run a batch of this size through its CUDA graph (captured on first use)."""
@@ -109,7 +118,7 @@ class TorchRuntime:
         graph, static_in, static_out = self._graphs[len(x)]
         static_in.copy_(torch.from_numpy(x))
         graph.replay()
-        return static_out.float().cpu().numpy()
+        return static_out
 
     def _capture(self, shape) -> tuple:
         torch = self._torch
@@ -119,9 +128,24 @@ class TorchRuntime:
             side.wait_stream(torch.cuda.current_stream(self._dev))
             with torch.cuda.stream(side):  # warm-up (cuDNN picks its kernels) off the capture
                 for _ in range(2):
-                    self.model(static_in.contiguous(memory_format=torch.channels_last))
+                    self._forward(static_in.contiguous(memory_format=torch.channels_last))
             torch.cuda.current_stream(self._dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = self.model(static_in.contiguous(memory_format=torch.channels_last))
+                static_out = self._forward(static_in.contiguous(memory_format=torch.channels_last))
         return graph, static_in, static_out
+
+
+#: names of the network's outputs after the probabilities, in order (issue 20: ``ood``)
+EXTRA_OUTPUTS = ("ood",)
+
+
+def _named(out) -> dict[str, np.ndarray]:
+    """The network's output (a tensor of probabilities, or a tuple starting with one; None for
+    an output the network does not have) as float32 numpy arrays by name."""
+    parts = out if isinstance(out, (tuple, list)) else (out,)
+    names = ("probs", *EXTRA_OUTPUTS)
+    if len(parts) > len(names):
+        raise RuntimeError(f"the network returns {len(parts)} outputs; this pneumo-edge knows "
+                           f"{', '.join(names)}")
+    return {n: p.float().cpu().numpy() for n, p in zip(names, parts) if p is not None}

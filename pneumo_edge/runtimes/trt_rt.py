@@ -20,8 +20,9 @@ import numpy as np
 
 from pneumo_edge.errors import ModelError, RuntimeUnavailable
 from pneumo_edge.model import modeldir
+from pneumo_edge.runtimes import GPU_HINT, parse_device
 
-INSTALL_HINT = "on an NVIDIA machine: pip install 'pneumo-edge[gpu]'"
+INSTALL_HINT = GPU_HINT
 
 
 def rebuild(engine_path) -> str:
@@ -87,22 +88,31 @@ def current_platform() -> dict:
 class TensorRTRuntime:
     name = "trt"
 
-    def __init__(self, engine_path, card=None):
+    def __init__(self, engine_path, card=None, device: str | None = None):
         """``card``: card.json's card (None: read it from the engine's directory; without
-        card.json the card in the sidecar is used). Everything that can be checked without a
-        GPU is checked first: the sidecar, its card against card.json, the weights; then the
+        card.json the card in the sidecar is used); ``device``: None/``auto``/``cuda`` (the
+        current CUDA device) or ``cuda:N``. Everything that can be checked without a GPU is
+        checked first: the sidecar, its card against card.json, the weights; then the
         engine's tensor shapes against the card, before any buffer is sized from it."""
         self.path, self.precision = Path(engine_path), "fp16"
+        kind, index = parse_device(device)
+        if kind == "cpu":
+            raise RuntimeUnavailable("trt runs on the GPU its engine was built for, not on cpu")
         meta = modeldir.read_sidecar(engine_path)  # no sidecar: refuse before touching the GPU
-        self.card = checked_card(engine_path, meta, card)
-        trt, cudart = import_gpu_packages()
-        here = current_platform()
-        check_sidecar(engine_path, meta, here)
         data = modeldir.read_regular(engine_path)  # one read: what runs is what is hashed
         self.sha256 = hashlib.sha256(data).hexdigest()
+        self.verified = modeldir.verify_file(
+            engine_path, self.sha256, modeldir.sidecar_card(engine_path, meta),
+            meta.get("weights_sha256"), card, embedded_in=modeldir.sidecar_path(engine_path))
+        self.card = self.verified.card
+        trt, cudart = import_gpu_packages()
+        if index is not None:
+            cuda_call(cudart.cudaSetDevice(index))
+        here = current_platform()
+        check_sidecar(engine_path, meta, here)
         # the TensorRT runtime must outlive the engine it deserialised: keep both
         self._trt_runtime, self.engine = _deserialize(trt, engine_path, data)
-        self.input, self.output = _io_names(trt, self.engine, engine_path)
+        self.input, self.output, extras = _io_names(trt, self.engine, engine_path)
         self.min_batch, self.max_batch = check_engine_shapes(
             engine_path, _dims(self.engine.get_tensor_shape(self.input)),
             _dims(self.engine.get_tensor_shape(self.output)),
@@ -114,10 +124,15 @@ class TensorRTRuntime:
         self.device = f"cuda:{here['device']} ({here['gpu']})"
         self._io = EngineIO(self.context, CudartMemory(cudart), self.input, self.output,
                             self.card.image_size, len(self.card.classes), self.min_batch,
-                            self.max_batch, engine_path)
+                            self.max_batch, engine_path, extra_outputs=extras)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities ``[N, C]``."""
         return self._io(batch)
+
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """``probs`` ``[N, C]`` and every further output tensor of the engine by name, ``[N]``."""
+        return self._io.outputs(batch)
 
     def close(self) -> None:
         io = getattr(self, "_io", None)
@@ -213,35 +228,58 @@ class EngineIO:
     """Runs uint8 ``[N, 1, S, S]`` batches of any size through an execution context with
     buffers sized once for ``max_batch``: splits a batch into chunks of at most ``max_batch``,
     pads a chunk smaller than ``min_batch`` with zero images (dropped from the result), checks
-    every shape TensorRT reports, and copies each result out of the reused pinned buffer.
+    every shape TensorRT reports, and copies each result out of the reused pinned buffers.
+    Outputs: the probabilities ``[N, C]`` (``output_name``) and any ``extra_outputs``, one
+    float32 per image ``[N]`` (e.g. ``ood``).
 
     ``context``: a TensorRT ``IExecutionContext`` or a stand-in with ``set_input_shape``,
     ``get_tensor_shape``, ``set_tensor_address`` and ``execute_async_v3``; ``memory``: see
     :class:`CudartMemory`."""
 
     def __init__(self, context, memory, input_name: str, output_name: str, image_size: int,
-                 n_classes: int, min_batch: int, max_batch: int, shown=""):
+                 n_classes: int, min_batch: int, max_batch: int, shown="", extra_outputs=()):
         if not 1 <= min_batch <= max_batch:
             raise ModelError(f"{shown}: batch range {min_batch}..{max_batch} is empty")
         self.context, self.mem, self.input, self.output = context, memory, input_name, output_name
         self.size, self.classes, self.shown = image_size, n_classes, shown
         self.min_batch, self.max_batch = min_batch, max_batch
-        pixels, probs = max_batch * image_size * image_size, max_batch * n_classes
+        pixels = max_batch * image_size * image_size
         self.h_in = memory.host(pixels).reshape(max_batch, 1, image_size, image_size)
-        self.h_out = memory.host(probs * 4).view(np.float32).reshape(max_batch, n_classes)
-        self.d_in, self.d_out = memory.device(pixels), memory.device(probs * 4)
+        self.d_in = memory.device(pixels)
+        # name -> (shape of one image's values, pinned host buffer, device buffer); probs first
+        self.outs = {}
+        for name, per_image in ((output_name, (n_classes,)),
+                                *((x, ()) for x in extra_outputs)):
+            n = max_batch * (n_classes if per_image else 1)
+            self.outs[name] = (per_image,
+                               memory.host(n * 4).view(np.float32).reshape(max_batch, *per_image),
+                               memory.device(n * 4))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.outputs(batch)["probs"]
+
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """``probs`` and the extra outputs by name, for a batch of any size."""
         x = np.asarray(batch)
         s = self.size
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (1, s, s):
             raise ModelError(f"{self.shown}: expected uint8 [N, 1, {s}, {s}], got {x.dtype} "
                              f"{list(x.shape)}")
-        parts = [self.run_chunk(x[i:i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
-        return np.concatenate(parts) if parts else np.zeros((0, self.classes), np.float32)
+        parts = [self.run_chunk_all(x[i:i + self.max_batch])
+                 for i in range(0, len(x), self.max_batch)]
+        out = {}
+        for name, (per_image, _, _) in self.outs.items():
+            key = "probs" if name == self.output else name
+            out[key] = (np.concatenate([p[name] for p in parts]) if parts
+                        else np.zeros((0, *per_image), np.float32))
+        return out
 
     def run_chunk(self, x: np.ndarray) -> np.ndarray:
-        """One engine call for ``len(x) <= max_batch`` images."""
+        """One engine call for ``len(x) <= max_batch`` images: the probabilities."""
+        return self.run_chunk_all(x)[self.output]
+
+    def run_chunk_all(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """One engine call for ``len(x) <= max_batch`` images: every output by tensor name."""
         n = len(x)
         m = max(n, self.min_batch)  # below the profile's minimum: pad, then drop the padding
         self.h_in[:n] = x
@@ -250,35 +288,26 @@ class EngineIO:
         if not self.context.set_input_shape(self.input, shape):
             raise ModelError(f"{self.shown}: TensorRT refused input shape {list(shape)} "
                              f"(profile batch {self.min_batch}..{self.max_batch})")
-        out_shape = _dims(self.context.get_tensor_shape(self.output))
-        if out_shape != (m, self.classes):
-            raise ModelError(f"{self.shown}: TensorRT reports output shape {list(out_shape)} "
-                             f"for a batch of {m}, expected [{m}, {self.classes}]")
+        for name, (per_image, _, d_out) in self.outs.items():
+            got = _dims(self.context.get_tensor_shape(name))
+            if got != (m, *per_image):
+                raise ModelError(f"{self.shown}: TensorRT reports output shape {list(got)} "
+                                 f"({name}) for a batch of {m}, expected {[m, *per_image]}")
+            self.context.set_tensor_address(name, d_out)
         self.mem.h2d(self.d_in, self.h_in[:m])
         self.context.set_tensor_address(self.input, self.d_in)
-        self.context.set_tensor_address(self.output, self.d_out)
         if not self.context.execute_async_v3(self.mem.stream):
             raise ModelError(f"{self.shown}: TensorRT failed to run the engine (see its log)")
-        self.mem.d2h(self.h_out[:m], self.d_out)
+        for _, h_out, d_out in self.outs.values():
+            self.mem.d2h(h_out[:m], d_out)
         self.mem.sync()
-        return self.h_out[:n].copy()  # the pinned buffer is reused by the next call
+        # the pinned buffers are reused by the next call: copy the results out
+        return {name: h_out[:n].copy() for name, (_, h_out, _) in self.outs.items()}
 
     def close(self) -> None:
         mem, self.mem = getattr(self, "mem", None), None
         if mem is not None:
             mem.close()
-
-
-def checked_card(engine_path, meta: dict, card):
-    """card.json's card (``card``, or read from the directory) after checking it against the
-    card in the sidecar, and the sidecar's weights sha256 against the model.pt beside it."""
-    side = modeldir.sidecar_path(engine_path)
-    embedded = modeldir.sidecar_card(engine_path, meta)
-    if card is None:
-        card = modeldir.directory_card(engine_path)
-    card = modeldir.agreed_card(engine_path, embedded, card, embedded_in=side)
-    modeldir.check_weights(engine_path, meta.get("weights_sha256"), recorded_in=side)
-    return card
 
 
 def _deserialize(trt, engine_path, data: bytes):
@@ -290,15 +319,17 @@ def _deserialize(trt, engine_path, data: bytes):
     return runtime, engine
 
 
-def _io_names(trt, engine, engine_path) -> tuple[str, str]:
-    """The one uint8 input and one float32 output of a pneumo-edge engine."""
+def _io_names(trt, engine, engine_path) -> tuple[str, str, list[str]]:
+    """The one uint8 input, the float32 probabilities (the first output) and any further
+    float32 outputs of a pneumo-edge engine."""
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     outs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-    if len(ins) != 1 or len(outs) != 1:
-        raise ModelError(f"{engine_path}: expected one input and one output, has {names}")
+    if len(ins) != 1 or not outs:
+        raise ModelError(f"{engine_path}: expected one input and one or more outputs, has "
+                         f"{names}")
     if engine.get_tensor_dtype(ins[0]) != trt.DataType.UINT8 or \
-            engine.get_tensor_dtype(outs[0]) != trt.DataType.FLOAT:
-        raise ModelError(f"{engine_path}: expected uint8 input and float32 output; "
+            any(engine.get_tensor_dtype(o) != trt.DataType.FLOAT for o in outs):
+        raise ModelError(f"{engine_path}: expected uint8 input and float32 outputs; "
                          f"{rebuild(engine_path)}")
-    return ins[0], outs[0]
+    return ins[0], outs[0], outs[1:]
