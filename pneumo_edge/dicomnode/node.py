@@ -78,6 +78,10 @@ def run_node(cfg: NodeConfig, log=None, ready=None) -> int:
     rt = _open(cfg.model, cfg.runtime, log)
     worker = Worker(store, rt, send=dest is not None, explain=cfg.explain, log=log)
     sender = Sender(store.out, dest, cfg.ae_title, log) if dest else None
+    waiting = sum(1 for _ in (store.out / "outbox").rglob("*.dcm"))
+    if waiting and not dest:
+        log(f"note: {waiting} objects wait in {store.out / 'outbox'} from a run with --send-to; "
+            "they are sent when the node runs with --send-to again")
     stop, arrived = threading.Event(), threading.Event()
     _on_signals(stop, arrived, log)
     if sender:
