@@ -196,8 +196,8 @@ def test_resume_with_the_same_settings_continues(tiny_exported, tmp_path):
     ({2: "abc"}, "not a number"),
     ({2: "nan", 3: "nan"}, "outside [0, 1]"),
     ({1: "FLIP"}, "label disagrees with its probabilities"),
-    ({4: "a reason"}, "a label and a reason"),
-    ({1: "", 4: ""}, "no label and no reason"),
+    ({-1: "a reason"}, "a label and a reason"),  # -1: error, the last column
+    ({1: "", -1: ""}, "no label and no reason"),
 ])
 def test_resume_refuses_rows_scoring_never_writes(tiny_exported, tmp_path, cells, why):
     """Issue 19: a partial CSV with malformed rows was continued; now it is refused."""
