@@ -74,9 +74,13 @@ def same_rows(got, ref):
     assert [r[0] for r in got] == [r[0] for r in ref]  # every file once, in input order
     assert [r[1] for r in got] == [r[1] for r in ref]  # labels
     assert [r[-1] for r in got] == [r[-1] for r in ref]  # error reasons
+    probs = [k for k, h in enumerate(ref[0]) if h.startswith("p_")]
+    other = [k for k in range(len(ref[0])) if k not in probs]
     for g, r in zip(got[1:], ref[1:]):
+        assert [g[k] for k in other] == [r[k] for k in other]  # qc, DICOM columns too
         if r[1]:
-            assert np.abs(np.array(g[2:-1], float) - np.array(r[2:-1], float)).max() <= 1e-6
+            assert np.abs(np.array([g[k] for k in probs], float)
+                          - np.array([r[k] for k in probs], float)).max() <= 1e-6
 
 
 def score(inputs, model, out, **kw):
