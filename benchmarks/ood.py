@@ -119,7 +119,7 @@ def report(rows, cost, card, run, data, started, calib=()) -> str:
     g = card.metrics["ood"]
     lines = [f"# Input quality gate: {card.arch} {card.image_size} px", "",
              (f"Model {run} (trained on {data}); gate in the network: **{g['method']}**, "
-             f"threshold {g['threshold']:.4g} at {g['false_flag_rate']:.0%} false flags on "
+             f"threshold {g['threshold']:.4g} at {g['false_flag_rate']:.1%} false flags on "
              f"validation. Flagged = blank check or score above its threshold (the qc column); "
              "ROC AUC = the score separating the set from the internal test X-rays."), "",
              "| set | score | n | flagged | ROC AUC |", "|---|---|---:|---:|---:|"]

@@ -147,7 +147,7 @@ def test_calibrate_command_keeps_labels_and_records_the_figures(calibrated_run, 
         assert {"before", "after"} <= set(c[split])
         assert len(c[split]["after"]["bins"]) == 15
     g = card.metrics["ood"]
-    assert g["false_flag_rate"] == 0.01 and set(g["comparison"]) == {"mahalanobis", "energy"}
+    assert g["false_flag_rate"] == 0.005 and set(g["comparison"]) == {"mahalanobis", "energy"}
     assert any(line.startswith("calibration: T") for line in lines)
     json.dumps(card.to_dict(), allow_nan=False)  # strict JSON: no NaN slipped in
     torch = pytest.importorskip("torch")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pneumo_edge.errors import UsageError
 from pneumo_edge.model import modeldir
+from pneumo_edge.model.qc import FALSE_FLAG_RATE
 
 GATE_CHOICES = ("auto", "mahalanobis", "energy")
 
@@ -30,8 +31,8 @@ def _opt(default, help_text: str):
 class CalibrateOptions:
     gate: str = _opt("auto", "Out-of-distribution score put into the network: mahalanobis, "
                              "energy, or auto (the one that flags more of the test families).")
-    false_flag_rate: float = _opt(0.01, "Share of validation X-rays the gate may flag; its "
-                                        "threshold is set there.")
+    false_flag_rate: float = _opt(FALSE_FLAG_RATE, "Share of validation X-rays the gate may flag; its "
+                                         "threshold is set there.")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
 
 
