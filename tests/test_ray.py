@@ -314,3 +314,36 @@ def test_sigterm_ends_a_ray_run_within_seconds(tiny_exported, tmp_path):
     assert time.monotonic() - t0 < 20 and proc.returncode != 0
     assert b"Traceback" not in err, err[-2000:]
     assert partial.exists() and not out.exists()
+
+
+def test_ray_actors_carry_the_models_ood_score(tiny_run, tiny_dataset, tmp_path):
+    """The qc column needs the network's ood output: the actor returns it with the
+    probabilities, the same numbers the runtime gives here (no cluster needed to check)."""
+    pytest.importorskip("torch")
+    from conftest import copy_model_dir
+
+    from pneumo_edge.commands.calibrate import CalibrateOptions, run_calibrate
+    from pneumo_edge.inputs.pipeline import decode_one
+    from pneumo_edge.sources.ray import _batch, _ScoreActor
+
+    run = copy_model_dir(tiny_run, tmp_path / "run")
+    assert run_calibrate(run, tiny_dataset, CalibrateOptions(device="cpu"),
+                         log=lambda m: None) == 0
+    rt = open_runtime(run, "torch", log=lambda m: None)
+    files = sorted(str(p) for p in (tiny_dataset / "train").rglob("*.png"))[:3] + ["/nonexistent"]
+    pixels = np.zeros((4, 1, rt.card.image_size, rt.card.image_size), np.uint8)
+    errors = []
+    for j, f in enumerate(files):
+        px, err, _ = decode_one(f, rt.card.image_size)
+        if px is not None:
+            pixels[j] = px
+        errors.append(err or "")
+    assert errors[:3] == ["", "", ""] and errors[3]
+    actor = _ScoreActor(str(rt.path), rt.name, rt.sha256, len(rt.card.classes))
+    block = actor({"i": np.arange(4), "pixels": pixels, "error": np.array(errors, object),
+                   "cpu_s": np.zeros(4)})
+    b = _batch(files, block, 0.0)
+    here = rt.outputs(pixels[:3])
+    assert b.ok == [0, 1, 2] and b.ood is not None
+    assert np.allclose(b.ood, here["ood"], atol=1e-5)
+    assert np.allclose(b.probs, here["probs"], atol=1e-6)

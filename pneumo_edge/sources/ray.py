@@ -4,7 +4,8 @@ The file list (walked on the driver, as local scoring walks it) becomes a Ray da
 ``(index, path bytes)``; tasks decode it with :func:`pneumo_edge.inputs.pipeline.decode_one` (the one
 preprocessing and its error reasons); an actor pool runs the model (each actor opens the model
 file once, the very file the driver opened and checked: same sha256, or the actor refuses; one
-GPU per actor when the cluster has GPUs); the results stream back to the driver in input order
+GPU per actor when the cluster has GPUs; probabilities and, for a model with that output, its
+ood score); the results stream back to the driver in input order
 and go through :func:`pneumo_edge.commands.score.score_source` like local batches. So the CSV (header,
 rows, error rows, number formats, DICOM columns), the ``-o`` file with its provenance record,
 and ``--resume`` are local scoring's own: rows are written in input order to ``FILE.partial``
@@ -192,9 +193,10 @@ def _batch(files, block, wait_s: float) -> ScoredBatch:
     idx = block["i"].astype(np.int64)
     errors = [str(e) for e in block["error"]]
     ok = [j for j, e in enumerate(errors) if not e]
+    ood = np.asarray(block["ood"], np.float32)[ok] if np.all(block["has_ood"]) else None
     return ScoredBatch(int(idx[0]), [files[i] for i in idx], ok,
                        {j: e for j, e in enumerate(errors) if e},
-                       np.asarray(block["probs"], np.float32)[ok],
+                       np.asarray(block["probs"], np.float32)[ok], ood=ood,
                        decode_cpu_s=float(np.sum(block["cpu_s"])), wait_s=wait_s)
 
 
@@ -265,14 +267,21 @@ class _ScoreActor:
         self.tag = f"{self.rt.name} on {self.rt.device}"
 
     def __call__(self, block: dict) -> dict:
+        """Probabilities (NaN rows for failed files) and the model's ood score (NaN where it
+        has none: ``has_ood`` says whether it has that output)."""
+        from pneumo_edge.sources.local import run_outputs
+
         errors = block["error"]
         ok = np.array([not e for e in errors], bool)
         probs = np.full((len(errors), self.classes), np.nan, np.float32)
+        ood = np.full(len(errors), np.nan, np.float32)
+        has_ood = False
         if ok.any():
-            out = np.asarray(self.rt(np.ascontiguousarray(block["pixels"][ok])), np.float32)
-            if out.shape != (int(ok.sum()), self.classes):
-                raise ModelError(f"the {self.rt.name} model returned shape {out.shape} for a "
-                                 f"batch of {int(ok.sum())} (mismatched model)")
-            probs[ok] = out
-        return {"i": block["i"], "probs": probs, "error": errors, "cpu_s": block["cpu_s"],
+            p, o = run_outputs(self.rt, np.ascontiguousarray(block["pixels"][ok]), self.classes)
+            probs[ok] = p
+            if o is not None:
+                ood[ok], has_ood = o, True
+        return {"i": block["i"], "probs": probs, "ood": ood,
+                "has_ood": np.full(len(errors), has_ood), "error": errors,
+                "cpu_s": block["cpu_s"],
                 "runtime": np.array([self.tag] * len(errors), dtype=object)}
