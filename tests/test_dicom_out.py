@@ -6,9 +6,11 @@ recorded; no patient data leaves the DICOM objects."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -275,3 +277,89 @@ def test_the_qc_verdict_goes_into_the_sr(tiny_exported, tmp_path):
     row = next(csv.DictReader(io.StringIO(proc.stdout)))
     assert row["qc"] and row["label"]  # flagged, still labelled (--qc flag)
     assert f"input quality: {row['qc']}" in dob.read_result(row["dicom_sr"])["parameters"]
+
+
+# -- the fast SR (a content template per model and result, per-image items built new) ---------
+
+def _dump(ds) -> str:
+    """``ds`` as text, without what is new in every build (highdicom's random UIDs, times)."""
+    import re
+
+    lines = [ln for ln in str(ds).splitlines()
+             if not re.search(r"(Content|Instance Creation) (Date|Time)|DateTime", ln)]
+    return re.sub(r"1\.2\.826\.0\.1\.3680043\.10\.511\.3\.\d+", "UID", "\n".join(lines))
+
+
+def two_sources(tmp_path: Path):
+    """Two images of two patients in two studies: one with the attributes of an image library
+    entry, one CR without them (MONOCHROME1, no body part)."""
+    v = picture().astype(np.int32) * 16
+    a = make(tmp_path / "a.dcm", v, **RICH)
+    b = make(tmp_path / "b.dcm", 4095 - v, photometric="MONOCHROME1", modality="CR",
+             body_part=None, PatientName="Other^Person", PatientID="PID-2",
+             StudyDate="20230506", InstanceNumber=7)
+    return a, b
+
+
+def test_the_fast_sr_equals_the_one_highdicom_builds_in_full(tmp_path):
+    """result_sr (the template path) and build_sr (highdicom from scratch) give the same
+    dataset, for two different images through one shared template and for each label."""
+    a, b = two_sources(tmp_path)
+    for header in (dob._evidence(a), dob._evidence(b)):
+        for info in (info_for(0.1234567), dob.ResultInfo(
+                0.91, "PNEUMONIA", "PNEUMONIA", 0.5, "--threshold override", "cd" * 32,
+                "m.onnx", "onnx", "int8", "0.1.0", prevalence=0.2, qc="lateral view")):
+            fast, full = dob.result_sr(header, info), dob.build_sr(header, info)
+            assert _dump(fast) == _dump(full)
+            assert "Other^Person" in _dump(fast) or header.PatientID != "PID-2"
+
+
+def test_two_images_in_one_run_get_their_own_values(tmp_path):
+    """The second image's SR carries its own probability, label, source reference, study,
+    patient, SOP and tracking UIDs (nothing of the first image's, whose template it shares)."""
+    a, b = two_sources(tmp_path)
+    srs = [dob.write_result_objects(src, info, tmp_path / "out")[0] for src, info in
+           ((a, info_for(0.1234567)), (b, dataclasses.replace(info_for(0.2), probability=0.3)))]
+    dsa, dsb = (pydicom.dcmread(p) for p in srs)
+    srca, srcb = (pydicom.dcmread(p) for p in (a, b))
+    for ds, src, p in ((dsa, srca, 0.123457), (dsb, srcb, 0.3)):
+        got = dob.read_result(ds.filename)
+        assert got["probability"] == p and got["source_sop_uid"] == src.SOPInstanceUID
+        assert ds.StudyInstanceUID == src.StudyInstanceUID and got["study_uid"] == ds.StudyInstanceUID
+        assert (ds.PatientName, ds.PatientID, ds.StudyDate) == (
+            src.PatientName, src.PatientID, src.StudyDate)
+        ev = ds.CurrentRequestedProcedureEvidenceSequence[0]
+        assert ev.StudyInstanceUID == src.StudyInstanceUID
+        assert ev.ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+            .ReferencedSOPInstanceUID == src.SOPInstanceUID
+        assert dciodvfy_errors(ds.filename) == []
+    images = [[i for i in dob._walk(ds.ContentSequence) if i.ValueType == "IMAGE"]
+              for ds in (dsa, dsb)]
+    assert [len(i) for i in images] == [2, 1]  # a: library entry + group source; b: group only
+    assert {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images[0]} == {
+        srca.SOPInstanceUID}
+    uids = [{str(i.UID) for i in dob._walk(ds.ContentSequence) if i.ValueType == "UIDREF"
+             and dob._code(i) == "112040"} for ds in (dsa, dsb)]
+    assert len(uids[0]) == len(uids[1]) == 1 and uids[0] != uids[1]
+    assert dsa.SOPInstanceUID != dsb.SOPInstanceUID
+    assert dsa.SeriesInstanceUID != dsb.SeriesInstanceUID  # one series per study and model
+
+
+def test_warnings_are_silenced_at_import_not_while_building(tmp_path):
+    """The warnings filter list is global and not thread-safe: importing dicom_objects installs
+    the filters; building objects (in the node's or a run's threads) never touches them."""
+    src = make(tmp_path / "a.dcm", picture().astype(np.int32) * 16, **RICH)
+    code = (
+        "import sys, warnings\n"
+        "from pneumo_edge.outputs import dicom_objects as dob\n"
+        "before = list(warnings.filters)\n"
+        "assert any(f[3] is not None and f[3].match('highdicom.sr') for f in before)\n"
+        "info = dob.ResultInfo(0.3, 'NORMAL', 'PNEUMONIA', 0.5, 'card', 'ab' * 32, 'm.onnx',\n"
+        "                      'onnx', 'fp32', '0.1.0')\n"
+        "import numpy as np\n"
+        f"dob.write_result_objects({str(src)!r}, info, {str(tmp_path / 'out')!r},\n"
+        "                         np.zeros((8, 8, 3), np.uint8))\n"
+        "assert list(warnings.filters) == before, 'filters changed while building'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr

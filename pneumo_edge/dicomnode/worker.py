@@ -89,8 +89,9 @@ class Worker:
         self.store, self.rt, self.log, self.workers = store, runtime, log, workers
         self.send, self.explain = send, explain
         self.card = runtime.card
-        from pneumo_edge.outputs.dicom_objects import SR_COLUMN
+        from pneumo_edge.outputs.dicom_objects import SR_COLUMN, quiet
 
+        quiet()  # in the main thread, before decode, sender and network threads start
         self.head = header(self.card.classes, [*dicom_columns(1), SR_COLUMN])
         self.staging = store.out / "staging"
         self.ready = store.out / ("outbox" if send else "dicom")

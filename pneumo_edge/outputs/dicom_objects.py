@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,7 @@ _REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanc
 _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
           "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_TRACKING_TEXT = "pneumo-edge pneumonia classification"
 
 
 class DicomOutError(PneumoError):
@@ -157,12 +159,14 @@ def write_result_objects(source, info: ResultInfo, out_dir, heatmap_rgb: np.ndar
         written.append(_save(sc, sc_path))
     elif sc_path.is_file() and not sc_path.is_symlink():
         sc_path.unlink()  # the heatmap of the result being replaced (another threshold)
-    sr = _build(build_sr, header, info)
+    sr = _build(result_sr, header, info)
     return [_save(sr, sr_path), *written]
 
 
 def _build(fn, *args):
-    _quiet()
+    from pneumo_edge.inputs.dicom import _pydicom
+
+    _pydicom()  # reading without validation warnings (a setting, no warnings filter)
     try:
         return fn(*args)
     except (DicomOutError, MemoryError):
@@ -289,11 +293,16 @@ def _parameters(info: ResultInfo) -> list[str]:
 
 
 def build_sr(header, info: ResultInfo):
-    """The Comprehensive SR (a highdicom dataset) for ``header``, the source image's header."""
+    """The Comprehensive SR (a highdicom dataset) for ``header``, the source image's header,
+    built in full by highdicom (:func:`result_sr` makes the same, faster)."""
+    return _sr_shell(header, info, _content(header, info))
+
+
+def _content(header, info: ResultInfo):
+    """The SR's content tree: TID 1500's root container (see the module docstring)."""
     import highdicom as hd
     from highdicom.sr import (
         AlgorithmIdentification,
-        ComprehensiveSR,
         ContainerContentItem,
         DeviceObserverIdentifyingAttributes,
         Measurement,
@@ -312,8 +321,7 @@ def build_sr(header, info: ResultInfo):
 
     k = _codes()
     group = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=hd.UID(),
-                                               identifier="pneumo-edge pneumonia classification"),
+        tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier=_TRACKING_TEXT),
         finding_type=k["pneumonia"],
         algorithm_id=AlgorithmIdentification(name="pneumo-edge", version=info.version,
                                              parameters=_parameters(info)),
@@ -337,11 +345,119 @@ def build_sr(header, info: ResultInfo):
     notes.ContentSequence = [TextContentItem(name=k["comment"], value=STATEMENT,
                                              relationship_type=RelationshipTypeValues.CONTAINS)]
     report[0].ContentSequence.append(notes)
+    return report[0]
+
+
+# --- the SR, fast: highdicom builds the content once per model and result, then per image -------
+
+#: concept codes of the content items that differ from image to image (see :func:`result_sr`)
+_TRACKING, _TRACKING_UID, _SOURCE, _PROBABILITY = "112039", "112040", "121112", "122157"
+_LIBRARY, _MEASUREMENTS = "111028", "126010"
+_templates: dict = {}
+_templates_lock = threading.Lock()
+
+
+def result_sr(header, info: ResultInfo):
+    """The same SR as :func:`build_sr` (a dataset), in a few milliseconds: the content tree
+    :func:`build_sr` made once for this model, threshold, label and parameters (a template,
+    never changed) is shared, and only what belongs to this image is built new by highdicom:
+    the SR's own attributes and the patient, study and evidence modules
+    (:class:`~highdicom.sr.ComprehensiveSR`, over a content root without the per-image
+    items), the image library entry, the tracking identifier, the probability and the
+    source image reference; the tree is assembled from new containers on the way to them.
+    ``tests/test_dicom_out.py`` checks it equals :func:`build_sr` item for item."""
+    from highdicom.sr import (
+        ImageLibrary,
+        Measurement,
+        SourceImageForMeasurementGroup,
+        TrackingIdentifier,
+    )
+
+    root, head, group, notes = _template(header, info)
+    k = _codes()
+    new = {_TRACKING: TrackingIdentifier(uid=_new_uid(), identifier=_TRACKING_TEXT),
+           _PROBABILITY: Measurement(name=k["probability"], value=info.rounded,
+                                     unit=k["no_units"]),
+           _SOURCE: [SourceImageForMeasurementGroup.from_source_image(header)]}
+    items, done = [], set()
+    for item in group.ContentSequence:  # same order as the template
+        code = _code(item)
+        code = _TRACKING if code == _TRACKING_UID else code
+        if code not in new:
+            items.append(item)
+        elif code not in done:
+            items.extend(new[code])
+            done.add(code)
+    if done != set(new):
+        raise RuntimeError("the SR template lacks a per-image content item")  # a bug here
+    measurements = _with_children(root.ContentSequence[-2], [_with_children(group, items)])
+    library = list(ImageLibrary([header])) if _library_ok(header) else []
+    sr = _sr_shell(header, info, _with_children(root, [notes]))  # cheap for highdicom to check
+    sr.ContentSequence = [*head, *library, measurements, notes]
+    return sr
+
+
+
+def _template(header, info: ResultInfo):
+    """(root, the root's items before the image library, the measurement group, the comment
+    container) of :func:`build_sr`'s content for ``info`` (its probability aside), built once
+    per process and shared read-only (at most 16 kept)."""
+    from dataclasses import replace
+
+    key = replace(info, probability=0.0)
+    with _templates_lock:
+        hit = _templates.get(key)
+    if hit is not None:
+        return hit
+    root = _content(header, info)
+    items = list(root.ContentSequence)
+    codes_ = [_code(i) for i in items]
+    cut = codes_.index(_LIBRARY) if _LIBRARY in codes_ else codes_.index(_MEASUREMENTS)
+    if codes_[-2:] != [_MEASUREMENTS, _codes()["qualitative"].value]:
+        raise RuntimeError(f"unexpected SR content order {codes_}")  # a bug here
+    group = items[-2].ContentSequence[0]
+    hit = (root, items[:cut], group, items[-1])
+    with _templates_lock:
+        if len(_templates) >= 16:
+            _templates.clear()
+        _templates[key] = hit
+    return hit
+
+
+def _sr_shell(header, info: ResultInfo, content):
+    """highdicom's ComprehensiveSR for ``header`` over the root container ``content``."""
+    import highdicom as hd
+    from highdicom.sr import ComprehensiveSR
+
     return ComprehensiveSR(
-        evidence=[header], content=report[0], series_instance_uid=_series_uid(header, info, "sr"),
+        evidence=[header], content=content, series_instance_uid=_series_uid(header, info, "sr"),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=hd.UID(),
         instance_number=_instance_number(header), manufacturer=MANUFACTURER, is_complete=True,
         series_description=SERIES_DESCRIPTION, software_versions=info.version)
+
+
+def _with_children(item, children):
+    """A new content item with ``item``'s attributes (shared, never changed) and
+    ``children`` as its Content Sequence."""
+    from pydicom.dataset import Dataset
+
+    out = Dataset()
+    for elem in item:
+        if elem.keyword != "ContentSequence":
+            out.add(elem)
+    out.ContentSequence = children
+    return out
+
+
+def _code(item) -> str:
+    seq = item.get("ConceptNameCodeSequence")
+    return str(seq[0].CodeValue) if seq else ""
+
+
+def _new_uid() -> str:
+    import highdicom as hd
+
+    return hd.UID()
 
 
 def _library_ok(header) -> bool:
@@ -487,19 +603,30 @@ def _walk(seq):
             yield from _walk(item.ContentSequence)
 
 
-def _quiet() -> None:
-    """highdicom's and pydicom's warnings and log lines off (they may quote values)."""
+def quiet() -> None:
+    """highdicom's and pydicom's warnings and log lines off (they may quote values),
+    process-wide. The warnings filter list is global and not thread-safe: this runs at import
+    and again in the main thread of ``score --dicom-out`` and the node before their threads
+    start (:class:`DicomOutSink`, :class:`pneumo_edge.dicomnode.worker.Worker`), never from
+    the building of an object; idempotent. It imports highdicom's builders too: their imports
+    (requests, urllib3) add warnings filters of their own."""
     import logging
     import warnings
 
-    from pneumo_edge.inputs.dicom import _pydicom
+    import highdicom.sc  # imported here, see above
+    import highdicom.sr  # noqa: F401
 
-    _pydicom()
+    from pneumo_edge.inputs import dicom
+
+    dicom.quiet()
     logger = logging.getLogger("highdicom")
-    if not logger.handlers:
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
         logger.addHandler(logging.NullHandler())
-        logger.propagate = False
-        warnings.filterwarnings("ignore", module=r"highdicom(\.|$)")
+    logger.propagate = False
+    warnings.filterwarnings("ignore", module=r"highdicom(\.|$)")  # to the front, no duplicate
+
+
+quiet()
 
 
 # --- score --dicom-out -------------------------------------------------------------------------
@@ -538,6 +665,7 @@ class DicomOutSink:
                  prevalence: float | None = None):
         """``source``: :func:`threshold_source`; ``head``: the CSV header (its ``qc``
         column, when there, goes into the SR); ``prevalence``: the run's ``--prevalence``."""
+        quiet()  # here, before the run's decode threads start
         self.inner, self.files, self.next = sink, files, 0
         self.out, self.rt, self.threshold = check_out_dir(out_dir), runtime, float(threshold)
         self.source, self.prevalence = source, prevalence
