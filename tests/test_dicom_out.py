@@ -363,3 +363,31 @@ def test_warnings_are_silenced_at_import_not_while_building(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_score_explain_with_dicom_out_computes_each_heatmap_once(tiny_exported, tmp_path,
+                                                                 monkeypatch):
+    """``score --explain DIR --dicom-out DIR2``: the SC's heatmap is handed to explain's PNG,
+    so each selected image is explained once (occlusion is the costly part), and the PNG of
+    the DICOM image exists alongside its SC."""
+    from pneumo_edge.commands.score import run_score
+    from pneumo_edge.explain.methods import Explainer
+
+    d = tmp_path / "in"
+    d.mkdir()
+    make(d / "a.dcm", picture().astype(np.int32) * 16, **RICH)
+    make(d / "b.dcm", picture(1).astype(np.int32) * 16)
+    Image.fromarray(picture(2)).save(d / "c.png")
+    calls = []
+    real = Explainer.__call__
+    monkeypatch.setattr(Explainer, "__call__", lambda self, image: calls.append(1) or
+                        real(self, image))
+    s = run_score([str(d)], tiny_exported, runtime="onnx", output=tmp_path / "s.csv",
+                  explain=tmp_path / "ex", explain_which="all", dicom_out=tmp_path / "dcm",
+                  quiet=True)
+    assert s.exit_code == 0
+    assert len(calls) == 3  # a, b (SC + PNG each) and c (PNG only)
+    assert len(list((tmp_path / "dcm").rglob("*.sc.dcm"))) == 2
+    assert len(list((tmp_path / "ex").glob("*.png"))) == 3
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "ex" / "explain.csv").read_text())))
+    assert all(r["heatmap"] and not r["error"] for r in rows)

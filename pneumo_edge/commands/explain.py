@@ -94,12 +94,14 @@ class ExplainSink:
     written: int = 0
     failed: int = 0
 
-    def add(self, index: int, path: str, image: np.ndarray | None, error: str = "") -> None:
+    def add(self, index: int, path: str, image: np.ndarray | None, error: str = "",
+            expl=None) -> None:
+        """``expl``: ``image``'s explanation when already computed (else computed here)."""
         card = self.explainer.card
         if image is None:
             return self._failed(path, error)
         try:
-            expl = self.explainer(image)
+            expl = expl if expl is not None else self.explainer(image)
         except ModelError:  # the runtime itself failed: the run stops (exit 2)
             raise
         except PneumoError as exc:  # e.g. non-finite probabilities for this image
@@ -174,9 +176,22 @@ class BatchExplainer:
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.size = runtime.card.image_size
         self.sink = ExplainSink(out, Explainer(runtime, "occlusion"), threshold, which)
+        self.given: dict = {}  # path -> (image, explanation) computed for this batch elsewhere
+
+    def give(self, path: str, image: np.ndarray, expl) -> None:
+        """An explanation ``score --dicom-out`` computed (with :attr:`sink`'s explainer) for a
+        row of the batch being written: :meth:`add_batch` uses it instead of computing it
+        again."""
+        self.given[path] = (image, expl)
 
     def add_batch(self, batch, rows) -> None:
         """``batch``: a :class:`pneumo_edge.sources.ScoredBatch`; ``rows``: its CSV rows."""
+        try:
+            self._add_batch(batch, rows)
+        finally:
+            self.given.clear()  # only this batch's: memory stays bounded
+
+    def _add_batch(self, batch, rows) -> None:
         pixels = dict(zip(batch.ok, batch.pixels)) if batch.pixels is not None else None
         positive = self.sink.explainer.card.positive_class
         for j, row in enumerate(rows):
@@ -185,6 +200,9 @@ class BatchExplainer:
                 self.sink.add(i, path, None, row[-1])
             elif self.sink.which == "positives" and row[1] != positive:
                 self.sink.add_unexplained(row)
+            elif path in self.given:
+                image, expl = self.given[path]
+                self.sink.add(i, path, image, expl=expl)
             elif pixels is not None:
                 self.sink.add(i, path, pixels[j])
             else:

@@ -215,7 +215,7 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
         sink = DicomOutSink(sink, dicom_out, walk.files[s.resumed:], rt, used,
                             threshold_source(threshold, prevalence),
                             explain_which if explain else None, log=say, head=head,
-                            prevalence=prevalence)
+                            prevalence=prevalence, explained=explainer)
     if not walk.files:
         say("note: no image files found (.jpg .jpeg .png .bmp .tif .tiff .dcm .dicom, "
             "or DICM at byte 128)")

@@ -555,17 +555,19 @@ def burn_in(rgb: np.ndarray, info: ResultInfo) -> np.ndarray:
     return np.asarray(im)
 
 
-def heatmap_picture(explainer, image: np.ndarray, threshold: float | None = None) -> np.ndarray:
+def heatmap_picture(explainer, image: np.ndarray, threshold: float | None = None,
+                    expl=None) -> np.ndarray:
     """The heatmap overlay (uint8 RGB) of one uint8 ``image [1, S, S]`` explained by
     ``explainer`` (:class:`pneumo_edge.explain.methods.Explainer`): what
     :func:`write_result_objects` takes. Its caption names the method only: no file name (names
     can carry patient data) and no label or probability, which the banner burns in from the
     SR's own numbers (the runtime's raw probability can differ from the reported one, e.g.
-    after ``--prevalence``). ``threshold`` is not used (kept for callers)."""
+    after ``--prevalence``). ``threshold`` is not used (kept for callers); ``expl``: the
+    explanation of ``image`` when already computed."""
     from pneumo_edge.explain.methods import caption
     from pneumo_edge.explain.overlay import render
 
-    expl = explainer(image)
+    expl = expl if expl is not None else explainer(image)
     lines = caption("", expl, explainer.card, explainer.card.threshold, "")[2:]  # the method
     return np.asarray(render(image[0], expl.heat, expl.legend, lines))
 
@@ -662,15 +664,19 @@ class DicomOutSink:
 
     def __init__(self, sink, out_dir, files, runtime, threshold: float, source: str,
                  explain_which: str | None = None, log=None, head=(),
-                 prevalence: float | None = None):
+                 prevalence: float | None = None, explained=None):
         """``source``: :func:`threshold_source`; ``head``: the CSV header (its ``qc``
-        column, when there, goes into the SR); ``prevalence``: the run's ``--prevalence``."""
+        column, when there, goes into the SR); ``prevalence``: the run's ``--prevalence``;
+        ``explained``: the run's :class:`pneumo_edge.commands.explain.BatchExplainer`
+        (``--explain``), whose explainer makes the heatmaps and which is handed each one
+        (so its pictures do not compute them again)."""
         quiet()  # here, before the run's decode threads start
         self.inner, self.files, self.next = sink, files, 0
         self.out, self.rt, self.threshold = check_out_dir(out_dir), runtime, float(threshold)
         self.source, self.prevalence = source, prevalence
         self.qc = list(head).index("qc") if "qc" in head else None
-        self.which, self.explainer = explain_which, None
+        self.which, self.explained = explain_which, explained
+        self.explainer = explained.sink.explainer if explained is not None else None
         self.log = log or (lambda m: None)
         self.written = self.kept = self.heatmaps = self.refused = 0
 
@@ -720,8 +726,11 @@ class DicomOutSink:
 
         self.explainer = self.explainer or Explainer(self.rt, "occlusion")
         try:
-            return heatmap_picture(self.explainer, load_image(path, self.rt.card.image_size),
-                                   self.threshold)
+            image = load_image(path, self.rt.card.image_size)
+            expl = self.explainer(image)
+            if self.explained is not None:
+                self.explained.give(path, image, expl)
+            return heatmap_picture(self.explainer, image, self.threshold, expl)
         except ModelError:  # the runtime itself failed: the run stops (exit 2)
             raise
         except (ImageError, PneumoError) as exc:  # changed since scored, non-finite map: the
