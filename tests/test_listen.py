@@ -392,3 +392,37 @@ print("torch:", "torch" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout
     assert "objects: 2" in out and "torch: False" in out, out
+
+
+def test_outbox_sends_files_as_they_are_and_converts_for_an_implicit_only_pacs(tmp_path):
+    """Objects go out from the file without decoding (pynetdicom's chunked send) when the PACS
+    accepts Explicit VR; a PACS that accepts only Implicit VR still gets them, converted."""
+    from pneumo_edge.dicomnode.outbox import Destination, Sender
+    from pneumo_edge.outputs.dicom_objects import ResultInfo, write_result_objects
+
+    src = xray(tmp_path / "src.dcm", 0)
+    info = ResultInfo(0.25, "NORMAL", "PNEUMONIA", 0.5, "card", "ab" * 32, "m.onnx", "onnx",
+                      "fp32", "0.1.0")
+    for syntax in (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian):
+        out = tmp_path / syntax.name.replace(" ", "")
+        (out / "outbox").mkdir(parents=True)
+        sr = write_result_objects(src, info, out / "outbox")[0]
+        got = []
+
+        def on_store(event, got=got):
+            got.append((event.context.transfer_syntax, event.dataset.SOPInstanceUID))
+            return 0x0000
+
+        ae = pynetdicom.AE("PACS")
+        ae.add_supported_context(SR_CLASS, [syntax])
+        port = free_port()
+        server = ae.start_server(("127.0.0.1", port), block=False,
+                                 evt_handlers=[(pynetdicom.evt.EVT_C_STORE, on_store)])
+        try:
+            sender = Sender(out, Destination("PACS", "127.0.0.1", port), "PNEUMO")
+            assert sender.send_all() and sender.delivered == 1
+        finally:
+            server.shutdown()
+        assert got == [(syntax, pydicom.dcmread(out / "dicom" / sr.relative_to(
+            out / "outbox")).SOPInstanceUID)]
+        assert not list((out / "outbox").rglob("*.dcm"))

@@ -8,6 +8,7 @@ and benchmarks/node_throughput.py; not by the node itself."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import time
@@ -55,8 +56,11 @@ class Orthanc:
     def start(self) -> None:
         cfg = self.folder / "orthanc.json"
         cfg.write_text(json.dumps(self.config()))
+        # TCP_NODELAY=1: DCMTK (Orthanc's DICOM side) then turns Nagle's algorithm off; with it
+        # on, every C-STORE the node sends waits ~40 ms for a delayed ACK (docs/hospital.md)
+        env = {**os.environ, "TCP_NODELAY": "1"}
         with open(self.folder / "orthanc.log", "ab") as log:  # the child keeps its own copy
-            self.proc = subprocess.Popen(["Orthanc", str(cfg)], stdout=log, stderr=log)
+            self.proc = subprocess.Popen(["Orthanc", str(cfg)], stdout=log, stderr=log, env=env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -29,15 +29,14 @@ from pneumo_edge.atomic import fsync_dir
 from pneumo_edge.dicomnode.store import crash_point
 from pneumo_edge.errors import PneumoError
 from pneumo_edge.outputs.csvout import (
-    _lock,
-    _parse,
-    _records,
     csv_line,
     dicom_columns,
     header,
+    lock_writer,
     one_line,
     open_new_or_regular,
     path_text,
+    read_rows,
 )
 
 
@@ -47,10 +46,9 @@ class Results:
     def __init__(self, path: Path, head: list[str], on_row=None):
         self.path = path
         self._f = os.fdopen(open_new_or_regular(path), "r+b")
-        _lock(self._f, path)
+        lock_writer(self._f, path)
         keep = 0
-        for record, end in _records(self._f):
-            row = _parse(record, path)
+        for row, end in read_rows(self._f, path):
             if keep == 0 and row != head:
                 raise PneumoError(f"{path}: its header is not this model's {','.join(head)!r}; "
                                   "use another --out folder for another model")

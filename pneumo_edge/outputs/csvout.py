@@ -494,6 +494,21 @@ def read_partial(f, head: list[str], files: list[str], name, *, check: RowCheck 
     return done, keep
 
 
+def read_rows(f, name):
+    """(cells, offset just after the record) for each whole record of the binary CSV file
+    ``f``, read as a stream; a torn or zero-filled tail ends it (keep up to the last offset).
+    :class:`PneumoError` naming ``name`` when a record is not CSV. Readers that append after
+    the rows hold :func:`lock_writer` first."""
+    for record, end in _records(f):
+        yield _parse(record, name), end
+
+
+def lock_writer(f, name) -> None:
+    """Hold the one-writer lock of the open CSV file ``f`` (:class:`PneumoError` naming
+    ``name`` when another process holds it)."""
+    _lock(f, name)
+
+
 def _records(f):
     """(record bytes, offset just after it) for each whole CSV record in ``f``: a record ends at
     a newline where the number of quote characters so far is even (csv doubles the quotes
