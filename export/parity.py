@@ -29,7 +29,7 @@ import numpy as np
 from pneumo_edge.errors import DataError, ModelError, RuntimeUnavailable
 from pneumo_edge.evaluation.metrics import binary_metrics
 from pneumo_edge.inputs.folders import scan_labelled
-from pneumo_edge.inputs.pipeline import decode_labelled, predict
+from pneumo_edge.inputs.pipeline import decode_labelled, predict_outputs
 from pneumo_edge.model import modeldir
 from pneumo_edge.model.card import Card
 from pneumo_edge.runtimes import backend, open_form, why_unavailable
@@ -180,7 +180,7 @@ def run_parity(run_dir, card: Card, images: ParityImages, tolerances: dict[str, 
     run_dir = Path(run_dir)
     before = _previous_report(run_dir)
     torch_rt = _open_torch(run_dir, card)
-    ref = predict(torch_rt, images.pixels, batch)
+    ref, ref_ood = predict_outputs(torch_rt, images.pixels, batch)
     report = {"passed": True, "images": images.source,
               "identity": {"weights_sha256": torch_rt.sha256,
                            "card_sha256": modeldir.card_sha256(card)},
@@ -198,7 +198,7 @@ def run_parity(run_dir, card: Card, images: ParityImages, tolerances: dict[str, 
         entry = {"file": form.file, "precision": form.precision, **(extra or {}).get(
             form.runtime, {})}
         entry.update(_check_form(run_dir, card, form, images, ref, tolerances, batch,
-                                 (skip or {}).get(form.runtime)))
+                                 (skip or {}).get(form.runtime), ref_ood))
         _weigh_against(before, entry, form, report["identity"], len(images.labels), warn)
         report["passed"] &= entry["status"] != "fail"
         report["forms"][form.runtime] = entry
@@ -244,7 +244,8 @@ def _weigh_against(before: dict, entry: dict, form: modeldir.Form, identity: dic
 
 
 def _check_form(run_dir: Path, card: Card, form: modeldir.Form, images: ParityImages,
-                ref: np.ndarray, tolerances: dict, batch: int, skip_reason) -> dict:
+                ref: np.ndarray, tolerances: dict, batch: int, skip_reason,
+                ref_ood: np.ndarray | None = None) -> dict:
     """One form's entry: skipped (not built, or cannot run on this machine), fail (exists but
     cannot be opened or run, or out of tolerance) or pass."""
     if skip_reason:
@@ -253,13 +254,36 @@ def _check_form(run_dir: Path, card: Card, form: modeldir.Form, images: ParityIm
     if rt is None:
         return {"status": status, "reason": why}
     try:
-        probs = predict(rt, images.pixels, batch)
+        probs, ood = predict_outputs(rt, images.pixels, batch)
     except (RuntimeError, TypeError, ValueError, ModelError) as exc:
         # what TensorRT, cuda-python and onnxruntime raise when a loaded model cannot run
         return {"status": "fail", "device": rt.device, "sha256": rt.sha256,
                 "reason": f"opened but failed to run: {_one_line(exc)}"}
-    return {"device": rt.device, "sha256": rt.sha256,
-            **compare(ref, probs, images.labels, card, tolerances[form.precision])}
+    entry = compare(ref, probs, images.labels, card, tolerances[form.precision])
+    gate = compare_ood(ref_ood, ood, card, tolerances[form.precision])
+    if gate is not None:
+        entry["ood"] = gate
+        if gate["status"] == "fail":
+            entry["status"], entry["failed"] = "fail", [*entry["failed"], "ood_agreement"]
+    return {"device": rt.device, "sha256": rt.sha256, **entry}
+
+
+def compare_ood(ref_ood, ood, card: Card, tol: Tolerance) -> dict | None:
+    """The gate's output against torch's (issue 20; None for a model without a gate): the
+    share of images flagged alike at the card's gate threshold must reach the labels'
+    ``min_agreement``; the largest difference, relative to that threshold, is reported."""
+    from pneumo_edge.model.qc import gate
+
+    entry = gate(card)
+    if ref_ood is None or entry is None:
+        return None
+    if ood is None:
+        return {"status": "fail", "reason": "the file has no ood output"}
+    thr = float(entry["threshold"])
+    agree = float(np.mean((ood > thr) == (ref_ood > thr)))
+    ok = tol.min_agreement is None or agree >= tol.min_agreement
+    return {"status": "pass" if ok else "fail", "flag_agreement": agree,
+            "max_rel_diff": float(np.max(np.abs(ood - ref_ood)) / max(abs(thr), 1e-12))}
 
 
 def _open_torch(run_dir: Path, card: Card):

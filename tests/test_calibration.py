@@ -220,3 +220,18 @@ def test_training_keeps_an_uncalibrated_model_when_the_fit_fails(tiny_run, tiny_
     assert out is model and same is card
     assert lines[-1].startswith("warning: calibration and input gate skipped: calibration "
                                 "failed")
+
+
+def test_export_parity_compares_the_ood_output(calibrated_run, copy_run, tiny_labelled):
+    """Every exported form of a calibrated model carries both outputs, and parity.json says
+    whether each flags the same images as torch at the card's gate threshold."""
+    pytest.importorskip("onnxruntime")
+    from pneumo_edge.export.main import run_export
+
+    run = copy_run(calibrated_run[0])
+    assert run_export(run, parity_data=str(tiny_labelled), allow_int8_fail=True) in (0, 1)
+    report = json.loads((run / "parity.json").read_text())
+    for form in ("onnx", "onnx-fp16"):
+        entry = report["forms"][form]
+        assert entry["ood"]["status"] == "pass" and entry["ood"]["flag_agreement"] == 1.0
+    assert report["forms"]["onnx"]["ood"]["max_rel_diff"] < 1e-4
