@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="Also write the Markdown report here.")
     ap.add_argument("--batch", type=int, default=32, help="Batch for the cost figures.")
     args = ap.parse_args(argv)
-    from pneumo_edge.commands.calibrate import split_pixels
+    from pneumo_edge.train.recalibrate import split_pixels
     from pneumo_edge.model import qc
     from pneumo_edge.model.torchload import load_model
 

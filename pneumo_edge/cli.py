@@ -48,7 +48,7 @@ BENCH = "pneumo_edge.commands.options:BenchOptions"
 SCORE = "pneumo_edge.commands.options:ScoreOptions"
 EXPLAIN = "pneumo_edge.commands.options:ExplainOptions"
 LISTEN = "pneumo_edge.dicomnode.node:NodeConfig"
-CALIBRATE = "pneumo_edge.commands.calibrate:CalibrateOptions"
+CALIBRATE = "pneumo_edge.train.recalibrate:CalibrateOptions"
 
 
 class Finite(click.FloatRange):
@@ -499,7 +499,7 @@ def calibrate(run, data, **opts):
     """Fit calibrated probabilities and the input quality gate for RUN without retraining: the
     weights stay, model.pt and card.json are rewritten, exported files become stale (run export
     again). Exit 2 for bad input."""
-    from pneumo_edge.commands.calibrate import CalibrateOptions, run_calibrate
+    from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
 
     sys.exit(run_calibrate(run, data, take(CalibrateOptions, opts)))
 

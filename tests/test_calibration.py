@@ -119,7 +119,7 @@ def calibrated_run(tiny_run, tiny_dataset, tmp_path_factory):
     """A copy of the tiny model after ``pneumo-edge calibrate`` (read-only)."""
     from conftest import copy_model_dir
 
-    from pneumo_edge.commands.calibrate import CalibrateOptions, run_calibrate
+    from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
 
     run = copy_model_dir(tiny_run, tmp_path_factory.mktemp("calibrated") / "run")
     lines = []
@@ -162,7 +162,7 @@ def test_calibrate_command_keeps_labels_and_records_the_figures(calibrated_run, 
 
 def test_calibrate_names_stale_exports_and_refuses_other_data(tiny_exported, tiny_dataset,
                                                               tiny_labelled, copy_run):
-    from pneumo_edge.commands.calibrate import CalibrateOptions, run_calibrate
+    from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
     from pneumo_edge.errors import PneumoError
 
     run = copy_run(tiny_exported)

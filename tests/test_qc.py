@@ -77,7 +77,7 @@ def xray_run(tmp_path_factory):
     pytest.importorskip("torch")
     from pneumo_edge.train.loop import TrainConfig, train
 
-    from pneumo_edge.commands.calibrate import CalibrateOptions, run_calibrate
+    from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
 
     out = tmp_path_factory.mktemp("xray_run")
     train(TrainConfig(data=str(SAMPLES), out=str(out), arch="resnet18", image_size=SIZE,

@@ -322,7 +322,7 @@ def test_ray_actors_carry_the_models_ood_score(tiny_run, tiny_dataset, tmp_path)
     pytest.importorskip("torch")
     from conftest import copy_model_dir
 
-    from pneumo_edge.commands.calibrate import CalibrateOptions, run_calibrate
+    from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
     from pneumo_edge.inputs.pipeline import decode_one
     from pneumo_edge.sources.ray import _batch, _ScoreActor
 
