@@ -266,10 +266,13 @@ def test_without_torchrun_a_dead_peer_is_a_clear_error_not_a_hang(tmp_path):
     except torch.multiprocessing.ProcessExitedException as exc:
         # Gloo sometimes notices the closed connection on its own thread first and aborts the
         # process (seen once on a loaded machine): the job still ends, with no hang and no
-        # result; torchrun, the supported launcher, then names the rank
+        # result; torchrun, the supported launcher, then names the rank. Seen too (load 5+):
+        # rank 0 records its RankFailed first and Gloo aborts it on the way out; then the
+        # record must be the clear error below
         assert exc.signal_name == "SIGABRT" and exc.error_index == 0, exc
-        assert not result.exists() and time.monotonic() - t0 < 120
-        return
+        assert time.monotonic() - t0 < 120
+        if not result.exists():
+            return
     seconds, message = result.read_text().split("\n", 1)
     assert float(seconds) < 60
     assert message.startswith("rank 0 of 2: gathering results failed"), message
