@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumo_edge.model import qc
+from pneumo_edge.model import modeldir, qc
 from pneumo_edge.model.card import Card
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "chest_xray"
@@ -76,7 +76,6 @@ def xray_run(tmp_path_factory):
     again with the Mahalanobis gate (from the uncalibrated threshold it recorded)."""
     pytest.importorskip("torch")
     from pneumo_edge.train.loop import TrainConfig, train
-
     from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
 
     out = tmp_path_factory.mktemp("xray_run")
@@ -92,6 +91,7 @@ def xray_run(tmp_path_factory):
     again = Card.load(out)
     assert again.metrics["calibration"]["threshold_before"] == 0.5
     assert again.net["ood"] == "mahalanobis"
+    (out / modeldir.LAST_PT).unlink()  # the resume state (5x model.pt): no test here reads it
     return out
 
 
