@@ -117,16 +117,11 @@ def occlusion(runtime, image: np.ndarray, target: int, patch: int | None = None,
 
 
 def _probs(runtime, pixels: np.ndarray) -> np.ndarray:
-    from pneumo_edge.errors import ModelError
+    """The runtime on one batch with scoring's checks (a runtime that raises or answers in another
+    shape is a ModelError); a non-finite probability is refused here too."""
+    from pneumo_edge.sources.local import run_model
 
-    try:
-        p = np.asarray(runtime(pixels), dtype=np.float64)
-    except (MemoryError, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # noqa: BLE001 -- each backend raises its own types
-        text = " ".join(str(exc).split())[:200]
-        raise ModelError(f"the {runtime.name} runtime failed on a batch "
-                         f"{tuple(pixels.shape)}: {text}") from None
+    p = run_model(runtime, pixels, len(runtime.card.classes)).astype(np.float64)
     if not np.isfinite(p).all():
         raise PneumoError(f"the {runtime.name} runtime produced non-finite probabilities")
     return p

@@ -237,15 +237,19 @@ def identity_digest(lines) -> str:
     return h.hexdigest()
 
 
-def partial_path(output) -> Path:
+def beside(output, suffix: str) -> Path:
+    """``FILE`` + ``suffix`` in ``FILE``'s folder (the partial CSV and the sidecars)."""
     final = Path(output)
-    return final.with_name(final.name + ".partial")
+    return final.with_name(final.name + suffix)
+
+
+def partial_path(output) -> Path:
+    return beside(output, ".partial")
 
 
 def ids_path(output) -> Path:
     """``FILE.partial.ids``: one identity line per row of ``FILE.partial``."""
-    final = Path(output)
-    return final.with_name(final.name + ".partial.ids")
+    return beside(output, ".partial.ids")
 
 
 def check_output(output) -> None:

@@ -29,14 +29,16 @@ RESUME_KEYS = (("sha256", "model file sha256"), ("precision", "runtime precision
 
 
 def provenance_path(output) -> Path:
-    final = Path(output)
-    return final.with_name(final.name + ".json")
+    from pneumo_edge.outputs.csvout import beside
+
+    return beside(output, ".json")
 
 
 def running_path(output) -> Path:
     """``FILE.partial.json``: the record of the run writing ``FILE.partial``."""
-    final = Path(output)
-    return final.with_name(final.name + ".partial.json")
+    from pneumo_edge.outputs.csvout import beside
+
+    return beside(output, ".partial.json")
 
 
 def utc_now() -> str:

@@ -117,11 +117,8 @@ def has_package(name: str) -> bool:
 
 
 def backend(name: str) -> Backend:
-    try:
-        return BY_NAME[name]
-    except KeyError:
-        raise ModelError(f"unknown runtime {name!r}; choose auto or one of "
-                         f"{', '.join(RUNTIMES)}") from None
+    modeldir.form_for_runtime(name)  # the one "unknown runtime" error
+    return BY_NAME[name]
 
 
 def why_unavailable(name: str, device: str | None = None, d: str | os.PathLike | None = None
