@@ -168,6 +168,7 @@ def interrupted_run(tiny_exported, tmp_path, *extra) -> tuple[Path, Path, bytes]
     (("--runtime", "onnx", "--threshold", "0.3"), "threshold was 0.5"),
     (("--runtime", "onnx-fp16"), "sha256"),
     (("--runtime", "torch"), "sha256"),
+    (("--runtime", "onnx", "--qc", "refuse"), "--qc was flag"),  # refused rows among flagged ones
 ])
 def test_resume_refuses_another_model_or_threshold(tiny_exported, tmp_path, change, word):
     d, out, before = interrupted_run(tiny_exported, tmp_path)

@@ -188,3 +188,4 @@ def test_prevalence_moves_probabilities_not_labels(xray_run, tmp_path):
         assert float(b["p_PNEUMONIA"]) == pytest.approx(want, abs=5e-6)
     record = json.loads((tmp_path / "low.csv.json").read_text())
     assert record["prevalence"] == 0.05 and record["qc"] == "flag"
+    assert record["threshold_from"] == "moved to --prevalence 0.05"  # not "--threshold"

@@ -18,7 +18,7 @@ import numpy as np
 
 from pneumo_edge.errors import PneumoError
 from pneumo_edge.inputs.folders import walk_images
-from pneumo_edge.model.qc import Gatekeeper, uncalibrated_notice
+from pneumo_edge.model.qc import Gatekeeper, threshold_source, uncalibrated_notice
 from pneumo_edge.outputs import provenance
 from pneumo_edge.outputs.csvout import (
     NON_FINITE,
@@ -196,6 +196,7 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
     if note:
         say(note)
     source = _source(rt, ray, batch, workers, say)
+    moved_by = threshold_source(threshold, prevalence)
     if prevalence is not None:
         threshold = gate.threshold
     used = rt.card.threshold if threshold is None else threshold
@@ -206,14 +207,14 @@ def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
     if output:
         sink, record = _output_sink(output, head, walk.files, source, s, paths=paths,
                                     model=model, used=used, threshold=threshold, resume=resume,
-                                    follow_links=follow_links, say=say)
-        record.update(qc=qc, prevalence=prevalence)
+                                    follow_links=follow_links, say=say,
+                                    settings={"qc": qc, "prevalence": prevalence},
+                                    threshold_from=moved_by if prevalence is not None else None)
     else:
         sink = StdoutSink(head, stdout)
     if dicom_out:
-        from pneumo_edge.outputs.dicom_objects import DicomOutSink, threshold_source
-        sink = DicomOutSink(sink, dicom_out, walk.files[s.resumed:], rt, used,
-                            threshold_source(threshold, prevalence),
+        from pneumo_edge.outputs.dicom_objects import DicomOutSink
+        sink = DicomOutSink(sink, dicom_out, walk.files[s.resumed:], rt, used, moved_by,
                             explain_which if explain else None, log=say, head=head,
                             prevalence=prevalence, explained=explainer)
     if not walk.files:
@@ -252,17 +253,19 @@ def _source(rt, ray, batch: int, workers: int | None, say) -> Source:
 
 
 def _output_sink(output, head, files, source: Source, s: Summary, *, paths, model, used,
-                 threshold, resume: bool, follow_links: bool, say):
+                 threshold, resume: bool, follow_links: bool, say, settings: dict,
+                 threshold_from: str | None = None):
     """The ``-o FILE`` sink (continuing ``FILE.partial`` with ``resume``) and the started
-    provenance record, written beside ``FILE.partial``."""
+    provenance record, written beside ``FILE.partial``; ``settings`` (qc, prevalence) are in it
+    from the start and must match on resume."""
     info = source.model
     provenance.recover(output)
-    earlier = provenance.check_resume(output, info, used, _has_rows(output)) if resume \
-        else None
+    earlier = provenance.check_resume(output, info, used, _has_rows(output), settings) \
+        if resume else None
     record = provenance.start_record(
         output=output, inputs=paths, model=model, runtime=info, threshold=used,
-        threshold_from="card" if threshold is None else "--threshold",
-        follow_links=follow_links, earlier=earlier)
+        threshold_from=threshold_from or ("card" if threshold is None else "--threshold"),
+        follow_links=follow_links, earlier=earlier, settings=settings)
     finished = (earlier or {}).get("input_identity") or {}
 
     def seal(digest):

@@ -164,3 +164,11 @@ def evaluation_entries(card, truth, p, pixels, ood) -> dict:
                                                                   c["bias"]))
         out["calibration_map"] = {k: c[k] for k in ("method", "temperature", "bias")}
     return out
+
+
+def threshold_source(threshold: float | None, prevalence: float | None = None) -> str:
+    """Where a run's threshold came from (the SR and the provenance record say it): ``threshold``
+    is the run's ``--threshold`` (None: the card's), ``prevalence`` its ``--prevalence``."""
+    if prevalence is not None:
+        return f"moved to --prevalence {prevalence:g}"
+    return "card" if threshold is None else "--threshold override"

@@ -633,14 +633,6 @@ quiet()
 
 # --- score --dicom-out -------------------------------------------------------------------------
 
-def threshold_source(threshold: float | None, prevalence: float | None = None) -> str:
-    """Where a run's threshold came from, as the SR says it: ``threshold`` is the run's
-    ``--threshold`` (None: the card's), ``prevalence`` its ``--prevalence``."""
-    if prevalence is not None:
-        return f"moved to --prevalence {prevalence:g}"
-    return "card" if threshold is None else "--threshold override"
-
-
 def check_out_dir(out_dir) -> Path:
     """Refuse, before any work, a ``--dicom-out`` that is not a folder or whose parent is
     missing (:class:`~pneumo_edge.errors.UsageError`, exit 2)."""

@@ -46,10 +46,12 @@ def utc_now() -> str:
 
 
 def start_record(*, output, inputs, model, runtime, threshold: float, threshold_from: str,
-                 follow_links: bool, earlier: dict | None = None) -> dict:
+                 follow_links: bool, earlier: dict | None = None,
+                 settings: dict | None = None) -> dict:
     """The record of a run that is starting (no end time, counts or exit code yet);
     ``runtime``: a :class:`pneumo_edge.sources.ModelInfo` (or a runtime);
-    ``earlier``: the record of the interrupted run it continues (``--resume``)."""
+    ``earlier``: the record of the interrupted run it continues (``--resume``);
+    ``settings``: what else shapes the rows (``qc``, ``prevalence``), compared on resume."""
     from pneumo_edge.versions import installed_versions
 
     card = runtime.card
@@ -66,7 +68,7 @@ def start_record(*, output, inputs, model, runtime, threshold: float, threshold_
         "versions": installed_versions(LIBRARIES),
         "started": utc_now(), "finished": None, "status": "running",
         "first_started": (earlier or {}).get("first_started") or (earlier or {}).get("started"),
-        "counts": None, "exit_code": None,
+        "counts": None, "exit_code": None, **(settings or {}),
     }
 
 
@@ -151,7 +153,8 @@ def read(output, running: bool = False) -> dict | None:
     return record
 
 
-def check_resume(output, runtime, threshold: float, has_rows: bool) -> dict | None:
+def check_resume(output, runtime, threshold: float, has_rows: bool,
+                 settings: dict | None = None) -> dict | None:
     """Refuse (exit 2) to continue an interrupted ``-o FILE`` run with another model file,
     precision or threshold than the one that wrote its rows (read from ``FILE.partial.json``
     when ``FILE.partial`` exists, else from the finished ``FILE``'s ``FILE.json``)."""
@@ -175,4 +178,9 @@ def check_resume(output, runtime, threshold: float, has_rows: bool) -> dict | No
         raise PneumoError(f"{path}: cannot resume: threshold was {record.get('threshold')} in "
                           f"the interrupted run, now {float(threshold)}; use the same "
                           "--threshold or drop --resume")
+    for key, value in (settings or {}).items():
+        if record.get(key, value) != value:
+            raise PneumoError(f"{path}: cannot resume: --{key} was {record.get(key)} in the "
+                              f"interrupted run, now {value}; use the same --{key} or drop "
+                              "--resume")
     return record
