@@ -65,11 +65,37 @@ class TrainConfig:
     ema: float = _opt(0.998, "Decay of the weights' moving average, which is what gets "
                              "evaluated and saved; 0 = off.")
     mixup: float = _opt(0.0, "Mixup Beta(a, a); 0 = off.")
+    crop_scale: str = _opt("0.7,1", "Area of the random resized crops (--augment strong) as "
+                                    "MIN,MAX fractions of the image.")
+    jitter: float = _opt(0.2, "Brightness and contrast jitter: each scaled by a factor drawn "
+                              "from 1 +- this.")
+    zoom_out: float = _opt(0.0, "Probability of shrinking a training image into a black canvas "
+                                "(a zoomed-out acquisition, framing with a border); 0 = off.")
+    zoom_out_min: float = _opt(0.7, "Smallest scale of a zoomed-out image (drawn uniformly "
+                                    "between this and 1).")
+    train_cache_size: int | None = _opt(None, "Decode and cache the training images at this "
+                                        "size and crop them to --image-size (--augment "
+                                        "strong): crops with more source resolution. Default: "
+                                        "--image-size. Evaluation stays at --image-size.")
+    average: str = _opt("ema", "Weights evaluated and saved: ema (--ema's moving average), "
+                               "swa (the uniform average of the last --swa-epochs epochs' "
+                               "weights after selection ran, BatchNorm statistics recomputed "
+                               "on one training pass), none (the raw weights).")
+    swa_epochs: int = _opt(3, "Epochs averaged by --average swa.")
+    class_weight_power: float = _opt(1.0, "Exponent on the inverse-frequency class weights of "
+                                          "--class-weights auto: 1 = inverse frequency, "
+                                          "0 = unweighted.")
     val_fraction: float = _opt(0.15, "Share of train held out for validation when DATA/val is "
                                      "absent.")
     test_fraction: float = _opt(0.15, "Share of train held out as an internal test split when "
                                       "DATA/test is absent (never used for selection).")
     seed: int = _opt(42)
+    proxy: str = _opt("none", "cluster: hold out the patients of one acquisition-like cluster "
+                              "of the training data (intensity, border, noise and sharpness "
+                              "statistics) from train, val and test, and report the model on "
+                              "it (cluster_holdout) as a proxy for another hospital's images.")
+    proxy_clusters: int = _opt(4, "Clusters formed by --proxy cluster.")
+    proxy_min_images: int = _opt(50, "Images of every class the held-out cluster needs.")
     select: str = _opt("val_auroc", "How the saved epoch is chosen.")
     min_epochs: int = _opt(3, "Epochs before one can be selected.")
     threshold_for: str = _opt("youden", "Decision threshold rule: youden (best sensitivity + "
@@ -97,6 +123,17 @@ class TrainConfig:
         if isinstance(self.augment, bool):
             return "basic" if self.augment else "none"
         return self.augment
+
+    @property
+    def crop_range(self) -> tuple[float, float]:
+        """--crop-scale as (min, max); ValueError when it is not two fractions in order."""
+        try:
+            lo, hi = (float(x) for x in str(self.crop_scale).split(","))
+        except ValueError:
+            raise ValueError("use two fractions MIN,MAX such as 0.08,1") from None
+        if not (0 < lo <= hi <= 1):
+            raise ValueError("need 0 < MIN <= MAX <= 1")
+        return lo, hi
 
     @property
     def net(self) -> dict:
@@ -138,7 +175,8 @@ def check_config(cfg: TrainConfig) -> None:
     for opt, lo, hi in (("lr", 0, None), ("weight_decay", 0, None), ("clip_grad", 0, None),
                         ("label_smoothing", 0, 0.5), ("ema", 0, 0.99999), ("mixup", 0, None),
                         ("val_fraction", 0, 1), ("test_fraction", 0, 1),
-                        ("warmup_epochs", 0, None)):
+                        ("warmup_epochs", 0, None), ("jitter", 0, 0.9), ("zoom_out", 0, 1),
+                        ("zoom_out_min", 0.2, 1), ("class_weight_power", 0, 1)):
         v = getattr(cfg, opt)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             bad(opt, "not a finite number")
@@ -166,8 +204,37 @@ def check_config(cfg: TrainConfig) -> None:
         validate_threshold_rule(cfg.threshold_for)
     except ValueError as exc:
         raise UsageError(f"--threshold-for: {exc}") from None
+    _check_recipe(cfg, bad)
     if cfg.class_weights not in ("auto", "none"):
         try:
             class_weights(None, len(cfg.class_weights.split(",")), cfg.class_weights)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+
+
+def _check_recipe(cfg: TrainConfig, bad) -> None:
+    """The ablation options of issue 22: crops, cache size, weight averaging, class weights,
+    the cluster proxy."""
+    try:
+        _ = cfg.crop_range
+    except ValueError as exc:
+        bad("crop_scale", str(exc))
+    size = cfg.train_cache_size
+    if size is not None and size != cfg.image_size:
+        if size < cfg.image_size:
+            bad("train_cache_size", f"smaller than --image-size {cfg.image_size}")
+        if cfg.augment_preset != "strong":
+            bad("train_cache_size", "needs --augment strong (its crops bring the images to "
+                                    "--image-size)")
+    if cfg.average not in ("ema", "swa", "none"):
+        bad("average", "choose ema, swa or none")
+    if cfg.swa_epochs < 1:
+        bad("swa_epochs", "must be at least 1")
+    if cfg.class_weight_power != 1 and cfg.class_weights != "auto":
+        bad("class_weight_power", "applies to --class-weights auto only")
+    if cfg.proxy not in ("none", "cluster"):
+        bad("proxy", "choose none or cluster")
+    if not 2 <= cfg.proxy_clusters <= 20:
+        bad("proxy_clusters", "out of range (2..20)")
+    if cfg.proxy_min_images < 1:
+        bad("proxy_min_images", "must be at least 1")

@@ -87,32 +87,40 @@ AUGMENTS = ("none", "basic", "strong")
 
 
 class Augment:
-    """Augmentation on decoded grey uint8 pixels ``[1, S, S]`` -> the same format, so the model
-    sees in training the kind of input it gets at the edge.
+    """Augmentation on decoded grey uint8 pixels ``[1, S, S]`` -> ``[1, size, size]`` uint8, so
+    the model sees in training the kind of input it gets at the edge.
 
     ``basic``: the seed's recipe: small rotation and shift, horizontal flip, brightness and
     contrast jitter (its random grayscale is a no-op on grey X-rays and is left out).
     ``strong``: acquisition-like variation on top: random resized crops (framing and source
-    scale), gamma (exposure curves), blur and sensor noise, each drawn from torch's RNG (so
-    DataLoader workers are seeded as usual)."""
+    scale; ``crop_scale`` is their area range, and the source may be larger than ``size``),
+    gamma (exposure curves), blur and sensor noise. ``zoom_out``: the probability of shrinking
+    the image by a factor from ``[zoom_out_min, 1]`` into a black canvas at a random place
+    (after the geometric and jitter steps; 0 draws nothing, so the stream of random numbers
+    is the one of a recipe without it). Every draw comes from torch's RNG (so DataLoader
+    workers are seeded as usual)."""
 
-    def __init__(self, size: int, preset: str = "basic"):
+    def __init__(self, size: int, preset: str = "basic", *, crop_scale=(0.7, 1.0),
+                 jitter: float = 0.2, zoom_out: float = 0.0, zoom_out_min: float = 0.7):
         from torchvision.transforms import v2
 
         if preset not in AUGMENTS[1:]:
             raise ValueError(f"unknown augmentation {preset!r}; choose one of {AUGMENTS}")
         self.strong = preset == "strong"
-        steps = [v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.15),
+        steps = [v2.RandomResizedCrop(size, scale=tuple(crop_scale), ratio=(0.85, 1.15),
                                       antialias=True)] if self.strong else []
         steps += [v2.RandomAffine(degrees=10.0, translate=(0.05, 0.05) if self.strong
                                   else (0.1, 0.1)),
                   v2.RandomHorizontalFlip(0.5),
-                  v2.ColorJitter(brightness=0.2, contrast=0.2)]
+                  v2.ColorJitter(brightness=jitter, contrast=jitter)]
         self.t = v2.Compose(steps)
         self.blur = v2.GaussianBlur(5, sigma=(0.1, 1.2)) if self.strong else None
+        self.zoom_out, self.zoom_out_min = zoom_out, zoom_out_min
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = self.t(x)
+        if self.zoom_out > 0 and torch.rand(()) < self.zoom_out:
+            x = self._shrink(x)
         if not self.strong:
             return x
         if torch.rand(()) < 0.3:
@@ -123,6 +131,25 @@ class Augment:
         if torch.rand(()) < 0.3:
             y = y + torch.randn_like(y) * float(torch.empty(()).uniform_(2.0, 8.0))
         return y.round_().clamp_(0, 255).to(torch.uint8)
+
+    def _shrink(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        s = x.shape[-1]
+        n = max(8, round(s * float(torch.empty(()).uniform_(self.zoom_out_min, 1.0))))
+        out = torch.zeros_like(x)
+        top, left = (int(torch.randint(0, s - n + 1, ())) for _ in range(2))
+        out[..., top:top + n, left:left + n] = F.resize(x, [n, n], antialias=True)
+        return out
+
+
+def augment_for(cfg) -> Augment | None:
+    """The training augmentation the options of ``cfg`` (a TrainConfig) ask for."""
+    preset = cfg.augment_preset
+    if preset == "none":
+        return None
+    return Augment(cfg.image_size, preset, crop_scale=cfg.crop_range, jitter=cfg.jitter,
+                   zoom_out=cfg.zoom_out, zoom_out_min=cfg.zoom_out_min)
 
 
 class PixelDataset(torch.utils.data.Dataset):
@@ -141,15 +168,17 @@ class PixelDataset(torch.utils.data.Dataset):
         return x, self.labels[i]
 
 
-def class_weights(labels: np.ndarray, num_classes: int, spec: str = "auto") -> list[float] | None:
-    """``auto``: inverse frequency, scaled so a balanced set gives 1.0 each; ``none``;
-    or explicit ``w1,w2,...``."""
+def class_weights(labels: np.ndarray, num_classes: int, spec: str = "auto",
+                  power: float = 1.0) -> list[float] | None:
+    """``auto``: inverse frequency, scaled so a balanced set gives 1.0 each, raised to
+    ``power`` (1: as is, 0: all 1.0); ``none``; or explicit ``w1,w2,...``."""
     if spec == "none":
         return None
     if spec == "auto":
         counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
         counts[counts == 0] = 1.0
-        return (len(labels) / (num_classes * counts)).tolist()
+        w = len(labels) / (num_classes * counts)
+        return (w if power == 1 else w ** power).tolist()
     try:
         w = [float(x) for x in spec.split(",")]
     except ValueError:
@@ -178,15 +207,19 @@ def load_data(cfg, d=dist_.SINGLE, log=None) -> dict:
         except ValueError as exc:
             raise UsageError(f"{exc} (the data has classes {', '.join(classes)})") from None
     train_s, val, test, split = _split(cfg, root, tr, classes)
-    workers = max(2, cfg.workers)
-    named = [(n, s) for n, s in (("train", train_s), ("val", val), ("test", test)) if s]
-    if cfg.no_cache:
-        log(f"decoding {len(train_s) + len(val) + len(test)} images at {cfg.image_size} px "
-            "into memory (--no-cache) ...")
-        parts = {name: preload(samples, cfg.image_size, workers=workers)
-                 for name, samples in named}
-    else:
-        parts = _from_cache(cfg, named, workers, d, log)
+    named = [(n, s, cfg.image_size) for n, s in (("train", train_s), ("val", val),
+                                                 ("test", test)) if s]
+    crop = train_cache_size(cfg)
+    if crop != cfg.image_size:  # the training images at the larger size the crops come from
+        named.append(("train_crop", train_s, crop))
+    parts = _decode(cfg, named, d, log)
+    train_crop = parts.pop("train_crop", None)
+    if cfg.proxy == "cluster":
+        samples = {"train": train_s, "val": val, "test": test}
+        held = _hold_out_cluster(cfg, root, classes, parts, samples, train_crop, d, log)
+        train_s, val, test, train_crop = (samples["train"], samples["val"], samples["test"],
+                                          held["train_crop"])
+        split.update(held["split"])
     for name in ("train", "val"):
         counts = np.bincount(parts[name][1], minlength=len(classes))
         if counts.min() == 0:
@@ -198,15 +231,73 @@ def load_data(cfg, d=dist_.SINGLE, log=None) -> dict:
     counts = {name: dict(zip(classes, np.bincount(part[1], minlength=len(classes)).tolist()))
               for name, part in parts.items()}
     if cfg.no_cache:
-        shifted, which = shifted_set(parts["val"][0], cfg.seed)
+        shifted, which = shifted_set(np.asarray(parts["val"][0]), cfg.seed)
     else:
         shifted, which = _shifted_from_cache(cfg, val, parts["val"][0], d)
     return {"classes": classes, "pos": pos, "split": split,
             "train": parts["train"][:2], "val": parts["val"][:2],
+            "train_crop": train_crop[:2] if train_crop is not None else None,
             "shifted": (shifted, parts["val"][1]), "shifted_which": which,
             "test": parts["test"][:2] if "test" in parts else None,
+            "cluster_holdout": parts["cluster_holdout"][:2] if "cluster_holdout" in parts
+            else None,
             "data_info": {**{f"{k}_counts": v for k, v in counts.items()},
                           "skipped_unreadable": len(skipped), "skipped_files": skipped[:100]}}
+
+
+def train_cache_size(cfg) -> int:
+    """The size the training images are decoded at: --train-cache-size, else --image-size."""
+    return cfg.train_cache_size or cfg.image_size
+
+
+def _decode(cfg, named, d, log) -> dict:
+    """{part: (pixels, labels, skipped paths)} for ``(part, samples, size)`` triples, through
+    the pixel cache unless --no-cache."""
+    workers = max(2, cfg.workers)
+    if not cfg.no_cache:
+        return _from_cache(cfg, named, workers, d, log)
+    log(f"decoding {sum(len(s) for _, s, _ in named)} images into memory (--no-cache) ...")
+    return {name: preload(samples, size, workers=workers) for name, samples, size in named}
+
+
+def _hold_out_cluster(cfg, root, classes, parts, samples, train_crop, d, log) -> dict:
+    """--proxy cluster (:mod:`pneumo_edge.train.clusters`): the held-out cluster's patients
+    leave every part (``parts`` and ``samples`` are updated in place) and become the part
+    ``cluster_holdout``. Returns the filtered train_crop and what the split records."""
+    from pneumo_edge.train.clusters import Rows, acquisition_features, cluster_holdout, summary
+
+    names = [n for n in ("train", "val", "test") if n in parts]
+    decoded = {n: _decoded_samples(samples[n], parts[n][2]) for n in names}
+    feats = np.concatenate([acquisition_features(parts[n][0]) for n in names])
+    pool = [s for n in names for s in decoded[n]]
+    mask, info = cluster_holdout(feats, [y for _, y in pool], [p for p, _ in pool], classes,
+                                 k=cfg.proxy_clusters, seed=cfg.seed,
+                                 min_images=cfg.proxy_min_images)
+    held, at = [], 0
+    for n in names:
+        m = mask[at:at + len(decoded[n])]
+        at += len(decoded[n])
+        keep = np.flatnonzero(~m)
+        px, labels, skipped = parts[n]
+        parts[n] = (Rows(px, keep), labels[keep], skipped)
+        if n == "train" and train_crop is not None:
+            train_crop = (Rows(train_crop[0], keep), train_crop[1][keep], train_crop[2])
+        gone = {decoded[n][i][0] for i in np.flatnonzero(m)}
+        samples[n] = [s for s in samples[n] if s[0] not in gone]
+        held += [decoded[n][i] for i in np.flatnonzero(m)]
+    held.sort()
+    parts.update(_decode(cfg, [("cluster_holdout", held, cfg.image_size)], d, log))
+    log(summary(info))
+    info["holdout_files"] = [os.path.relpath(p, root) for p, _ in held]
+    counts = {n: len(samples[n]) for n in names}
+    return {"train_crop": train_crop,
+            "split": {**counts, "cluster_holdout": len(held), "proxy": info}}
+
+
+def _decoded_samples(samples, skipped) -> list:
+    """The samples whose pixels a part holds, in its order (the unreadable ones left out)."""
+    gone = set(skipped)
+    return [s for s in samples if s[0] not in gone]
 
 
 def cache_dir(cfg) -> Path:
@@ -224,9 +315,9 @@ def _from_cache(cfg, named, workers, d, log) -> dict:
     parts = {}
     if d.is_main:
         try:
-            for name, samples in named:
+            for name, samples, size in named:
                 px, labels, skipped, built = cache.cached_part(
-                    where, name, samples, cfg.image_size, workers=workers, log=log)
+                    where, name, samples, size, workers=workers, log=log)
                 log(f"pixel cache {where}: {name} {len(labels)} images "
                     + ("decoded and stored" if built else "reused"))
                 parts[name] = (px, labels, skipped)
@@ -236,9 +327,9 @@ def _from_cache(cfg, named, workers, d, log) -> dict:
     dist_.barrier(d, "waiting for rank 0 to build the pixel cache")
     if not d.is_main:
         try:
-            for name, samples in named:
-                px, labels, skipped, _ = cache.cached_part(where, name, samples,
-                                                           cfg.image_size, build_it=False)
+            for name, samples, size in named:
+                px, labels, skipped, _ = cache.cached_part(where, name, samples, size,
+                                                           build_it=False)
                 parts[name] = (px, labels, skipped)
         except OSError as exc:
             raise DataError(f"rank {d.rank}: {exc}") from None

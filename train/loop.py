@@ -7,6 +7,7 @@ evaluation of the selected weights, :mod:`pneumo_edge.train.final`."""
 
 from __future__ import annotations
 
+import collections
 import math
 import sys
 import time
@@ -17,8 +18,8 @@ import torch
 from pneumo_edge.train import distributed as dist_
 from pneumo_edge.train import rundir
 from pneumo_edge.train.budget import Plan, lr_factor
-from pneumo_edge.train.config import SELECT, TrainConfig, check_config, default_amp, pick_device  # noqa: F401  (TrainConfig, check_config: the API)
-from pneumo_edge.train.data import Augment, PixelDataset, class_weights, load_data
+from pneumo_edge.train.config import SELECT, TrainConfig, check_config, default_amp, pick_device
+from pneumo_edge.train.data import PixelDataset, augment_for, class_weights, load_data
 from torch import nn
 
 from pneumo_edge.errors import PneumoError
@@ -202,7 +203,57 @@ def _train(cfg, out, d, device, t_start) -> dict:
         raise PneumoError("no epoch was trained (use more --epochs than the resumed run had)")
     if not d.is_main:  # rank 0 alone runs the final evaluation and writes the directory
         return {}
+    if cfg.average == "swa":
+        state["best"] = _swa(cfg, out, s, state, data, device, amp)
     return _finish(out, state, cfg, data, device, t_start)
+
+
+def _swa(cfg, out, s, state, data, device, amp) -> dict:
+    """--average swa: the uniform average of the raw weights of the last --swa-epochs epochs
+    (fewer after a --resume: the ones trained since), BatchNorm statistics recomputed on one
+    pass over the training images as trained (augmented), replacing the selected epoch."""
+    import copy
+
+    epochs = [e for e, _ in s["swa"]]
+    states = [sd for _, sd in s["swa"]]
+    avg = {k: (sum(sd[k].double() for sd in states) / len(states)).to(v.dtype)
+           if v.dtype.is_floating_point else v.clone() for k, v in states[-1].items()}
+    model = copy.deepcopy(s["model"])
+    model.load_state_dict(avg)
+    recompute_bn(model, s["train"], device, amp)
+    loss, probs, labels = evaluate(model, s["criterion"], s["val"], device, amp=amp)
+    row = epoch_metrics(loss, probs, labels, data["pos"])
+    log(f"weight average (swa) of epochs {epochs[0]}-{epochs[-1]} ({len(epochs)}), BatchNorm "
+        f"statistics recomputed on the training images: val loss {row['loss']:.4f}  auroc "
+        f"{row['roc_auc']:.3f} (selection had chosen epoch {state['best']['epoch']})")
+    base = rundir.card_base(cfg, data, amp, device, s["weights"], s["dist"])
+    best = rundir.save_best(out, model, base, state["epoch"], row["roc_auc"],
+                            (probs, labels, data["pos"]), cfg)
+    best["average"] = {"method": "swa", "epochs": epochs, "selected_epoch_before":
+                       state["best"]["epoch"], "batchnorm": "recomputed on one augmented "
+                       "pass over the training images"}
+    return best
+
+
+@torch.no_grad()
+def recompute_bn(model, loader, device, amp=False) -> None:
+    """BatchNorm running statistics of ``model`` recomputed as plain means over one pass of
+    ``loader`` (averaged weights make the averaged statistics wrong)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the pass
+    model.train()
+    for x, _ in loader:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            model.logits(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
 
 
 def _launcher(d) -> str:
@@ -216,7 +267,8 @@ def _setup(cfg, data, device, amp, d=dist_.SINGLE) -> dict:
     model = build_model(cfg.arch, len(classes), cfg.weights, **cfg.net).to(device)
     model = model.to(memory_format=torch.channels_last)
     train_model = _ddp(model, device, d)
-    weights = class_weights(data["train"][1], len(classes), cfg.class_weights)
+    weights = class_weights(data["train"][1], len(classes), cfg.class_weights,
+                            cfg.class_weight_power)
     criterion = nn.CrossEntropyLoss(
         weight=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
         label_smoothing=cfg.label_smoothing)
@@ -228,10 +280,12 @@ def _setup(cfg, data, device, amp, d=dist_.SINGLE) -> dict:
         optimizer, lambda step: lr_factor(cfg.scheduler, step, plan.total_steps, warmup))
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" \
         and not torch.cuda.is_bf16_supported() else None
-    return dict(model=model, ema=Ema(model, cfg.ema) if cfg.ema > 0 else None,
-                criterion=criterion, weights=weights, train=train_loader, val=val_loader,
-                shifted=shifted_loader, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                plan=plan, num_classes=len(classes), dist=d, train_model=train_model)
+    ema = Ema(model, cfg.ema) if cfg.ema > 0 and cfg.average == "ema" else None
+    return {"model": model, "ema": ema, "swa": collections.deque(maxlen=cfg.swa_epochs),
+            "criterion": criterion, "weights": weights, "train": train_loader,
+            "val": val_loader, "shifted": shifted_loader, "optimizer": optimizer,
+            "scheduler": scheduler, "scaler": scaler, "plan": plan,
+            "num_classes": len(classes), "dist": d, "train_model": train_model}
 
 
 class _DdpNet(nn.Module):
@@ -298,11 +352,14 @@ def _epochs(cfg, out, s, state, data, device, amp, t_start) -> None:
         elif improved:
             state["best"] = {"epoch": epoch, "score": score}
         row.pop("_probs", None)
+        if cfg.average == "swa" and d.is_main:  # the raw weights of the last epochs
+            s["swa"].append((epoch, {k: v.detach().cpu().clone()
+                                     for k, v in s["model"].state_dict().items()}))
         state["epoch"] = epoch
         recent = (recent + [time.perf_counter() - t0])[-2:]
         elapsed = time.monotonic() - t_start
-        msg = s["plan"].replan(epoch, elapsed, max(recent),
-                               _final_reserve(row["eval_seconds"], cfg))
+        msg = s["plan"].replan(epoch, elapsed, max(recent), _final_reserve(
+            row["eval_seconds"], cfg, row["seconds"] - row["eval_seconds"]))
         msg = _share_plan(s, msg)
         state["planned_epochs"] = s["plan"].epochs
         if d.is_main:
@@ -326,7 +383,7 @@ def _early_plan(cfg, s, t_start):
             step_s = (marks[-1] - marks[0]) / k
             eval_s = step_s * 2 * len(s["val"].dataset) / cfg.batch_size / 3  # forward only
             msg = s["plan"].estimate(t_epoch - t_start, step_s * len(s["train"]) + eval_s,
-                                     _final_reserve(eval_s, cfg))
+                                     _final_reserve(eval_s, cfg, step_s * len(s["train"])))
             msg = _share_plan(s, msg)
             if msg:
                 log(msg)
@@ -376,11 +433,14 @@ def _one_epoch(cfg, s, epoch, device, amp, pos, on_step=None) -> dict:
             "eval_seconds": t2 - t1, "_probs": (vprobs, vlabels, pos)}
 
 
-def _final_reserve(eval_seconds: float, cfg) -> float:
+def _final_reserve(eval_seconds: float, cfg, train_seconds: float = 0.0) -> float:
     """Seconds to keep for the final evaluation: val, shifted val and test through the deployed
     network in fp32 (about 3x the mixed-precision per-epoch evaluation of val + shifted val),
-    twice over with flip averaging, plus plots and writes."""
-    return eval_seconds * 1.5 * 3 * (2 if cfg.tta == "flip" else 1) + 10.0
+    twice over with flip averaging, plus plots and writes; with --average swa also its
+    BatchNorm pass over the training images (forward only: about a third of an epoch's
+    training) and one evaluation of validation."""
+    swa = train_seconds / 3 + eval_seconds if cfg.average == "swa" else 0.0
+    return eval_seconds * 1.5 * 3 * (2 if cfg.tta == "flip" else 1) + 10.0 + swa
 
 
 def _stop_on_sigterm() -> None:
@@ -432,19 +492,17 @@ def evaluate_gathered(model, criterion, loader, device, d, *, amp=False):
 
 
 def _dataset(pixels, labels, augment=None):
-    from pneumo_edge.train.cache import CachedDataset, PixelFile
+    from pneumo_edge.train.cache import CachedDataset
 
-    if isinstance(pixels, PixelFile):
-        return CachedDataset(pixels, labels, augment)
-    return PixelDataset(pixels, labels, augment)
+    if isinstance(pixels, np.ndarray):
+        return PixelDataset(pixels, labels, augment)
+    return CachedDataset(pixels, labels, augment)  # a pixel-cache file or a view of one
 
 
 def _loaders(cfg, data, device, d=dist_.SINGLE):
     pin = device.type == "cuda"
     gen = torch.Generator().manual_seed(cfg.seed)
-    preset = cfg.augment_preset
-    train_ds = _dataset(*data["train"], augment=Augment(cfg.image_size, preset)
-                        if preset != "none" else None)
+    train_ds = _dataset(*(data.get("train_crop") or data["train"]), augment=augment_for(cfg))
     sampler, per_rank = None, len(train_ds)
     if d.enabled:  # each rank a disjoint share, reshuffled every epoch (set_epoch)
         sampler = torch.utils.data.DistributedSampler(
