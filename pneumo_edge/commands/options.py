@@ -33,6 +33,10 @@ class EvalOptions:
     gallery: int = _opt(GALLERY, "Most confident false negatives and false positives listed "
                         "(each with an occlusion heatmap in --report: about 226 model calls "
                         "per image).")
+    prevalence: float | None = _opt(None, "Positive rate of the population the folder stands "
+                                    "for, as score's --prevalence: probabilities and threshold "
+                                    "move by Bayes' rule on the odds (labels and ROC AUC stay); "
+                                    "calibration figures are of the moved probabilities.")
 
 
 @dataclass

@@ -72,17 +72,22 @@ def view_reason(view_position: str | None) -> str:
     return f"lateral view (ViewPosition {code})" if code in LATERAL_VIEWS else ""
 
 
-def verdicts(card, pixels, ood=None, views=None, mode: str = "flag") -> list[str]:
+def verdicts(card, pixels, ood=None, views=None, mode: str = "flag",
+             blank=None) -> list[str]:
     """The qc text of each image of a batch: uint8 ``pixels`` ``[N, 1, S, S]`` (None entries
     allowed for rows without pixels), the network's ``ood`` scores ``[N]`` (None: no gate),
-    DICOM ViewPositions (None: not DICOM). ``mode`` ``off``: all empty."""
+    DICOM ViewPositions (None: not DICOM). ``blank``: :func:`blank_reason` of each image where
+    it was computed elsewhere (a Ray worker, where the pixels stay), used where ``pixels`` has
+    None. ``mode`` ``off``: all empty."""
     n = len(pixels)
     if mode == "off":
         return [""] * n
     entry = gate(card) if ood is not None else None
     out = []
     for i in range(n):
-        reasons = [blank_reason(pixels[i]) if pixels[i] is not None else "",
+        pixel_reason = blank_reason(pixels[i]) if pixels[i] is not None else \
+            (str(blank[i]) if blank is not None else "")
+        reasons = [pixel_reason,
                    ood_reason(float(ood[i]), entry) if entry is not None else "",
                    view_reason(views[i] if views is not None else None)]
         out.append("; ".join(r for r in reasons if r))
@@ -104,6 +109,9 @@ class Gatekeeper:
         base = card.threshold if threshold is None else threshold
         self.trained = None
         if prevalence is not None:
+            if not 0.0 < prevalence < 1.0:  # nan too
+                raise UsageError(f"--prevalence {prevalence!r}: not a rate strictly between "
+                                 "0 and 1")
             if not calibrated(card) or len(card.classes) != 2:
                 raise UsageError("--prevalence needs a calibrated two-class model (pneumo-edge "
                                  "calibrate RUN --data DATA)")
@@ -117,9 +125,24 @@ class Gatekeeper:
             return probs
         pos = self.card.positive_index
         out = np.empty_like(probs)
-        out[:, pos] = cal.adjust_prevalence(probs[:, pos], self.prevalence, self.trained)
+        out[:, pos] = self.positive(probs[:, pos])
         out[:, 1 - pos] = 1.0 - out[:, pos]
         return out
+
+    def positive(self, p_pos):
+        """Positive-class probabilities moved to the deployment prevalence (unchanged without
+        one): Bayes' rule on the odds (:func:`pneumo_edge.model.calibration.adjust_prevalence`)."""
+        if self.prevalence is None:
+            return p_pos
+        return cal.adjust_prevalence(p_pos, self.prevalence, self.trained)
+
+    def record(self) -> dict | None:
+        """What eval's JSON and report say about ``--prevalence`` (None without one)."""
+        if self.prevalence is None:
+            return None
+        return {"deployment": self.prevalence, "trained": self.trained,
+                "threshold_card": self.card.threshold, "threshold": self.threshold,
+                "threshold_from": threshold_source(None, self.prevalence)}
 
     def cells(self, batch) -> list[str]:
         """The qc text of every file of a scored batch (``""`` for failed files)."""
@@ -136,10 +159,11 @@ class Gatekeeper:
                 out.append("")
                 continue
             px = [batch.pixels[k]] if batch.pixels is not None else [None]
+            blank = None if batch.blank is None else batch.blank[k:k + 1]  # from Ray workers
             ood = None if batch.ood is None else batch.ood[k:k + 1]
             view = [identity(path, ("ViewPosition",)).tags[0]] \
                 if input_kind(path) == "dicom" else None
-            out.append(verdicts(self.card, px, ood, view)[0])
+            out.append(verdicts(self.card, px, ood, view, blank=blank)[0])
         return out
 
 
@@ -153,16 +177,23 @@ def counts(verdicts_: list[str]) -> dict:
     return {"images": len(verdicts_), "flagged": sum(1 for v in verdicts_ if v), "reasons": kinds}
 
 
-def evaluation_entries(card, truth, p, pixels, ood) -> dict:
+def evaluation_entries(card, truth, p, pixels, ood, gate: Gatekeeper | None = None) -> dict:
     """What eval adds for issue 20: ECE / Brier / reliability (15 bins) of the probabilities
-    as deployed and, for a calibrated model, of the uncalibrated ones behind them; qc counts."""
-    out = {"calibration": cal.figures(truth, p), "calibrated": calibrated(card),
-           "qc": counts(verdicts(card, pixels, ood))}
+    as deployed and, for a calibrated model, of the uncalibrated ones behind them; qc counts.
+    ``p``: the model's positive-class probabilities; with a ``gate`` that has a prevalence, the
+    deployed ones are those moved to it, and ``prevalence`` records the move and the figures of
+    the unmoved ones."""
+    moved = gate is not None and gate.prevalence is not None
+    out = {"calibration": cal.figures(truth, gate.positive(p) if moved else p),
+           "calibrated": calibrated(card), "qc": counts(verdicts(card, pixels, ood))}
     if calibrated(card) and len(card.classes) == 2:
         c = card.metrics["calibration"]
         out["calibration_before"] = cal.figures(truth, cal.invert(p, c["temperature"],
                                                                   c["bias"]))
         out["calibration_map"] = {k: c[k] for k in ("method", "temperature", "bias")}
+    if moved:
+        out["prevalence"] = {**gate.record(), "data": float(np.mean(truth)) if len(truth) else
+                             None, "calibration_unmoved": cal.figures(truth, p)}
     return out
 
 

@@ -18,12 +18,6 @@ def esc(x) -> str:
     return html.escape(str(x), quote=True)
 
 
-def esc_path(path) -> str:
-    """A file or folder name as the CSV writes it (:func:`pneumo_edge.outputs.csvout.path_text`:
-    bytes that are not UTF-8 as ``\\xNN``), HTML-escaped."""
-    return esc(_shown(path))
-
-
 def num(x, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) \
         else f"{x:.{digits}f}"
@@ -91,12 +85,18 @@ def chart(title: str, xlabel: str, ylabel: str, lines=(), points=(), diagonal=Fa
     return "\n".join(out)
 
 
+def threshold_name(m: dict) -> str:
+    """``card threshold``, or what it became with ``--prevalence``."""
+    pr = m.get("prevalence")
+    return f"card threshold moved to prevalence {pr['deployment']:g}" if pr else "card threshold"
+
+
 def roc_chart(m: dict) -> str:
     c = m["curves"]["roc"]
     op = (1 - m["specificity"], m["recall"])
     return chart(f"ROC (AUC {num(m['roc_auc'])})", "1 - specificity", "sensitivity",
                  lines=[(c["fpr"], c["tpr"], "#1f5fa8", "ROC curve")],
-                 points=[(*op, "#c0392b", f"card threshold {m['threshold']:.3f}")],
+                 points=[(*op, "#c0392b", f"{threshold_name(m)} {m['threshold']:.3f}")],
                  diagonal=True)
 
 
@@ -109,7 +109,7 @@ def pr_chart(m: dict) -> str:
                         ([0, 1], [prevalence, prevalence], "#999",
                          f"prevalence {prevalence:.2f}")],
                  points=[(m["recall"], m["precision"], "#c0392b",
-                          f"card threshold {m['threshold']:.3f}")])
+                          f"{threshold_name(m)} {m['threshold']:.3f}")])
 
 
 def reliability_chart(cal: dict, before: dict | None = None) -> str:
@@ -141,6 +141,20 @@ def qc_note(m: dict) -> str:
                                           "(pneumo-edge calibrate adds both).")
     return (f"<p class='note'>Input quality gate: {q['flagged']} of {q['images']} images "
             f"flagged (reasons: {kinds}).{cal}</p>")
+
+
+def prevalence_note(m: dict) -> str:
+    """What ``--prevalence`` did to the numbers of this page, or nothing without it."""
+    pr = m.get("prevalence")
+    if not pr:
+        return ""
+    before = pr["calibration_unmoved"]
+    return (f"<p class='note'>Prevalence {pr['deployment']:g} (--prevalence; the validation "
+            f"split the calibration was fitted on had {pr['trained']:.3f}, this folder "
+            f"{num(pr['data'])}): every probability on this page and the card's threshold "
+            f"{pr['threshold_card']:.4f} (now {pr['threshold']:.4f}) are moved by Bayes' rule "
+            "on the odds; labels, ranking and ROC AUC are unchanged. Without the move: ECE "
+            f"{num(before['ece'])}, Brier {num(before['brier'])}.</p>")
 
 
 # --- HTML ---------------------------------------------------------------------------------------
@@ -179,6 +193,11 @@ def card_section(card, m: dict) -> str:
              ("classes", ", ".join(card.classes)), ("positive class", card.positive_class),
              ("threshold", f"{card.threshold:.4f}" + (f" (rule {src})" if src else "")),
              ("created", card.created or "n/a")]
+    if m.get("prevalence"):
+        pr = m["prevalence"]
+        text = (f"{pr['deployment']:g} (--prevalence; validation {pr['trained']:.3f}): "
+                f"threshold {pr['threshold']:.4f}")
+        items.insert(-1, ("prevalence", text))
     for key, name in (("val", "validation"), ("test", "test")):  # what training recorded
         rec = card.metrics.get(key) if isinstance(card.metrics, dict) else None
         if isinstance(rec, dict) and "n" in rec:
@@ -190,11 +209,11 @@ def card_section(card, m: dict) -> str:
 
 def data_section(m: dict) -> str:
     counts = ", ".join(f"{c}: {n}" for c, n in m["counts"].items())
-    out = [(f"<p>Folder <code>{esc_path(m['data'])}</code>: {esc(counts)} image files; "
+    out = [(f"<p>Folder <code>{esc(m['data'])}</code>: {esc(counts)} image files; "
            f"{m['n']} evaluated, {m['skipped_unreadable']} could not be decoded.</p>")]
     if m["failed"]:
         out.append('<table><tr><th class="l">file not evaluated</th><th class="l">reason</th>'
-                   "</tr>" + _rows([[(_shown(f["path"]), "l"), (f["reason"], "l")]
+                   "</tr>" + _rows([[(f["path"], "l"), (f["reason"], "l")]
                                     for f in m["failed"][:50]]) + "</table>")
         if len(m["failed"]) > 50:
             out.append(f"<p class='note'>... and {len(m['failed']) - 50} more (eval's JSON "
@@ -206,7 +225,7 @@ def metrics_section(m: dict) -> str:
     ci = m["confidence_intervals"]
     rows = [[(LABELS[k], "l"), num(v["value"]), f"{num(v['low'])} - {num(v['high'])}",
              v["valid"]] for k, v in ci["metrics"].items()]
-    return (f"<p>At the card's threshold {m['threshold']:.4f}. 95 % confidence intervals: "
+    return (f"<p>At the {threshold_name(m)} {m['threshold']:.4f}. 95 % confidence intervals: "
             f"{esc(ci['method'])} ({ci['units']} {ci['unit']}s, seed {ci['seed']}).</p>"
             '<table><tr><th class="l">metric</th><th>value</th><th>95 % CI</th>'
             "<th>resamples used</th></tr>" + _rows(rows) + "</table>"
@@ -238,7 +257,8 @@ def threshold_section(m: dict) -> str:
     rows = []
     for r in m["threshold_table"]:
         mark = abs(r["threshold"] - m["threshold"]) < 1e-12
-        cells = [f"{r['threshold']:.4f}" + (" (card)" if mark else ""), num(r["sensitivity"]),
+        used = " (card, moved)" if m.get("prevalence") else " (card)"
+        cells = [f"{r['threshold']:.4f}" + (used if mark else ""), num(r["sensitivity"]),
                  num(r["specificity"]), num(r["ppv"]), num(r["npv"]), r["tp"], r["fp"],
                  r["fn"], r["tn"]]
         rows.append(("<tr class='card'>" if mark else "<tr>")
@@ -261,11 +281,11 @@ def gallery_section(m: dict, pictures: dict) -> str:
         for it in items:
             png = pictures.get(it["index"])
             if png is None:
-                out.append(f"<p>{esc_path(it['path'])}: P = {it['p']:.3f}</p>")
+                out.append(f"<p>{esc(it['path'])}: P = {it['p']:.3f}</p>")
                 continue
             b64 = base64.b64encode(png).decode("ascii")
-            out.append(f'<figure><img alt="{esc_path(it["path"])}" src="data:image/png;base64,'
-                       f'{b64}"><figcaption class="note">{esc_path(it["path"])}</figcaption>'
+            out.append(f'<figure><img alt="{esc(it["path"])}" src="data:image/png;base64,'
+                       f'{b64}"><figcaption class="note">{esc(it["path"])}</figcaption>'
                        "</figure>")
         out.append("</div>")
     return "\n".join(out)
@@ -277,14 +297,15 @@ def build_html(m: dict, card, pictures: dict | None = None, method: str = "") ->
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>pneumo-edge evaluation: {esc_path(m['data'])}</title>",
+        f"<title>pneumo-edge evaluation: {esc(m['data'])}</title>",
         f"<style>{CSS}</style></head><body>",
-        f"<h1>pneumo-edge evaluation of {esc_path(m['data'])}</h1>",
+        f"<h1>pneumo-edge evaluation of {esc(m['data'])}</h1>",
         (f"<p class='note'>Written {when} by pneumo-edge eval. Research software, not a medical "
         "device.</p>"),
         "<h2>Model</h2>", card_section(card, m),
         "<h2>Data</h2>", data_section(m),
-        "<h2>Metrics with 95 % confidence intervals</h2>", metrics_section(m),
+        "<h2>Metrics with 95 % confidence intervals</h2>", prevalence_note(m),
+        metrics_section(m),
         "<h2>Confusion matrix</h2>", confusion_section(m, card),
         "<h2>Curves and calibration</h2>", '<div class="charts">',
         roc_chart(m), pr_chart(m),
@@ -303,7 +324,10 @@ def build_html(m: dict, card, pictures: dict | None = None, method: str = "") ->
 
 def gallery_pictures(ev, runtime) -> dict:
     """Occlusion heatmaps (through ``runtime``, the model evaluated) of the gallery's images:
-    gallery index -> PNG bytes."""
+    gallery index -> PNG bytes; the caption's probability and threshold are the page's (moved
+    to ``--prevalence`` when given), the label the card's."""
+    import dataclasses
+
     from pneumo_edge.explain.methods import Explainer, picture_png
 
     ex, card = Explainer(runtime, "occlusion"), runtime.card
@@ -313,15 +337,11 @@ def gallery_pictures(ev, runtime) -> dict:
             px = ev.pixels[it["index"]]
             e = ex(px)
             label = card.classes[card.label_index(e.probs)]
-            out[it["index"]] = picture_png(px, _shown(it["path"]), e, card, card.threshold,
+            if ev.gate is not None:
+                e = dataclasses.replace(e, probs=ev.gate.probs(e.probs[None])[0])
+            out[it["index"]] = picture_png(px, it["path"], e, card, ev.metrics["threshold"],
                                            label)
     return out
-
-
-def _shown(path) -> str:
-    from pneumo_edge.outputs.csvout import path_text
-
-    return path_text(str(path))
 
 
 def write_report(ev, runtime, path) -> None:

@@ -50,7 +50,8 @@ class ScoredBatch:
     non-finite: scoring turns it into an error row). ``pixels``: the decoded uint8
     ``[len(ok), 1, S, S]`` when the source has them here (local), else None. ``ood``: an
     optional out-of-distribution score per decoded file (``[len(ok)]``) from models that have
-    one."""
+    one. ``blank``: where the pixels stay elsewhere (Ray workers), the pixel check's verdict
+    per decoded file (:func:`pneumo_edge.model.qc.blank_reason`, ``[len(ok)]``), else None."""
 
     start: int
     paths: list[str]
@@ -59,6 +60,7 @@ class ScoredBatch:
     probs: np.ndarray
     pixels: np.ndarray | None = None
     ood: np.ndarray | None = None
+    blank: list[str] | None = None
     decode_cpu_s: float = 0.0  # CPU seconds spent decoding this batch
     compute_s: float = 0.0  # wall seconds this process spent running the model
     wait_s: float = 0.0  # wall seconds this process waited for the batch

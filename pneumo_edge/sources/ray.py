@@ -5,7 +5,9 @@ The file list (walked on the driver, as local scoring walks it) becomes a Ray da
 preprocessing and its error reasons); an actor pool runs the model (each actor opens the model
 file once, the very file the driver opened and checked: same sha256, or the actor refuses; one
 GPU per actor when the cluster has GPUs; probabilities and, for a model with that output, its
-ood score); the results stream back to the driver in input order
+ood score); the qc column's pixel check (:func:`pneumo_edge.model.qc.blank_reason`) runs in the
+decode tasks, since the pixels stay on the cluster; the results stream back to the driver in
+input order
 and go through :func:`pneumo_edge.commands.score.score_source` like local batches. So the CSV (header,
 rows, error rows, number formats, DICOM columns), the ``-o`` file with its provenance record,
 and ``--resume`` are local scoring's own: rows are written in input order to ``FILE.partial``
@@ -120,7 +122,7 @@ class RaySource:
 
     def batches(self, files, start=0, known=None):
         """``files[start:]`` as scored batches in input order, each carrying its
-        probabilities (no pixels: they stay on the cluster)."""
+        probabilities, ood scores and pixel checks (no pixels: they stay on the cluster)."""
         if start >= len(files):
             return
         ray = self._connect()
@@ -197,6 +199,7 @@ def _batch(files, block, wait_s: float) -> ScoredBatch:
     return ScoredBatch(int(idx[0]), [files[i] for i in idx], ok,
                        {j: e for j, e in enumerate(errors) if e},
                        np.asarray(block["probs"], np.float32)[ok], ood=ood,
+                       blank=[str(block["blank"][j]) for j in ok],
                        decode_cpu_s=float(np.sum(block["cpu_s"])), wait_s=wait_s)
 
 
@@ -234,12 +237,14 @@ def dataset(ray, files, start, known, model: ModelInfo, batch, actors=None):
 
 
 def _decode(block: dict, size: int) -> dict:
-    """Decode task: pixels (zeros for a failed file) and the reason it failed."""
+    """Decode task: pixels (zeros for a failed file), the reason it failed, and the qc
+    column's pixel check of each decoded file (the pixels do not travel to the driver)."""
     from pneumo_edge.inputs.pipeline import decode_one
+    from pneumo_edge.model.qc import blank_reason
 
     n = len(block["i"])
     pixels = np.zeros((n, 1, size, size), np.uint8)
-    errors, cpu = [], np.zeros(n, np.float64)
+    errors, blank, cpu = [], [""] * n, np.zeros(n, np.float64)
     for j in range(n):
         if block["known"][j]:
             errors.append(str(block["known"][j]))
@@ -247,9 +252,10 @@ def _decode(block: dict, size: int) -> dict:
         px, err, cpu[j] = decode_one(os.fsdecode(bytes(block["path"][j])), size)
         if px is not None:
             pixels[j] = px
+            blank[j] = blank_reason(px)
         errors.append(err or "")
     return {"i": block["i"], "pixels": pixels, "error": np.array(errors, dtype=object),
-            "cpu_s": cpu}
+            "blank": np.array(blank, dtype=object), "cpu_s": cpu}
 
 
 class _ScoreActor:
@@ -283,5 +289,5 @@ class _ScoreActor:
                 ood[ok], has_ood = o, True
         return {"i": block["i"], "probs": probs, "ood": ood,
                 "has_ood": np.full(len(errors), has_ood), "error": errors,
-                "cpu_s": block["cpu_s"],
+                "blank": block["blank"], "cpu_s": block["cpu_s"],
                 "runtime": np.array([self.tag] * len(errors), dtype=object)}
