@@ -309,8 +309,9 @@ def train(**opts):
                    "confidence intervals, heatmaps of the most confident mistakes).")
 @from_field(EVAL, "resamples", type=click.IntRange(100))
 @from_field(EVAL, "gallery", type=click.IntRange(0))
+@from_field(EVAL, "prevalence", type=Finite(0, 1, min_open=True, max_open=True))
 @friendly
-def eval_(model, data, runtime, batch, out, report, resamples, gallery):
+def eval_(model, data, runtime, batch, out, report, resamples, gallery, prevalence):
     """Metrics and confusion matrix of a model on a labelled folder.
 
     Exit 2 when no image of the folder could be decoded, 1 (no metrics written) when the
@@ -319,12 +320,17 @@ def eval_(model, data, runtime, batch, out, report, resamples, gallery):
 
     from pneumo_edge.atomic import write_json_atomic
     from pneumo_edge.commands.evaluate import format_metrics, run_evaluation
+    from pneumo_edge.model.qc import uncalibrated_notice
     from pneumo_edge.runtimes import open_runtime
 
     if report and Path(report).is_dir():
         raise PneumoError(f"{report}: is a folder; --report names the HTML file to write")
     rt = open_runtime(model, runtime)
-    ev = run_evaluation(rt, data, batch, resamples=resamples, gallery=gallery)
+    note = uncalibrated_notice(rt.card, model)
+    if note:
+        click.echo(note, err=True)
+    ev = run_evaluation(rt, data, batch, resamples=resamples, gallery=gallery,
+                        prevalence=prevalence)
     m = ev.metrics
     click.echo(format_metrics(m, rt.card))
     home = Path(model) if Path(model).is_dir() else Path(model).parent
