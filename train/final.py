@@ -41,8 +41,9 @@ def final_evaluation(out, state, cfg, data, device, t_start, log) -> dict:
     model.load_state_dict(best["state_dict"])
     which = data["shifted_which"]
     sets = {"val": data["val"], "shifted_val": data["shifted"]}
-    if data["test"] is not None:
-        sets["test"] = data["test"]
+    for k in ("test", "cluster_holdout"):  # reported, never used to choose
+        if data.get(k) is not None:
+            sets[k] = data[k]
     probs = {k: predict_deployed(model, px, device)[:, pos] for k, (px, _) in sets.items()}
     truth = {k: labels == pos for k, (_, labels) in sets.items()}
     threshold = choose_threshold(*_threshold_data(truth, probs, cfg.threshold_on),
@@ -65,10 +66,11 @@ def final_evaluation(out, state, cfg, data, device, t_start, log) -> dict:
                                                       if data[k] is not None}, device, log=log)
     save_model(out, model, card)
     card.save(out)
-    result = {"best_epoch": best["epoch"], "select": cfg.select, "threshold": threshold,
+    result = {"best_epoch": best["epoch"], "select": cfg.select, "average": _average(best, cfg),
+              "threshold": threshold,
               "threshold_rule": cfg.threshold_for, **metrics,
               "shifted_val_per_perturbation": per,
-              "threshold_on": cfg.threshold_on,
+              "threshold_on": cfg.threshold_on, **_proxy(card),
               **{k: card.metrics[k] for k in ("calibration", "ood") if k in card.metrics},
               "threshold_rules": _compare_rules(truth, probs, cfg.threshold_for,
                                                 cfg.threshold_on),
@@ -81,6 +83,24 @@ def final_evaluation(out, state, cfg, data, device, t_start, log) -> dict:
     _plots(out, state, card, best)
     log(_summary(result, card, out))
     return result
+
+
+def _average(best, cfg) -> dict:
+    """Which weights were evaluated: the SWA average (its epochs), the EMA, or the raw ones."""
+    if best.get("average"):
+        return best["average"]
+    if cfg.average == "ema" and cfg.ema > 0:
+        return {"method": "ema", "decay": cfg.ema}
+    note = {"note": "--average swa did not run (interrupted, or no epoch since --resume): "
+                    "the selected epoch's weights"} \
+        if cfg.average == "swa" else {}
+    return {"method": "none", **note}
+
+
+def _proxy(card) -> dict:
+    """How the cluster proxy was built (the card's split has it, with its files)."""
+    info = card.split.get("proxy")
+    return {"proxy": {k: v for k, v in info.items() if k != "holdout_files"}} if info else {}
 
 
 def predict_deployed(model, pixels: np.ndarray, device, batch: int = 64) -> np.ndarray:
@@ -132,13 +152,14 @@ def _plots(out, state, card, best) -> None:
 
 
 def _summary(result, card, out) -> str:
-    lines = [f"best epoch {result['best_epoch']} of {result['time']['epochs_trained']} "
-             f"({result['select']}); threshold {card.threshold:.3f} ({result['threshold_rule']}"
-             f" on {result['threshold_on']}); {result['time']['total_s'] / 60:.1f} min in all"]
-    for k in ("val", "shifted_val", "test"):
+    lines = [(f"best epoch {result['best_epoch']} of {result['time']['epochs_trained']} "
+              f"({result['select']}); threshold {card.threshold:.3f} "
+              f"({result['threshold_rule']} on {result['threshold_on']}); "
+              f"{result['time']['total_s'] / 60:.1f} min in all")]
+    for k in ("val", "shifted_val", "test", "cluster_holdout"):
         if k in result:
             m = result[k]
-            lines.append(f"{k:>11} ({m['n']}): " + ", ".join(
+            lines.append(f"{k:>15} ({m['n']}): " + ", ".join(
                 f"{key} {m[key]:.3f}" for key in METRIC_KEYS))
     lines.append(f"wrote {out}/: " + " ".join(n for n in modeldir.TRAINING_OUTPUTS
                                                 if n != modeldir.LAST_PT))
