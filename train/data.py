@@ -83,9 +83,6 @@ def preload(samples, size: int, workers: int = 4, warn=None):
     return pixels, labels, [exc.path for exc in failed]
 
 
-AUGMENTS = ("none", "basic", "strong")
-
-
 class Augment:
     """Augmentation on decoded grey uint8 pixels ``[1, S, S]`` -> ``[1, size, size]`` uint8, so
     the model sees in training the kind of input it gets at the edge.
@@ -104,8 +101,8 @@ class Augment:
                  jitter: float = 0.2, zoom_out: float = 0.0, zoom_out_min: float = 0.7):
         from torchvision.transforms import v2
 
-        if preset not in AUGMENTS[1:]:
-            raise ValueError(f"unknown augmentation {preset!r}; choose one of {AUGMENTS}")
+        if preset not in ("basic", "strong"):  # the presets of config.AUGMENTS it implements
+            raise ValueError(f"unknown augmentation {preset!r}; choose basic or strong")
         self.strong = preset == "strong"
         steps = [v2.RandomResizedCrop(size, scale=tuple(crop_scale), ratio=(0.85, 1.15),
                                       antialias=True)] if self.strong else []
@@ -193,19 +190,7 @@ def load_data(cfg, d=dist_.SINGLE, log=None) -> dict:
     one preprocessing (through the pixel cache unless ``cfg.no_cache``), with the shifted
     validation set and what the card records about the data. ``log``: progress lines."""
     log = log or _stderr
-    root = Path(cfg.data)
-    if not root.is_dir():
-        raise DataError(f"{root}: no such folder")
-    if not (root / "train").is_dir():
-        raise DataError(f"{root}: no train/ folder (expected {root}/train/CLASS/images)")
-    tr = scan_labelled(root / "train")
-    classes = tr.classes
-    pos = _positive_index(cfg, classes)
-    if cfg.class_weights not in ("auto", "none"):
-        try:
-            class_weights(None, len(classes), cfg.class_weights)
-        except ValueError as exc:
-            raise UsageError(f"{exc} (the data has classes {', '.join(classes)})") from None
+    root, tr, classes, pos = _scan(cfg)
     train_s, val, test, split = _split(cfg, root, tr, classes)
     named = [(n, s, cfg.image_size) for n, s in (("train", train_s), ("val", val),
                                                  ("test", test)) if s]
@@ -243,6 +228,24 @@ def load_data(cfg, d=dist_.SINGLE, log=None) -> dict:
             else None,
             "data_info": {**{f"{k}_counts": v for k, v in counts.items()},
                           "skipped_unreadable": len(skipped), "skipped_files": skipped[:100]}}
+
+
+def _scan(cfg):
+    """(root, the scanned DATA/train, classes, positive class index), checked."""
+    root = Path(cfg.data)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder")
+    if not (root / "train").is_dir():
+        raise DataError(f"{root}: no train/ folder (expected {root}/train/CLASS/images)")
+    tr = scan_labelled(root / "train")
+    classes = tr.classes
+    pos = _positive_index(cfg, classes)
+    if cfg.class_weights not in ("auto", "none"):
+        try:
+            class_weights(None, len(classes), cfg.class_weights)
+        except ValueError as exc:
+            raise UsageError(f"{exc} (the data has classes {', '.join(classes)})") from None
+    return root, tr, classes, pos
 
 
 def train_cache_size(cfg) -> int:

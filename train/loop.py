@@ -203,8 +203,11 @@ def _train(cfg, out, d, device, t_start) -> dict:
         raise PneumoError("no epoch was trained (use more --epochs than the resumed run had)")
     if not d.is_main:  # rank 0 alone runs the final evaluation and writes the directory
         return {}
-    if cfg.average == "swa":
+    if cfg.average == "swa" and s["swa"]:
         state["best"] = _swa(cfg, out, s, state, data, device, amp)
+    elif cfg.average == "swa":
+        log("--average swa: no epoch trained in this process to average (a resumed run that "
+            "had finished): the selected epoch's weights are kept")
     return _finish(out, state, cfg, data, device, t_start)
 
 
