@@ -258,14 +258,17 @@ def test_orthanc_down_when_results_are_ready_then_up_delivers_once(orthanc, tiny
     assert not list((tmp_path / "node" / "outbox").rglob("*.dcm"))
 
 
-KILL_POINTS = ["accepted:2", "staged:1", "committed:1", "moving:1", "sent:1"]
+#: where the node kills itself (PNEUMO_EDGE_NODE_KILL_AT, pneumo_edge/dicomnode/store.py); the
+#: commit steps run in the commit thread while the main thread scores the next batch, and
+#: "handed:2" is the second scored batch handed to that thread while the first commits
+KILL_POINTS = ["accepted:2", "staged:1", "committed:1", "moving:1", "sent:1", "handed:2"]
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_kill_9_then_restart_scores_and_delivers_each_instance_once(orthanc, tiny_exported,  # noqa: F811
                                                                      tmp_path, point):
     pacs = orthanc
-    files = [xray(tmp_path / f"x{i}.dcm", i) for i in range(4)]
+    files = [xray(tmp_path / f"x{i}.dcm", i) for i in range(8)]  # two batches at least
     out, args = tmp_path / "node", ("--send-to", pacs.send_to, "--batch", "4")
     node = Node(tiny_exported, out, pacs.node_port, *args, env={KILL_AT: point})
     store(node.port, files)
@@ -273,15 +276,16 @@ def test_kill_9_then_restart_scores_and_delivers_each_instance_once(orthanc, tin
     node = Node(tiny_exported, out, pacs.node_port, *args)
     try:
         store_until_ok(node.port, files)  # what got no status is sent again, as a PACS would
-        wait_until(lambda: len(rows(out)) == 4 and not list((out / "outbox").rglob("*.dcm"))
+        wait_until(lambda: len(rows(out)) == 8 and not list((out / "outbox").rglob("*.dcm"))
                    and not list((out / "received").glob("*.dcm")), what="all scored and sent")
     finally:
         assert node.stop() == 0
     got = rows(out)
     assert sorted(r["sop_uid"] for r in got) == sorted(sop_uid(f) for f in files)
-    assert len(pacs.by_class(SR_CLASS)) == 4
+    assert len(pacs.by_class(SR_CLASS)) == 8
     assert sorted(orthanc_srs(pacs)) == sorted(sop_uid(f) for f in files)
-    assert len(list((out / "dicom").rglob("*.sr.dcm"))) == 4
+    assert len(list((out / "dicom").rglob("*.sr.dcm"))) == 8
+    assert not list((out / "staging").iterdir())
 
 
 # --- the node alone -----------------------------------------------------------------------------
@@ -392,6 +396,58 @@ print("torch:", "torch" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout
     assert "objects: 2" in out and "torch: False" in out, out
+
+
+def test_the_commit_thread_commits_in_order_while_the_next_batch_is_scored(tiny_exported,
+                                                                          tmp_path):
+    """The two stages in one process (no network): batch 2 is scored while batch 1 waits in
+    the commit thread; batch 1's instances are left out of the next batch until committed;
+    each instance gets one row, in the order scored, and its SR; then an error in the commit
+    thread stops the pipeline and is raised in the main thread."""
+    from pneumo_edge.commands.score import _open
+    from pneumo_edge.dicomnode.committer import Committer
+    from pneumo_edge.dicomnode.store import Store
+    from pneumo_edge.dicomnode.worker import Worker
+
+    st = Store(tmp_path / "node")
+    for i in range(6):
+        src = xray(tmp_path / f"x{i}.dcm", i)
+        os.replace(src, st.received / f"{sop_uid(src)}.dcm")
+    worker = Worker(st, _open(str(tiny_exported), "onnx", print), send=False, log=print)
+    gate, committed, stopped = threading.Event(), [], threading.Event()
+
+    class Held:  # batch 1 stays uncommitted until batch 2 is scored
+        def commit(self, batch):
+            gate.wait(30)
+            return worker.commit(batch)
+
+    def done(batch, got, seconds):
+        committed.append([Path(r[0]).name for r in got])
+
+    committer = Committer(Held(), done, stopped.set)
+    first = st.pending()[:3]
+    committer.submit(worker.run(first))
+    assert committer.busy() == {f.name for f in first}
+    assert set(first) < set(st.pending())  # still in received/, not to be scored again:
+    second = st.pending(committer.busy())
+    assert len(second) == 3 and not set(second) & set(first)
+    committer.submit(worker.run(second))
+    gate.set()
+    committer.drain()
+    assert committed == [[f.name for f in first], [f.name for f in second]]
+    assert committer.busy() == set() and not list(st.received.glob("*.dcm"))
+    names = [Path(r["path"]).name for r in rows(tmp_path / "node")]
+    assert names == [f.name for f in first + second]
+    assert len(list((tmp_path / "node" / "dicom").rglob("*.sr.dcm"))) == 6
+    worker.results.close()  # the journal can no longer be written: the next commit fails
+    src = xray(tmp_path / "late.dcm", 0)
+    os.replace(src, st.received / f"{sop_uid(src)}.dcm")
+    committer.submit(worker.run(st.pending()))
+    assert stopped.wait(30)
+    with pytest.raises(ValueError):
+        committer.drain()
+    committer.close()
+    assert len(list(st.received.glob("*.dcm"))) == 1  # not committed: scored again at restart
 
 
 def test_outbox_sends_files_as_they_are_and_converts_for_an_implicit_only_pacs(tmp_path):

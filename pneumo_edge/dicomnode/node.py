@@ -117,25 +117,41 @@ def stamped(msg: str) -> None:
 
 
 def _serve(store, worker, sender, cfg, stop, arrived, server, wait_for_batch, log) -> None:
-    stopping = False
-    while True:
-        if stop.is_set() and not stopping:
-            stopping = True
-            log("stopping: no new associations; finishing what was accepted")
-            server.shutdown()
-            _wait_associations(server, cfg.limits.timeout)
-        files = wait_for_batch(store, cfg.batch, cfg.max_wait, stop, arrived)
-        if not files:
-            if stopping:
-                return
-            continue
-        t0 = time.perf_counter()
-        rows = worker.score(files)
+    """Score batches here while a :class:`Committer` thread commits the one before (builds
+    and writes its objects, appends its rows, moves its files), then hands them to the
+    sender."""
+    from pneumo_edge.dicomnode.committer import Committer
+
+    def done(batch, rows, seconds: float) -> None:
         failed = sum(1 for r in rows if not r[1])
-        log(f"scored {len(rows)} instances in {time.perf_counter() - t0:.2f} s"
-            + (f" ({failed} could not be scored; see results.csv)" if failed else ""))
+        log(f"scored {len(rows)} instances in {batch.seconds:.2f} s, committed in "
+            f"{seconds:.2f} s" + (f" ({failed} could not be scored; see results.csv)"
+                                  if failed else ""))
         if sender:
             sender.kick()
+
+    def failed() -> None:
+        stop.set()
+        arrived.set()
+
+    committer = Committer(worker, done, failed)
+    stopping = False
+    try:
+        while True:
+            if stop.is_set() and not stopping:
+                stopping = True
+                log("stopping: no new associations; finishing what was accepted")
+                server.shutdown()
+                _wait_associations(server, cfg.limits.timeout)
+            files = wait_for_batch(store, cfg.batch, cfg.max_wait, stop, arrived,
+                                   committer.busy)
+            if files:
+                committer.submit(worker.run(files))
+            elif stopping:
+                committer.drain()
+                return
+    finally:
+        committer.close()
 
 
 def _wait_associations(server, timeout: float) -> None:

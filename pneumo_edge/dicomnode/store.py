@@ -21,8 +21,12 @@ from pathlib import Path
 
 from pneumo_edge.atomic import fsync_dir
 
-#: tests only: ``POINT:N`` makes the node SIGKILL itself the N-th time it reaches POINT (a real
-#: kill -9 at an exact step of the commit order; tests/test_listen.py)
+#: FOR TESTS ONLY, not a user setting: ``POINT:N`` in this environment variable makes the node
+#: SIGKILL itself the N-th time it reaches :func:`crash_point` ``POINT`` (a real kill -9 at an
+#: exact step of the commit order, which a kill from outside cannot hit; tests/test_listen.py).
+#: Unset (the normal case) every crash point returns at once and does nothing. Points:
+#: ``accepted`` (durable, status not sent), ``handed`` (a scored batch handed to the commit
+#: thread), ``staged``, ``committed``, ``moving`` (worker), ``sent`` (outbox).
 KILL_AT = "PNEUMO_EDGE_NODE_KILL_AT"
 _passes: dict[str, int] = {}
 
@@ -31,7 +35,8 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def crash_point(point: str) -> None:
-    """SIGKILL this process here when :data:`KILL_AT` names ``point`` and this is its N-th pass."""
+    """Tests only (:data:`KILL_AT`): SIGKILL this process here when that variable names
+    ``point`` and this is its N-th pass; without the variable, nothing."""
     want = os.environ.get(KILL_AT)
     if not want or want.rpartition(":")[0] != point:
         return
@@ -84,10 +89,11 @@ class Store:
             crash_point("accepted")  # durable, status not yet sent
             return True
 
-    def pending(self) -> list[Path]:
-        """``received/`` files, oldest first (arrival order, then name)."""
+    def pending(self, busy=frozenset()) -> list[Path]:
+        """``received/`` files, oldest first (arrival order, then name), but those named in
+        ``busy`` (handed to the commit stage, moved to ``scored/`` any moment)."""
         files = [p for p in self.received.iterdir() if p.name.endswith(".dcm")
-                 and not p.name.startswith(".")]
+                 and not p.name.startswith(".") and p.name not in busy]
         return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
 
     def mark_scored(self, name: str) -> None:

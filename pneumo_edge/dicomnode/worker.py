@@ -4,11 +4,16 @@
 header and rows, the DICOM UID columns), one row per received instance, appended and fsynced
 per batch. A batch is committed in this order, each step atomic and durable:
 
-1. score the files (:func:`pneumo_edge.commands.score.score_files`, the one preprocessing);
+1. score the files (:func:`pneumo_edge.commands.score.score_files`, the one preprocessing):
+   :meth:`Worker.run`, in the node's main thread;
 2. write the result objects of each scored row into ``staging/<uid>/``;
 3. append the rows to ``results.csv`` (the commit point);
 4. move ``staging/<uid>/`` to ``outbox/<uid>/`` (``dicom/<uid>/`` without ``--send-to``) and
    ``received/<uid>.dcm`` to ``scored/``.
+
+Steps 2-4 are :meth:`Worker.commit`; the node runs them in its commit thread
+(:mod:`pneumo_edge.dicomnode.committer`) while step 1 runs on the next batch. Batches are
+committed one at a time, in the order they were scored.
 
 After a kill at any point, :class:`Worker` repairs on start: a torn last row is cut; a received
 file that already has a row moves to ``scored/``; staged objects of committed rows move on, the
@@ -21,6 +26,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +45,9 @@ from pneumo_edge.outputs.csvout import (
     path_text,
     read_rows,
 )
+
+#: threads that build and write one batch's result objects (:meth:`Worker._build`)
+BUILDERS = 4
 
 
 class Results:
@@ -69,6 +79,17 @@ class Results:
         self._f.close()
 
 
+@dataclass
+class Scored:
+    """A batch after :meth:`Worker.run`: its files, its rows (the SR column still empty), the
+    (row, :func:`build_objects` job) of each row that gets objects, and the seconds it took."""
+
+    files: list[Path]
+    rows: list[list[str]]
+    todo: list
+    seconds: float
+
+
 class _Rows:
     """A sink for :func:`score_files` that keeps the rows."""
 
@@ -96,6 +117,7 @@ class Worker:
         self.results = Results(store.out / "results.csv", self.head, self._recover_row)
         self._recover_staging()
         self._explainer = None
+        self._pool = None
 
     def _recover_row(self, row) -> None:
         name = Path(row[0]).name
@@ -112,9 +134,16 @@ class Worker:
         self.store.sync()
 
     def score(self, files: list[Path]) -> list[list[str]]:
-        """Score, stage, commit and move ``files`` (one batch); returns their rows."""
+        """Score, stage, commit and move ``files`` (one batch), here; returns their rows."""
+        return self.commit(self.run(files))
+
+    def run(self, files: list[Path]) -> Scored:
+        """The first stage of a batch: decode, model and heatmaps (the runtime's work); nothing
+        is written. :meth:`commit` does the rest, possibly in another thread
+        (:class:`pneumo_edge.dicomnode.committer.Committer`) while this scores the next batch."""
         from pneumo_edge.commands.score import score_files
 
+        t0 = time.perf_counter()
         sink = _Rows()
         score_files([str(p) for p in files], self.rt, sink, batch=max(1, len(files)),
                     workers=self.workers, dicom_tags=())
@@ -125,6 +154,13 @@ class Worker:
             job = self._job(f, row) if row[1] else None
             if job:
                 todo.append((row, job))
+        return Scored(list(files), rows, todo, time.perf_counter() - t0)
+
+    def commit(self, batch: Scored) -> list[list[str]]:
+        """The second stage: write each scored row's result objects into ``staging/``, append
+        the rows to ``results.csv`` (the commit), move the objects on and the instances to
+        ``scored/``; returns the rows."""
+        rows, todo = batch.rows, batch.todo
         for (row, _), (stem, sr, error) in zip(todo, self._build([j for _, j in todo])):
             if error:
                 self.log(f"no result objects for {stem}.dcm: {error}")
@@ -134,7 +170,7 @@ class Worker:
         crash_point("staged")
         self.results.append(rows)
         crash_point("committed")
-        for i, f in enumerate(files):
+        for i, f in enumerate(batch.files):
             self.store.mark_scored(f.name)
             if i == 1:
                 crash_point("moving")  # half the batch moved
@@ -162,11 +198,19 @@ class Worker:
         return src, info, self.staging, heat
 
     def _build(self, jobs: list) -> list:
-        """:func:`build_objects` for each job, in order, here. (A process pool would build SRs
-        in parallel, but its workers outlive a kill -9 of the node.)"""
-        return [build_objects(j) for j in jobs]
+        """:func:`build_objects` for each job, in order, on :data:`BUILDERS` threads: building
+        is Python (one thread at a time), but each object's fsyncs wait on the disk, and
+        concurrent fsyncs share the filesystem's journal commits. (A process pool would build
+        in parallel, but its workers outlive a kill -9 of the node; threads die with it.)"""
+        if len(jobs) < 2:
+            return [build_objects(j) for j in jobs]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(BUILDERS, thread_name_prefix="pneumo-edge-sr")
+        return list(self._pool.map(build_objects, jobs))
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.results.close()
 
     def _heatmap(self, src: Path) -> np.ndarray:
@@ -206,11 +250,13 @@ def build_objects(job) -> tuple[str, Path | None, str]:
         return src.stem, None, one_line(str(exc))[:200]
 
 
-def wait_for_batch(store, batch: int, max_wait: float, stop, arrived) -> list[Path]:
+def wait_for_batch(store, batch: int, max_wait: float, stop, arrived,
+                   busy=frozenset) -> list[Path]:
     """The next batch: ``batch`` files, or fewer once the oldest waited ``max_wait`` seconds or
-    the node is stopping; [] when stopping and nothing is left."""
+    the node is stopping; [] when stopping and nothing is left. ``busy()``: the names being
+    committed (:meth:`pneumo_edge.dicomnode.committer.Committer.busy`), left out."""
     while True:
-        files = store.pending()
+        files = store.pending(busy())
         if files and (len(files) >= batch or stop.is_set()):
             return files[:batch]
         if files:
