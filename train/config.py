@@ -20,6 +20,13 @@ if TYPE_CHECKING:
 SELECT = {"val_loss": ("val_loss", -1), "val_f1": ("val_f1", 1),
           "val_auroc": ("val_roc_auc", 1), "shifted_val_loss": ("shifted_val_loss", -1),
           "shifted_val_auroc": ("shifted_val_roc_auc", 1)}
+#: the values check_config accepts for these options (and the CLI offers as their choices);
+#: train/data.py's Augment implements the augment presets other than none
+OPTIMIZERS = ("adamw", "sgd")
+AUGMENTS = ("none", "basic", "strong")
+THRESHOLD_ON = ("val+shifted", "val")
+AVERAGES = ("ema", "swa", "none")
+PROXIES = ("none", "cluster")
 DEFAULT_BUDGET_S = 55 * 60.0
 
 
@@ -167,7 +174,7 @@ def default_amp(device: torch.device) -> bool:
 def check_config(cfg: TrainConfig) -> None:
     """Every option that can be checked without the data: exit 2 before anything is read or
     written. (The CLI checks most of these too; plain-function callers get the same rules.)"""
-    from pneumo_edge.train.data import AUGMENTS, class_weights  # imports torch
+    from pneumo_edge.train.data import class_weights  # imports torch
 
     def bad(opt, why):
         raise UsageError(f"--{opt.replace('_', '-')} {getattr(cfg, opt)!r}: {why}")
@@ -196,10 +203,10 @@ def check_config(cfg: TrainConfig) -> None:
         bad("scheduler", f"choose one of {', '.join(SCHEDULES)}")
     if cfg.select not in SELECT:
         bad("select", f"choose one of {', '.join(SELECT)}")
-    if cfg.threshold_on not in ("val", "val+shifted"):
-        bad("threshold_on", "choose val or val+shifted")
-    if cfg.optimizer not in ("adamw", "sgd"):
-        bad("optimizer", "choose adamw or sgd")
+    if cfg.threshold_on not in THRESHOLD_ON:
+        bad("threshold_on", f"choose one of {', '.join(THRESHOLD_ON)}")
+    if cfg.optimizer not in OPTIMIZERS:
+        bad("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
     try:
         validate_threshold_rule(cfg.threshold_for)
     except ValueError as exc:
@@ -226,14 +233,14 @@ def _check_recipe(cfg: TrainConfig, bad) -> None:
         if cfg.augment_preset != "strong":
             bad("train_cache_size", "needs --augment strong (its crops bring the images to "
                                     "--image-size)")
-    if cfg.average not in ("ema", "swa", "none"):
-        bad("average", "choose ema, swa or none")
+    if cfg.average not in AVERAGES:
+        bad("average", f"choose one of {', '.join(AVERAGES)}")
     if cfg.swa_epochs < 1:
         bad("swa_epochs", "must be at least 1")
     if cfg.class_weight_power != 1 and cfg.class_weights != "auto":
         bad("class_weight_power", "applies to --class-weights auto only")
-    if cfg.proxy not in ("none", "cluster"):
-        bad("proxy", "choose none or cluster")
+    if cfg.proxy not in PROXIES:
+        bad("proxy", f"choose one of {', '.join(PROXIES)}")
     if not 2 <= cfg.proxy_clusters <= 20:
         bad("proxy_clusters", "out of range (2..20)")
     if cfg.proxy_min_images < 1:
