@@ -41,6 +41,7 @@ def make_model_dir(out, arch: str = "resnet50", size: int = 224, *, export: bool
     from pneumo_edge.train.checkpoint import save_model
 
     from pneumo_edge.model.card import Card
+    from pneumo_edge.model.modeldir import write_card
     from pneumo_edge.model.net import build_model
 
     out = Path(out)
@@ -52,7 +53,7 @@ def make_model_dir(out, arch: str = "resnet50", size: int = 224, *, export: bool
                 train_config={"note": "random weights, built by benchmarks/common.py for "
                                       "speed measurements only; not a trained model"})
     save_model(out, model, card)
-    card.save(out)
+    write_card(out, card)
     if export:
         from pneumo_edge.export.main import run_export
 

@@ -121,7 +121,7 @@ def _version(dist: str):
 def train_tiny(work: Path, dev: str, dry: bool) -> dict:
     from pneumo_edge.train.loop import TrainConfig, train
 
-    from pneumo_edge.model.card import Card
+    from pneumo_edge.model.modeldir import read_card
 
     data, out = work / "data", work / "run"
     write_labelled(data / "train", per_class=8 if dry else 16, seed=0)
@@ -129,7 +129,7 @@ def train_tiny(work: Path, dev: str, dry: bool) -> dict:
     train(TrainConfig(data=str(data), out=str(out), arch="resnet18", image_size=size,
                       epochs=1 if dry else 2, min_epochs=1, workers=0, device=dev, batch_size=4,
                       augment=False, amp=not dry, force=True, threshold_for="fixed:0.5"))
-    tc = Card.load(out).train_config
+    tc = read_card(out).train_config
     return {"run": str(out), "image_size": size, "amp": tc.get("amp"),
             "trained_on": tc.get("device")}
 

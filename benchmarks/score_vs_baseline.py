@@ -184,12 +184,12 @@ def setup_seconds(model_dir: Path) -> float:
 
 
 def compute_paths(model_dir: Path, batches, skip_fp16: bool) -> dict:
-    from pneumo_edge.model.card import Card
+    from pneumo_edge.model.modeldir import read_card
     from pneumo_edge.runtimes import open_runtime
     from pneumo_edge.runtimes.onnx_rt import OnnxRuntime
 
     quiet = {"log": lambda m: None}
-    card = Card.load(model_dir)
+    card = read_card(model_dir)
     paths = {
         "onnx fp32 (model.onnx)": lambda: open_runtime(model_dir, "onnx", **quiet),
         "onnx int8 (model.int8.onnx)": lambda: open_runtime(model_dir, "onnx-int8", **quiet),

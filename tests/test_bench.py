@@ -17,6 +17,7 @@ from pneumo_edge.cli import main
 from pneumo_edge.commands import bench
 from pneumo_edge.errors import PneumoError
 from pneumo_edge.model.card import Card
+from pneumo_edge.model.modeldir import read_card
 from pneumo_edge.runtimes import RUNTIMES
 
 ROW_KEYS = {"runtime", "batch", "p50_ms", "p90_ms", "p99_ms", "images_per_s", "mean_ms",
@@ -168,7 +169,7 @@ def test_run_bench_torch(tiny_run):
         check_row(r)
         assert r["iters"] == FAST["iters"] and r["device"] == device
     assert res["skipped"] == [] and res["pipeline"] == []
-    assert res["model"]["image_size"] == Card.load(tiny_run).image_size
+    assert res["model"]["image_size"] == read_card(tiny_run).image_size
     text = bench.format_table(res)
     assert "p99 ms" in text and "torch" in text
 

@@ -130,13 +130,13 @@ def calibrated_run(tiny_run, tiny_dataset, tmp_path_factory):
 def test_calibrate_command_keeps_labels_and_records_the_figures(calibrated_run, tiny_run,
                                                                 tiny_labelled):
     from pneumo_edge.inputs.pipeline import decode_labelled
-    from pneumo_edge.model.card import Card
+    from pneumo_edge.model.modeldir import read_card
     from pneumo_edge.model.torchload import load_model, read_checkpoint
 
     run, lines = calibrated_run
     old_model, old = load_model(tiny_run)
     model, card = load_model(run)  # card.json agrees with the card inside model.pt
-    assert read_checkpoint(run).card == card == Card.load(run)
+    assert read_checkpoint(run).card == card == read_card(run)
     assert card.net["calibration"] == "temperature+bias"
     assert card.net["ood"] in ("mahalanobis", "energy")
     c = card.metrics["calibration"]

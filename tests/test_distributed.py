@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch", reason="training needs torch")
 from conftest import write_labelled  # noqa: E402
 from pneumo_edge.train import distributed as dist_  # noqa: E402
 
-from pneumo_edge.model.card import Card  # noqa: E402
+from pneumo_edge.model.modeldir import read_card  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--arch", "resnet18", "--image-size", "32", "--epochs", "2", "--min-epochs", "1",
@@ -54,7 +54,7 @@ def test_two_gloo_processes_write_one_valid_model_directory(data, tmp_path):
     p = torchrun("--data", data, "--out", out, "--cache", tmp_path / "cache", *ARGS)
     log, _ = p.communicate(timeout=600)
     assert p.returncode == 0, log[-3000:]
-    card = Card.load(out)
+    card = read_card(out)
     assert card.train_config["world_size"] == 2 and card.train_config["backend"] == "gloo"
     assert card.train_config["global_batch_size"] == 8
     # one writer: one set of outputs, the history has each epoch once, the log is rank 0's
@@ -221,7 +221,7 @@ def test_sigterm_keeps_the_best_model_and_resume_continues_under_torchrun(data, 
     assert p.returncode != 0
     assert "continue with: torchrun --nproc_per_node=2 -m pneumo_edge train" in log, log[-3000:]
     done = json.loads((out / "metrics.json").read_text())["time"]["epochs_trained"]
-    assert Card.load(out).metrics["best_epoch"] >= 1 and (out / "last.pt").is_file()
+    assert read_card(out).metrics["best_epoch"] >= 1 and (out / "last.pt").is_file()
     args = [a if a != "50" else str(done + 1) for a in args]
     p = torchrun("--data", data, "--out", out, "--no-cache", "--resume", *args)
     log, _ = p.communicate(timeout=600)
@@ -229,7 +229,7 @@ def test_sigterm_keeps_the_best_model_and_resume_continues_under_torchrun(data, 
     assert f"up to {done + 1} epochs from {done + 1}" in log
     history = (out / "history.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in history] == list(range(1, done + 2))
-    assert Card.load(out).train_config["world_size"] == 2
+    assert read_card(out).train_config["world_size"] == 2
 
 
 def test_a_hand_set_world_without_a_rendezvous_is_a_usage_error(monkeypatch):

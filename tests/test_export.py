@@ -16,6 +16,7 @@ from pneumo_edge.export.onnx import CARD_KEY, fp16_problems, read_card  # noqa: 
 
 from pneumo_edge.cli import main  # noqa: E402
 from pneumo_edge.errors import DataError, ModelError, PneumoError  # noqa: E402
+from pneumo_edge.model import modeldir
 from pneumo_edge.model.card import Card  # noqa: E402
 from pneumo_edge.runtimes import has_package  # noqa: E402
 
@@ -53,7 +54,7 @@ def test_io_names_dtypes_and_dynamic_batch(tiny_exported, name):
 
 @pytest.mark.parametrize("name", FILES)
 def test_metadata_round_trips_the_card(tiny_exported, name):
-    card = Card.load(tiny_exported)
+    card = modeldir.read_card(tiny_exported)
     assert read_card(tiny_exported / name) == card
     meta = _session(tiny_exported / name).get_modelmeta().custom_metadata_map
     assert Card.from_json(meta[CARD_KEY]).to_dict() == card.to_dict()
@@ -74,7 +75,7 @@ def test_probabilities_match_torch(tiny_exported, tiny_labelled, name, tol):
     from pneumo_edge.inputs.pipeline import decode_labelled
     from pneumo_edge.runtimes.torch_rt import TorchRuntime
 
-    card = Card.load(tiny_exported)
+    card = modeldir.read_card(tiny_exported)
     px, _, _ = decode_labelled(scan_labelled(tiny_labelled, card.classes).samples, 64)
     ref = TorchRuntime(tiny_exported, card, device="cpu")(px)
     got = _session(tiny_exported / name).run(None, {"image": px})[0]
@@ -83,7 +84,7 @@ def test_probabilities_match_torch(tiny_exported, tiny_labelled, name, tol):
 
 def test_export_writes_parity_json_on_the_card_split(tiny_exported):
     report = json.loads((tiny_exported / "parity.json").read_text())
-    card = Card.load(tiny_exported)
+    card = modeldir.read_card(tiny_exported)
     assert report["passed"] is True
     assert report["images"]["count"] == len(card.split["val_files"])
     assert report["images"]["source"] == "validation split recorded in the card"

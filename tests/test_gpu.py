@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pneumo_edge.errors import RuntimeUnavailable
-from pneumo_edge.model.card import Card
+from pneumo_edge.model.modeldir import read_card
 
 pytestmark = pytest.mark.gpu
 
@@ -91,7 +91,7 @@ def test_train_on_cuda_with_bf16_autocast_then_export(torch_cuda, tiny_dataset, 
     train(TrainConfig(data=str(tiny_dataset), out=str(out), arch="resnet18", image_size=S,
                       epochs=2, min_epochs=1, workers=0, device="cuda", batch_size=4,
                       augment=False, amp=True, force=True, threshold_for="fixed:0.5"))
-    card = Card.load(out)
+    card = read_card(out)
     assert card.train_config["amp"] is True and card.train_config["device"].startswith("cuda")
     assert run_export(out) == 0
     report = json.loads((out / "parity.json").read_text())

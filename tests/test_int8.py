@@ -19,6 +19,7 @@ from pneumo_edge.export.quantize import QuantOptions, float_nodes, pick_balanced
 from pneumo_edge.errors import DataError, PneumoError
 from pneumo_edge.model import modeldir
 from pneumo_edge.model.card import Card
+from pneumo_edge.model.modeldir import read_card
 from pneumo_edge.runtimes import gpu_present, open_runtime
 
 cpu_only = pytest.mark.skipif(gpu_present(), reason="auto prefers GPU forms on a GPU machine")
@@ -51,7 +52,7 @@ def test_export_writes_a_quantized_int8_file_with_the_io_contract(tiny_exported)
     int8_weights = [i for i in inits.values() if i.data_type == onnx.TensorProto.INT8]
     assert len(int8_weights) >= 20
     meta = {p.key: p.value for p in proto.metadata_props}
-    assert Card.from_dict(json.loads(meta[modeldir.ONNX_CARD_KEY])) == Card.load(tiny_exported)
+    assert Card.from_dict(json.loads(meta[modeldir.ONNX_CARD_KEY])) == read_card(tiny_exported)
     rt = open_runtime(path, "auto", log=lambda m: None)
     s = rt.card.image_size
     probs = rt(np.zeros((3, 1, s, s), np.uint8))
@@ -70,13 +71,13 @@ def test_parity_has_the_int8_row_with_calibration_apart_from_validation(tiny_exp
     assert set(e["metric_deltas"]) == {"accuracy", "precision", "recall", "specificity", "f1"}
     cal = e["calibration"]
     assert min(cal["per_class"].values()) > 0 and cal["count"] == sum(cal["per_class"].values())
-    card = Card.load(tiny_exported)
+    card = read_card(tiny_exported)
     assert cal["count"] == card.split["train"]  # the tiny split has fewer than 128 images
     assert cal["method"] == "minmax"
 
 
 def test_calibration_never_uses_validation_or_test_images(tiny_exported):
-    card = Card.load(tiny_exported)
+    card = read_card(tiny_exported)
     samples, _ = training_samples(card)
     root = card.split["data"]
     used = {os.path.relpath(p, root) for p, _ in samples}
@@ -199,7 +200,7 @@ def test_int8_export_is_deterministic(tiny_exported, tmp_path):
     file export wrote."""
     from pneumo_edge.export.quantize import calibration_pixels, quantize_int8
 
-    card = Card.load(tiny_exported)
+    card = read_card(tiny_exported)
     weights = modeldir.sha256_file(tiny_exported / modeldir.MODEL_PT)
     pixels, _ = calibration_pixels(card, QuantOptions())
     again = quantize_int8(tiny_exported / modeldir.ONNX_FP32, tmp_path / "again.onnx", card,

@@ -23,8 +23,7 @@ from PIL import Image
 from pneumo_edge.cli import main
 from pneumo_edge.errors import ModelError, PneumoError
 from pneumo_edge.model import modeldir
-from pneumo_edge.model.card import Card
-from pneumo_edge.model.modeldir import Refused
+from pneumo_edge.model.modeldir import Refused, read_card
 from pneumo_edge.runtimes import gpu_present, open_runtime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +112,7 @@ def test_directory_with_only_model_onnx_scores_evals_and_benches(tiny_exported, 
 
     run = copy_run(tiny_exported, files=["model.onnx"])
     assert os.listdir(run) == ["model.onnx"]
-    card = Card.load(tiny_exported)
+    card = read_card(tiny_exported)
     rt = open_runtime(run, "auto", log=lambda m: None)
     assert rt.name == "onnx" and rt.card == card  # the card from the file's metadata
     code, out, err = score(images, run)
@@ -187,7 +186,7 @@ def test_onnx_from_other_weights_is_refused_but_torch_runs(tiny_exported, copy_r
 def test_edge_copy_without_model_pt_runs_on_the_card_in_the_file(tiny_exported, copy_run):
     run = copy_run(tiny_exported, files=["card.json", "model.fp16.onnx"])
     rt = open_runtime(run, "onnx-fp16")
-    assert rt.card == Card.load(tiny_exported)
+    assert rt.card == read_card(tiny_exported)
 
 
 def _rewrite_metadata(path: Path, **props) -> None:
@@ -275,7 +274,7 @@ def _with_engine(run: Path) -> None:
     """A (fake) engine and a sidecar that agrees with the directory, so that the files under
     test are reached (the engine's bytes are never handed to TensorRT here)."""
     (run / "model.fp16.engine").write_bytes(b"engine")
-    meta = {"card": Card.load(run).to_dict(), "weights_sha256": _sha(run / "model.pt")}
+    meta = {"card": read_card(run).to_dict(), "weights_sha256": _sha(run / "model.pt")}
     modeldir.sidecar_path(run / "model.fp16.engine").write_text(json.dumps(meta))
 
 
@@ -432,3 +431,47 @@ def test_only_modeldir_names_model_files():
     found = [hit for p in sorted(files) if p.name not in ("modeldir.py", "cli.py", "options.py")
              for hit in _named_files(p)]
     assert found == []
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """pneumo_edge's modules (train/ and export/ included) -> the package modules each imports,
+    at module level or inside functions (``from a.b import c`` counts a.b.c when c is a module)."""
+    homes = {"pneumo_edge": REPO / "pneumo_edge", "pneumo_edge.train": REPO / "train",
+             "pneumo_edge.export": REPO / "export"}
+    files = {".".join([pkg, *p.relative_to(d).with_suffix("").parts]).removesuffix(".__init__"): p
+             for pkg, d in homes.items() for p in d.rglob("*.py")}
+    graph = {}
+    for mod, path in files.items():
+        graph[mod] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                     if isinstance(node, ast.ImportFrom) and node.module else [])
+            graph[mod] |= {n for n in names if n in files and n != mod
+                           and not mod.startswith(n + ".")}  # a package's __init__ is no loop
+    return graph
+
+
+def test_the_card_imports_no_model_directory_code():
+    """model/card.py is the card alone: reading and writing it is modeldir's (read_card,
+    write_card), so card.py imports modeldir nowhere, not even inside a function."""
+    assert _package_imports()["pneumo_edge.model.card"] <= {"pneumo_edge.errors"}
+
+
+def test_the_import_graph_has_no_loop():
+    """No module of the package reaches itself through imports, function-level ones included
+    (a lazy import only hides a loop)."""
+    graph = _package_imports()
+    loops = []
+    for start in graph:  # depth-first from each module: a path back to it is a loop
+        stack = [(start, (start,))]
+        seen = set()
+        while stack:
+            mod, path = stack.pop()
+            for nxt in graph[mod]:
+                if nxt == start:
+                    loops.append(" -> ".join((*path, start)))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, (*path, nxt)))
+    assert loops == []

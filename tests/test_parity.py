@@ -29,13 +29,14 @@ from pneumo_edge.export.parity import (
 from pneumo_edge.cli import main
 from pneumo_edge.errors import DataError
 from pneumo_edge.model.card import Card
+from pneumo_edge.model.modeldir import read_card
 
 
 @pytest.fixture
 def exported(copy_run, tiny_exported):
     """A writable copy of the exported tiny model, its card and its parity images."""
     run = copy_run(tiny_exported)
-    card = Card.load(run)
+    card = read_card(run)
     return run, card, parity_images(card, None)
 
 
@@ -94,7 +95,7 @@ def test_absurdly_tight_fp16_tolerance_fails_via_cli(copy_run, tiny_exported):
     assert res.exit_code == 1, res.output
     opts = _suggested(res.stderr)
     assert float(opts["--tol-fp16"]) > 1e-12 and not any("fp32" in k for k in opts)
-    card = Card.load(run)  # the printed tolerance passes (checked without exporting again)
+    card = read_card(run)  # the printed tolerance passes (checked without exporting again)
     assert check_parity(run, card, parity_images(card), _tolerances(opts)) == 0
 
 
@@ -107,7 +108,7 @@ def test_parity_data_folder(exported, tiny_labelled):
 
 
 def test_missing_recorded_images_ask_for_parity_data(tiny_run):
-    card = Card.load(tiny_run)
+    card = read_card(tiny_run)
     card.split = {**card.split, "data": "/nonexistent/dataset"}
     with pytest.raises(DataError, match="--parity-data"):
         parity_images(card)
@@ -208,7 +209,7 @@ def test_too_few_parity_images_leave_int8_not_verified(copy_run, tiny_exported, 
     on how many images. Below the floor (modeldir.MIN_PARITY_IMAGES, both classes) export says
     the evidence is weak and auto runs fp32, saying on how many images parity ran."""
     run = copy_run(tiny_exported)
-    card = Card.load(run)
+    card = read_card(run)
     images = parity_images(card, tiny_labelled)
     images.pixels, images.labels = images.pixels[[0, -1]], images.labels[[0, -1]]
     images.source.update(count=2, per_class={"NORMAL": 1, "PNEUMONIA": 1})
@@ -228,7 +229,7 @@ def test_weaker_parity_run_never_replaces_stronger_evidence_silently(copy_run, t
     """INT8 failed on 200 images; a later pass on 16 images of the very same file does not
     overrule it (the entry stays failed) and the replaced evidence is named on stderr."""
     run = copy_run(tiny_verified)
-    card = Card.load(run)
+    card = read_card(run)
     many = parity_images(card, Path(tiny_verified).parent / "parity")
     strict = {"int8": Tolerance(1e-9, 0.99, 0.01, 0.005)}
     tol = default_tolerances() | strict

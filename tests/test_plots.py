@@ -10,6 +10,7 @@ pytest.importorskip("matplotlib", reason="training plots need matplotlib")
 from pneumo_edge.train.plots import cell_text, confusion_figure, curves_figure
 
 from pneumo_edge.model.card import Card
+from pneumo_edge.model.modeldir import read_card
 
 
 def _history(n: int) -> list[dict]:
@@ -75,7 +76,7 @@ def test_training_writes_consistent_plots(tiny_run):
     from PIL import Image
 
     m = json.loads((tiny_run / "metrics.json").read_text())
-    card = Card.load(tiny_run)
+    card = read_card(tiny_run)
     assert m["threshold"] == card.threshold
     for name in ("curves.png", "confusion.png"):
         with Image.open(tiny_run / name) as im:

@@ -14,6 +14,7 @@ import pytest
 
 from pneumo_edge.model import modeldir, qc
 from pneumo_edge.model.card import Card
+from pneumo_edge.model.modeldir import read_card
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "chest_xray"
 SIZE = 64
@@ -83,12 +84,12 @@ def xray_run(tmp_path_factory):
                       epochs=2, min_epochs=1, workers=0, device="cpu", batch_size=4,
                       augment=False, amp=False, force=True, no_cache=True,
                       threshold_for="fixed:0.5"))
-    trained = Card.load(out)
+    trained = read_card(out)
     assert trained.net["calibration"] == "temperature+bias"
     assert trained.metrics["calibration"]["threshold_before"] == 0.5
     run_calibrate(out, SAMPLES, CalibrateOptions(device="cpu", gate="mahalanobis"),
                   log=lambda m: None)
-    again = Card.load(out)
+    again = read_card(out)
     assert again.metrics["calibration"]["threshold_before"] == 0.5
     assert again.net["ood"] == "mahalanobis"
     (out / modeldir.LAST_PT).unlink()  # the resume state (5x model.pt): no test here reads it
@@ -179,7 +180,7 @@ def test_prevalence_moves_probabilities_not_labels(xray_run, tmp_path):
     low = _score(*files, "--model", xray_run, "--runtime", "torch", "--prevalence", "0.05",
                  "-o", out)
     assert base[0] == low[0] == 0
-    card = Card.load(xray_run)
+    card = read_card(xray_run)
     trained = card.metrics["calibration"]["prevalence"]
     rows = list(csv.DictReader(io.StringIO(out.read_text(encoding="utf-8"), newline="")))
     for a, b in zip(base[1], rows):

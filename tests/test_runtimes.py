@@ -12,7 +12,14 @@ from conftest import copy_model_dir
 
 from pneumo_edge.errors import ModelError, RuntimeUnavailable
 from pneumo_edge.model.card import Card
-from pneumo_edge.model.modeldir import Refused, read_sidecar, sha256_file, sidecar_path
+from pneumo_edge.model.modeldir import (
+    Refused,
+    read_card,
+    read_sidecar,
+    sha256_file,
+    sidecar_path,
+    write_card,
+)
 from pneumo_edge.runtimes import gpu_present, has_package, open_runtime
 from pneumo_edge.runtimes.trt_rt import check_sidecar, sidecar_mismatch
 
@@ -29,7 +36,7 @@ def _pixels(n, size=64, seed=0):
 def test_onnx_runtime_runs_any_batch(tiny_exported, name):
     pytest.importorskip("onnxruntime", reason="needs onnxruntime")
     rt = open_runtime(tiny_exported, name, device="cpu")
-    assert (rt.name, rt.device) == (name, "cpu") and rt.card == Card.load(tiny_exported)
+    assert (rt.name, rt.device) == (name, "cpu") and rt.card == read_card(tiny_exported)
     for n in (1, 5):
         probs = rt(_pixels(n))
         assert probs.shape == (n, 2) and probs.dtype == np.float32
@@ -38,9 +45,9 @@ def test_onnx_runtime_runs_any_batch(tiny_exported, name):
 def test_onnx_runtime_refuses_a_file_from_another_model(copy_run, tiny_exported):
     pytest.importorskip("onnxruntime", reason="needs onnxruntime")
     run = copy_run(tiny_exported)
-    card = Card.load(run)
+    card = read_card(run)
     card.classes = ["HEALTHY", "PNEUMONIA"]
-    card.save(run)
+    write_card(run, card)
     with pytest.raises(ModelError, match="re-export"):
         open_runtime(run, "onnx", device="cpu")
 
@@ -216,14 +223,14 @@ def _fake_engine(run, **sidecar):
     """A model directory with a (fake) engine and a sidecar that describes it correctly
     (card, weights sha256 of model.pt) unless ``sidecar`` overrides a key."""
     (run / "model.fp16.engine").write_bytes(b"engine")
-    meta = {**HERE, "card": Card.load(run).to_dict(),
+    meta = {**HERE, "card": read_card(run).to_dict(),
             "weights_sha256": sha256_file(run / "model.pt"), **sidecar}
     sidecar_path(run / "model.fp16.engine").write_text(json.dumps(meta))
 
 
 def test_engine_whose_sidecar_card_disagrees_is_refused_before_any_gpu_work(copy_run):
     run = copy_run()
-    card = Card.load(run).to_dict()
+    card = read_card(run).to_dict()
     _fake_engine(run, card={**card, "classes": card["classes"][::-1]})
     with pytest.raises(Refused) as err:
         open_runtime(run, "trt")
@@ -275,7 +282,7 @@ def test_trt_export_writes_engine_sidecar_and_passes_parity(trt_run):
     assert meta["profile"]["min"] == [1, 1, 64, 64] and meta["profile"]["max"] == [8, 1, 64, 64]
     assert meta["source_onnx_sha256"] == sha256_file(trt_run / "model.fp16.onnx")
     assert meta["weights_sha256"] == sha256_file(trt_run / "model.pt")
-    assert Card.from_dict(meta["card"]) == Card.load(trt_run)
+    assert Card.from_dict(meta["card"]) == read_card(trt_run)
     assert (trt_run / "trt_timing.cache").stat().st_size > 0
     report = json.loads((trt_run / "parity.json").read_text())
     assert report["forms"]["trt"]["status"] == "pass"
@@ -380,7 +387,7 @@ def test_onnx_outputs_carry_every_further_graph_output(copy_run, tiny_exported):
     from pneumo_edge.runtimes import open_form
 
     before = open_form(tiny_exported, "onnx", device="cpu").outputs(_pixels(2))
-    gated = Card.load(tiny_exported).net.get("ood", "none") != "none"
+    gated = read_card(tiny_exported).net.get("ood", "none") != "none"
     assert sorted(before) == (["ood", "probs"] if gated else ["probs"])
     run = copy_run(tiny_exported)
     path = run / "model.onnx"

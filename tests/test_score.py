@@ -25,6 +25,7 @@ from pneumo_edge.cli import main
 from pneumo_edge.inputs import pipeline
 from pneumo_edge.inputs.folders import walk_images
 from pneumo_edge.model.card import Card
+from pneumo_edge.model.modeldir import read_card
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "chest_xray" / "train"
@@ -101,7 +102,7 @@ def test_bundled_samples_header_order_one_row_each(tiny_exported):
     assert len(expected) == 48
     assert [r[0] for r in rows] == expected  # sorted walk order, one row per file
     assert all(r[1] and not r[-1] for r in rows)
-    check_labels(rows, Card.load(tiny_exported))
+    check_labels(rows, read_card(tiny_exported))
     assert all(len(x.split(".")[1]) == 6 for r in rows for x in r[2:4])
     # the summary and the runtime choice are on stderr only
     # auto's choice depends on the machine (onnx on CPU here, a GPU runtime on a GPU box)
@@ -151,7 +152,7 @@ def test_multi_path_input_order_and_no_duplicates(tiny_exported, tmp_path):
 
 def test_threshold_option_overrides_the_card(tiny_exported, tmp_path):
     write_images(tmp_path / "d", 6)
-    card = Card.load(tiny_exported)
+    card = read_card(tiny_exported)
     for t in (0.0, 1.0, 0.5):
         code, out, _ = run(tmp_path / "d", "--model", tiny_exported, "--threshold", t)
         rows = rows_of(out)

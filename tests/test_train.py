@@ -15,6 +15,7 @@ from pneumo_edge.train.loop import TrainConfig, train  # noqa: E402
 
 from pneumo_edge.cli import main  # noqa: E402
 from pneumo_edge.model.card import Card  # noqa: E402
+from pneumo_edge.model.modeldir import read_card
 
 QUICK = dict(arch="resnet18", image_size=64, batch_size=16, workers=0, device="cpu", ema=0.0,
              amp=False, min_epochs=1)
@@ -50,7 +51,7 @@ def test_model_directory_contents_and_weights_only_checkpoint(learned):
                  "confusion.png"):
         assert (out / name).stat().st_size > 0, name
     ckpt = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
-    card = Card.load(out)
+    card = read_card(out)
     assert Card.from_dict(ckpt["card"]) == card
     assert card.classes == ["NORMAL", "PNEUMONIA"] and card.positive_class == "PNEUMONIA"
     assert card.metrics["best_epoch"] == result["best_epoch"]
@@ -68,7 +69,7 @@ def test_card_threshold_and_metrics_reproduce_on_the_recorded_val_split(learned)
     from pneumo_edge.runtimes import open_runtime
 
     data, out, _ = learned
-    card = Card.load(out)
+    card = read_card(out)
     files = card.split["val_files"]
     labels = [card.classes.index(f.split("/")[1]) for f in files]
     px, y, failed = decode_labelled([(str(data / f), lab) for f, lab in zip(files, labels)], 64)
@@ -135,7 +136,7 @@ def test_unreadable_images_are_skipped_named_and_counted(tmp_path, capsys):
     train(TrainConfig(data=str(data), out=str(tmp_path / "r"), epochs=1, **QUICK))
     err = capsys.readouterr().err
     assert "broken.png: not a recognised image file" in err and "empty.jpeg: empty file" in err
-    assert Card.load(tmp_path / "r").data["skipped_unreadable"] == 2
+    assert read_card(tmp_path / "r").data["skipped_unreadable"] == 2
 
 
 def test_local_weights_file_is_loaded_and_bad_ones_refused(tiny_dataset, tmp_path):
@@ -207,7 +208,7 @@ def test_ctrl_c_leaves_best_checkpoint_usable_and_resume_continues(tiny_dataset,
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 130
     assert "interrupted after epoch" in err and "--resume" in err
-    card = Card.load(out)
+    card = read_card(out)
     assert torch.load(out / "model.pt", weights_only=True)["card"] == card.to_dict()
     done = int(err.split("interrupted after epoch ")[1].split(":")[0])
     assert 1 <= done < 200

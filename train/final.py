@@ -65,7 +65,7 @@ def final_evaluation(out, state, cfg, data, device, t_start, log) -> dict:
                                                                             "test")
                                                       if data[k] is not None}, device, log=log)
     save_model(out, model, card)
-    card.save(out)
+    modeldir.write_card(out, card)
     result = {"best_epoch": best["epoch"], "select": cfg.select, "average": _average(best, cfg),
               "threshold": threshold,
               "threshold_rule": cfg.threshold_for, **metrics,

@@ -82,7 +82,7 @@ def save_best(out, model, card_base, epoch, score, probs, cfg) -> dict:
                 created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 **card_base)
     save_model(out, model, card)
-    card.save(out)
+    modeldir.write_card(out, card)
     return {"epoch": epoch, "score": score, "card": card.to_dict(),
             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from pneumo_edge.errors import ModelError
 
@@ -117,19 +115,6 @@ class Card:
             return cls.from_dict(json.loads(text))
         except (json.JSONDecodeError, RecursionError) as exc:
             raise ModelError(f"model card is not valid JSON: {exc}") from None
-
-    def save(self, run_dir: str | os.PathLike) -> Path:
-        """Write ``run_dir/card.json`` (see :func:`pneumo_edge.model.modeldir.write_card`)."""
-        from pneumo_edge.model.modeldir import write_card
-
-        return write_card(run_dir, self)
-
-    @classmethod
-    def load(cls, run_dir: str | os.PathLike) -> Card:
-        """``card.json`` of a model directory (see :func:`pneumo_edge.model.modeldir.read_card`)."""
-        from pneumo_edge.model.modeldir import read_card
-
-        return read_card(run_dir)
 
     def label_for(self, probs_row) -> str:
         """The label for one row of probabilities: the positive class when its probability
