@@ -1,14 +1,23 @@
 """Recipe ablation: train one row after another with `pneumo-edge train`, same data, same
 patient-grouped train/val/test split (same seed and fractions), and tabulate validation,
-shifted validation and internal test metrics with the minutes each row took.
+shifted validation and internal test metrics (and, with --proxy cluster, the held-out
+acquisition cluster) with the minutes each row took and the load average around it.
 
     python benchmarks/ablation.py --data ../shared/data/chest_xray --out runs/ablation \
         --suite small --md benchmarks/ABLATION.md
+    python benchmarks/ablation.py --data ../shared/data/chest_xray --out runs/ablation-r50 \
+        --suite r50 --md runs/ablation-r50/table.md         # about 9 hours on 2 cores
 
-Rows run sequentially (two cores: never run anything else meanwhile; the load average before
-and after each row is recorded). A finished row (its metrics.json exists) is not run again, so
-the script can be interrupted and restarted. Each row's threshold comes from its own
---threshold-for; the threshold-rule table compares all rules on the last row's probabilities.
+Suites: ``small`` adds the changes one by one (cumulative, ResNet18 128 px, 6 epochs); ``r50``
+is today's default recipe (ResNet50, 224 px, the 55-minute budget) with ``--proxy cluster``
+as the baseline, then one row per change, each against the baseline (not cumulative).
+
+Rows run sequentially (two cores: never run anything else meanwhile). Every row of a suite
+shares one pixel cache (OUT/pixel-cache), filled for the row before its clock starts, so no row
+spends its time budget decoding and every row trains for the same budget. A finished row (its
+metrics.json carries the runner's record) is not run again; a row that was interrupted after
+an epoch continues with ``train --resume``, one interrupted earlier starts again. The
+threshold-rule table compares all rules on the baseline row's probabilities.
 """
 
 from __future__ import annotations
@@ -42,73 +51,212 @@ def cumulative(base: dict, steps) -> list[tuple[str, list[str]]]:
     return rows
 
 
-SUITES = {"small": cumulative(SMALL, STEPS)}
+#: the r50 suite's baseline: today's default recipe, every option spelled out (so a later
+#: change of a CLI default does not change the row), plus the cluster proxy and the shared cache
+R50 = {"--arch": "resnet50", "--weights": "none", "--image-size": "224", "--time-budget": "55m",
+       "--batch-size": "32", "--lr": "0.001", "--optimizer": "adamw", "--weight-decay": "0.0001",
+       "--clip-grad": "0", "--scheduler": "cosine", "--warmup-epochs": "1",
+       "--class-weights": "auto", "--class-weight-power": "1", "--augment": "strong",
+       "--crop-scale": "0.7,1", "--jitter": "0.2", "--zoom-out": "0", "--zoom-out-min": "0.7",
+       "--norm": "image", "--tta": "none", "--label-smoothing": "0.1", "--ema": "0.998",
+       "--average": "ema", "--swa-epochs": "3", "--mixup": "0", "--val-fraction": "0.15",
+       "--test-fraction": "0.15", "--seed": "42", "--select": "val_auroc", "--min-epochs": "3",
+       "--threshold-for": "youden", "--threshold-on": "val+shifted", "--proxy": "cluster",
+       "--proxy-clusters": "4", "--proxy-min-images": "50"}
+R50_CHANGES = [
+    ("baseline: today's default recipe", {}),
+    ("crop scale 0.08-1 (was 0.7-1)", {"--crop-scale": "0.08,1"}),
+    ("colour jitter 0.3 (was 0.2)", {"--jitter": "0.3"}),
+    ("zoom-out into a black border: p 0.3, scale 0.7-1", {"--zoom-out": "0.3",
+                                                          "--zoom-out-min": "0.7"}),
+    ("pixel cache 256 px, crops to 224", {"--train-cache-size": "256"}),
+    ("SWA of the last 3 epochs instead of EMA", {"--average": "swa", "--swa-epochs": "3"}),
+    ("class-weight power 0.5 (was 1: inverse frequency)", {"--class-weight-power": "0.5"}),
+    ("class-weight power 0 (unweighted)", {"--class-weight-power": "0"}),
+    ("crop scale 0.08-1 with jitter 0.3 (the published pair)", {"--crop-scale": "0.08,1",
+                                                                "--jitter": "0.3"}),
+]
+#: minutes a row costs besides its time budget (start, final evaluation past the budget's
+#: reserve, the cache check), for the estimate
+ROW_OVERHEAD_MIN = 4.0
+
+
+def against(base: dict, changes) -> list[tuple[str, list[str]]]:
+    """One row per change, each applied to ``base`` alone (not cumulative)."""
+    return [(name, [x for kv in {**base, **change}.items() for x in kv])
+            for name, change in changes]
+
+
+SUITES = {"small": cumulative(SMALL, STEPS), "r50": against(R50, R50_CHANGES)}
 
 
 def row_dir(out: Path, i: int) -> Path:
     return out / f"row{i:02d}"
 
 
-def run_row(data: str, out: Path, args: list[str]) -> dict:
-    metrics = out / "metrics.json"
-    if metrics.exists():
-        return json.loads(metrics.read_text())
-    load0 = os.getloadavg()
+def row_state(out: Path) -> str:
+    """done (metrics.json with the runner's record), resume (last.pt of an interrupted
+    run) or new."""
+    try:
+        if "ablation" in json.loads((out / "metrics.json").read_text()):
+            return "done"
+    except (OSError, ValueError):
+        pass
+    return "resume" if (out / "last.pt").is_file() else "new"
+
+
+def budget_minutes(args: list[str]) -> float | None:
+    """The row's --time-budget in minutes (None without one)."""
+    from pneumo_edge.train.budget import parse_duration
+
+    opts = dict(zip(args[::2], args[1::2]))
+    seconds = parse_duration(opts["--time-budget"]) if "--time-budget" in opts else None
+    return seconds / 60 if seconds else None
+
+
+def estimate_hours(rows, out: Path) -> str:
+    todo = [(i, args) for i, args in rows if row_state(row_dir(out, i)) != "done"]
+    budgets = [budget_minutes(args) for _, args in todo]
+    if any(b is None for b in budgets):
+        return f"{len(todo)} of {len(rows)} rows to run (no time budget: no estimate)"
+    hours = sum(b + ROW_OVERHEAD_MIN for b in budgets) / 60
+    return (f"{len(todo)} of {len(rows)} rows to run: about {hours:.1f} h "
+            f"({ROW_OVERHEAD_MIN:.0f} min per row besides its budget)")
+
+
+def train_args(data: str, out: Path, args: list[str], cache: Path) -> list[str]:
+    return ["--data", data, "--out", str(out), "--cache", str(cache), *args]
+
+
+def prepare(data: str, out: Path, args: list[str], cache: Path) -> float:
+    """Fill the shared pixel cache for a row (its split, the shifted validation, the cluster
+    holdout) in a separate process, before the row's clock starts. Returns its seconds."""
     t0 = time.monotonic()
-    cmd = [sys.executable, "-m", "pneumo_edge", "train", "--data", data, "--out", str(out),
-           "--force", *args]
+    subprocess.run([sys.executable, __file__, "_prepare", *train_args(data, out, args, cache)],
+                   check=True)
+    return time.monotonic() - t0
+
+
+def _prepare_main(argv: list[str]) -> None:
+    """The data a `pneumo-edge train` with these arguments would load, through its cache."""
+    from pneumo_edge.train.config import TrainConfig, check_config
+    from pneumo_edge.train.data import load_data
+
+    from pneumo_edge.cli import train as train_cmd
+
+    cfg = TrainConfig(**train_cmd.make_context("train", argv).params)
+    check_config(cfg)
+    load_data(cfg)
+
+
+def run_row(data: str, out: Path, args: list[str], cache: Path | None = None) -> dict:
+    """Train one row (skipped when done, resumed when interrupted after an epoch) and add
+    the runner's record (minutes, load average before and after, arguments) to its
+    metrics.json."""
+    metrics = out / "metrics.json"
+    state = row_state(out)
+    if state == "done":
+        return json.loads(metrics.read_text())
+    cache = cache or out / "pixel-cache"
+    prepared_s = prepare(data, out, args, cache)
+    load0 = list(os.getloadavg())
+    t0 = time.monotonic()
+    cmd = [sys.executable, "-m", "pneumo_edge", "train", *train_args(data, out, args, cache),
+           "--resume" if state == "resume" else "--force"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     result = json.loads(metrics.read_text())
     result["ablation"] = {"minutes": (time.monotonic() - t0) / 60, "load_before": load0,
-                          "load_after": os.getloadavg(), "args": args}
+                          "load_after": list(os.getloadavg()), "args": args,
+                          "resumed": state == "resume", "cache_fill_s": round(prepared_s, 1)}
     metrics.write_text(json.dumps(result, indent=2))
     return result
 
 
-def fmt(m: dict) -> str:
+def fmt(m: dict | None) -> str:
+    if not m:
+        return "-"
     return (f"{m['accuracy']:.3f} / {m['recall']:.3f} / {m['specificity']:.3f} / "
             f"{m['roc_auc']:.3f}")
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
-    head = ("| change | val acc / sens / spec / AUC | shifted val | internal test | threshold "
-            "| epochs | minutes (load before) |\n|---|---|---|---|--:|--:|--:|\n")
+    head = ("| change | val acc / sens / spec / AUC | shifted val | internal test | "
+            "cluster holdout | threshold | epochs | minutes (load before, after) |\n"
+            "|---|---|---|---|---|--:|--:|--:|\n")
     lines = []
     for name, r in rows:
         a = r.get("ablation", {})
-        lines.append(f"| {name} | {fmt(r['val'])} | {fmt(r['shifted_val'])} | {fmt(r['test'])} | "
+        load = f"{a['load_before'][0]:.2f}, {a['load_after'][0]:.2f}" if a else "-"
+        lines.append(f"| {name} | {fmt(r['val'])} | {fmt(r['shifted_val'])} | "
+                     f"{fmt(r.get('test'))} | {fmt(r.get('cluster_holdout'))} | "
                      f"{r['threshold']:.3f} | {r['time']['epochs_trained']} | "
-                     f"{a.get('minutes', float('nan')):.1f} ({a.get('load_before', [0])[0]:.2f}) |")
+                     f"{a.get('minutes', float('nan')):.1f} ({load})"
+                     f"{' resumed' if a.get('resumed') else ''} |")
     return head + "\n".join(lines) + "\n"
 
 
 def rules_table(r: dict) -> str:
-    head = ("| threshold rule (chosen on val) | threshold | val acc / sens / spec / AUC | "
-            "shifted val | internal test |\n|---|--:|---|---|---|\n")
+    head = ("| threshold rule, chosen on | threshold | val acc / sens / spec / AUC | "
+            "shifted val | internal test | cluster holdout |\n|---|--:|---|---|---|---|\n")
     return head + "\n".join(
         f"| {rule} | {v['threshold']:.3f} | {fmt(v['val'])} | {fmt(v['shifted_val'])} | "
-        f"{fmt(v['test'])} |" for rule, v in r["threshold_rules"].items()) + "\n"
+        f"{fmt(v.get('test'))} | {fmt(v.get('cluster_holdout'))} |"
+        for rule, v in r["threshold_rules"].items()) + "\n"
+
+
+def proxy_text(r: dict) -> str:
+    """What the cluster holdout is, from a row's metrics.json."""
+    from pneumo_edge.train.clusters import summary
+
+    p = r.get("proxy")
+    if not p:
+        return ""
+    return (f"{summary(p)} (features from the decoded pixels, k-means seed {p['seed']}); "
+            f"chosen as {p['rule']}.\n")
+
+
+def report(done: list[tuple[str, dict]]) -> str:
+    return (table(done) + "\n" + proxy_text(done[0][1])
+            + f"\nThreshold rules on the first row ({done[0][0]}):\n\n"
+            + rules_table(done[0][1]))
+
+
+def run_suite(data: str, out: Path, suite, pick=None, md: str | None = None,
+              shared_cache: bool = True) -> list[tuple[str, dict]]:
+    """Run (or skip, or resume) the rows ``pick`` of ``suite``; the tables after each row."""
+    rows = [(i, suite[i][1]) for i in (pick if pick is not None else range(len(suite)))]
+    print(f"suite: {estimate_hours(rows, out)}", flush=True)
+    done = []
+    for i, args in rows:
+        cache = out / "pixel-cache" if shared_cache else None
+        done.append((suite[i][0], run_row(data, row_dir(out, i), args, cache)))
+        text = report(done)
+        print(text, flush=True)
+        if md:
+            Path(md).write_text(text)
+    return done
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["_prepare"]:
+        return _prepare_main(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--suite", default="small", choices=sorted(SUITES))
     ap.add_argument("--rows", default="", help="comma list of row numbers (default: all)")
     ap.add_argument("--md", help="write the tables to this markdown file")
+    ap.add_argument("--estimate", action="store_true", help="print the estimate and stop")
     a = ap.parse_args()
     suite = SUITES[a.suite]
-    pick = [int(x) for x in a.rows.split(",")] if a.rows else range(len(suite))
-    done = []
-    for i in pick:
-        name, args = suite[i]
-        done.append((name, run_row(a.data, row_dir(Path(a.out), i), args)))
-        text = table(done) + "\nThreshold rules on the last row:\n\n" + rules_table(done[-1][1])
-        print(text, flush=True)
-        if a.md:
-            Path(a.md).write_text(text)
+    pick = [int(x) for x in a.rows.split(",")] if a.rows else None
+    if a.estimate:
+        rows = [(i, suite[i][1]) for i in (pick if pick is not None else range(len(suite)))]
+        print(f"suite {a.suite}: {estimate_hours(rows, Path(a.out))}")
+        return None
+    run_suite(a.data, Path(a.out), suite, pick, a.md)
+    return None
 
 
 if __name__ == "__main__":

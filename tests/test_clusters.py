@@ -69,7 +69,8 @@ def test_features_see_the_border_and_the_noise():
     f = acquisition_features(px)
     assert f.shape == (len(px), len(FEATURES)) and np.isfinite(f).all()
     col = {name: f[:, i] for i, name in enumerate(FEATURES)}
-    assert col["border_dark"][sites == 1].min() > 0.9 > 0.1 > col["border_dark"][sites == 0].max()
+    assert col["border_dark"][sites == 1].min() > 0.9
+    assert col["border_dark"][sites == 0].max() < 0.1
     assert col["noise_mad_laplacian"][sites == 1].min() > col["noise_mad_laplacian"][sites == 0].max()
     # chunked computation over a pixel-file-like object gives the same numbers
     assert np.array_equal(acquisition_features(Rows(px, np.arange(len(px)))), f)
@@ -125,8 +126,8 @@ def test_load_data_holds_the_cluster_out_of_train_val_and_test(tmp_path, no_cach
     from pneumo_edge.train.data import load_data
 
     root = write_sites(tmp_path / "data", patients=60)
-    base = dict(data=str(root), out=str(tmp_path / "run"), image_size=64, workers=0,
-                no_cache=no_cache, val_fraction=0.2, test_fraction=0.2)
+    base = {"data": str(root), "out": str(tmp_path / "run"), "image_size": 64, "workers": 0,
+            "no_cache": no_cache, "val_fraction": 0.2, "test_fraction": 0.2}
     plain = load_data(TrainConfig(**base), log=lambda m: None)
     lines = []
     d = load_data(TrainConfig(**base, proxy="cluster", proxy_clusters=2, proxy_min_images=5),

@@ -1,6 +1,8 @@
-"""The training recipe's pieces: time budget, three-way patient split, shifted validation."""
+"""The training recipe's pieces: time budget, three-way patient split, shifted validation,
+the recipe options of issue 22 and the ablation runner's row planning."""
 
 import json
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -26,8 +28,8 @@ def test_no_budget():
 def test_cosine_warms_up_then_reaches_zero_at_the_plan_end():
     f = [lr_factor("cosine", s, 100, 10) for s in range(101)]
     assert f[0] == pytest.approx(0.05) and f[10] == pytest.approx(1.0)
-    assert all(a <= b for a, b in zip(f[:10], f[1:11]))  # rising warm-up
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # then falling
+    assert all(a <= b for a, b in pairwise(f[:11]))  # rising warm-up
+    assert all(a >= b for a, b in pairwise(f[10:]))  # then falling
     assert f[100] == pytest.approx(0.0, abs=1e-12)
 
 
@@ -152,3 +154,216 @@ def test_tiny_run_stops_within_its_time_budget_with_a_completed_schedule(tmp_pat
     for key in ("val", "shifted_val", "test", "threshold_rules", "shifted_val_per_perturbation"):
         assert key in metrics
     assert metrics["test"]["n"] > 0  # the internal test split (no DATA/test here)
+
+
+class _AugmentBeforeIssue22:
+    """The strong/basic augmentation exactly as it was before the recipe options of issue 22
+    (train/data.py at ba77211): the reference the defaults must reproduce."""
+
+    def __init__(self, size, preset):
+        from torchvision.transforms import v2
+
+        self.strong = preset == "strong"
+        steps = [v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.15),
+                                      antialias=True)] if self.strong else []
+        steps += [v2.RandomAffine(degrees=10.0, translate=(0.05, 0.05) if self.strong
+                                  else (0.1, 0.1)),
+                  v2.RandomHorizontalFlip(0.5), v2.ColorJitter(brightness=0.2, contrast=0.2)]
+        self.t = v2.Compose(steps)
+        self.blur = v2.GaussianBlur(5, sigma=(0.1, 1.2)) if self.strong else None
+
+    def __call__(self, x):
+        import torch
+
+        x = self.t(x)
+        if not self.strong:
+            return x
+        if torch.rand(()) < 0.3:
+            x = self.blur(x)
+        y = x.float() / 255.0
+        gamma = float(torch.empty(()).uniform_(-0.4, 0.4).exp())
+        y = y.clamp_min(0).pow(gamma) * 255.0
+        if torch.rand(()) < 0.3:
+            y = y + torch.randn_like(y) * float(torch.empty(()).uniform_(2.0, 8.0))
+        return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
+@torch_needed
+@pytest.mark.parametrize("preset", ["strong", "basic"])
+def test_default_options_reproduce_the_augmentation_of_before_bit_for_bit(preset):
+    import torch
+    from pneumo_edge.train.config import TrainConfig
+    from pneumo_edge.train.data import augment_for
+
+    x = torch.from_numpy(_pixels(n=1, size=64)[0])
+    new = augment_for(TrainConfig(data="d", out="o", image_size=64, augment=preset))
+    old = _AugmentBeforeIssue22(64, preset)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        a = old(x.clone())
+        after_old = torch.rand(())
+        torch.manual_seed(seed)
+        b = new(x.clone())
+        assert torch.equal(a, b), f"seed {seed}"
+        assert torch.rand(()) == after_old  # the same number of draws: later items unchanged
+
+
+@torch_needed
+def test_recipe_options_change_the_augmentation_as_stated():
+    import torch
+    from pneumo_edge.train.config import TrainConfig
+    from pneumo_edge.train.data import augment_for
+
+    x = torch.full((1, 80, 80), 200, dtype=torch.uint8)
+    zoom = augment_for(TrainConfig(data="d", out="o", image_size=64, augment="basic",
+                                   zoom_out=1.0, zoom_out_min=0.5, jitter=0.0))
+    torch.manual_seed(0)
+    borders = []
+    for _ in range(10):
+        y = zoom(torch.full((1, 64, 64), 200, dtype=torch.uint8))
+        assert y.shape == (1, 64, 64) and y.dtype == torch.uint8
+        borders.append(float((y == 0).float().mean()))
+    assert min(borders) > 0 and max(borders) > 0.3  # black canvas around a shrunk image
+    crop = augment_for(TrainConfig(data="d", out="o", image_size=64, crop_scale="0.08,1",
+                                   train_cache_size=80))
+    assert crop.t.transforms[0].scale == (0.08, 1.0)
+    assert crop(x).shape == (1, 64, 64)  # 80 px cache, cropped to --image-size
+    assert augment_for(TrainConfig(data="d", out="o", jitter=0.3)).t.transforms[-1] \
+        .brightness == (0.7, 1.3)
+
+
+def test_class_weight_power_interpolates_between_inverse_frequency_and_none():
+    pytest.importorskip("torch")
+    from pneumo_edge.train.data import class_weights
+
+    labels = np.array([0] * 10 + [1] * 30)
+    full = class_weights(labels, 2, "auto")
+    assert class_weights(labels, 2, "auto", 1.0) == full == [2.0, 2 / 3]
+    assert class_weights(labels, 2, "auto", 0.0) == [1.0, 1.0]
+    half = class_weights(labels, 2, "auto", 0.5)
+    assert half == pytest.approx([2 ** 0.5, (2 / 3) ** 0.5])
+
+
+@torch_needed
+@pytest.mark.parametrize("opts,msg", [
+    ({"crop_scale": "0.9,0.5"}, "--crop-scale"), ({"crop_scale": "a"}, "--crop-scale"),
+    ({"jitter": 1.5}, "--jitter"), ({"zoom_out": -0.1}, "--zoom-out"),
+    ({"zoom_out_min": 0.1}, "--zoom-out-min"),
+    ({"train_cache_size": 200}, "smaller than --image-size"),
+    ({"train_cache_size": 256, "augment": "basic"}, "needs --augment strong"),
+    ({"average": "mean"}, "--average"), ({"swa_epochs": 0}, "--swa-epochs"),
+    ({"class_weight_power": 0.5, "class_weights": "none"}, "auto only"),
+    ({"class_weight_power": 2.0}, "--class-weight-power"),
+    ({"proxy": "clusters"}, "--proxy"), ({"proxy_clusters": 1}, "--proxy-clusters"),
+    ({"proxy_min_images": 0}, "--proxy-min-images")])
+def test_recipe_options_are_checked(opts, msg):
+    from pneumo_edge.train.config import TrainConfig, check_config
+
+    from pneumo_edge.errors import UsageError
+
+    with pytest.raises(UsageError, match=msg):
+        check_config(TrainConfig(data="d", out="o", **opts))
+
+
+@torch_needed
+def test_swa_average_recomputes_batchnorm_on_the_training_pass():
+    """recompute_bn gives the plain mean and variance of the pass (not a moving average)."""
+    import torch
+    from pneumo_edge.train.loop import recompute_bn
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(1)
+
+        def logits(self, x):
+            return self.bn(x.float())
+
+    net = Net()
+    net.bn.running_mean.fill_(123.0)
+    batches = [(torch.full((2, 1, 4, 4), v), torch.zeros(2)) for v in (10.0, 30.0)]
+    recompute_bn(net, batches, torch.device("cpu"))
+    assert net.bn.running_mean.item() == pytest.approx(20.0)
+    assert net.bn.momentum == 0.1 and not net.training
+
+
+def _ablation():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
+    spec = importlib.util.spec_from_file_location("ablation_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_r50_suite_rows_change_one_thing_each_against_the_default_recipe():
+    pytest.importorskip("torch")
+    from dataclasses import fields
+
+    from pneumo_edge.train.config import TrainConfig
+
+    ab = _ablation()
+    rows = ab.SUITES["r50"]
+    base = dict(zip(rows[0][1][::2], rows[0][1][1::2]))
+    assert base["--proxy"] == "cluster" and base["--arch"] == "resnet50"
+    # the baseline is today's default recipe: every option it spells out is the default
+    defaults = {f"--{f.name.replace('_', '-')}": f.default for f in fields(TrainConfig)}
+    for opt, value in base.items():
+        if opt in ("--proxy", "--time-budget"):
+            continue
+        want = defaults[opt]
+        assert (value == want if isinstance(want, str) else float(value) == float(want)), opt
+    assert ab.budget_minutes(rows[0][1]) == defaults["--time-budget"] / 60
+    for name, args in rows[1:]:
+        opts = dict(zip(args[::2], args[1::2]))
+        changed = {k for k in opts if opts[k] != base.get(k)}
+        assert 1 <= len(changed) <= 2 and set(opts) >= set(base), name
+    est = ab.estimate_hours([(i, a) for i, (_, a) in enumerate(rows)],
+                            __import__("pathlib").Path("/nonexistent"))
+    assert est.startswith(f"{len(rows)} of {len(rows)} rows to run: about ")
+
+
+def test_row_state_tells_done_from_interrupted(tmp_path):
+    ab = _ablation()
+    assert ab.row_state(tmp_path) == "new"
+    (tmp_path / "last.pt").write_bytes(b"x")
+    assert ab.row_state(tmp_path) == "resume"
+    (tmp_path / "metrics.json").write_text(json.dumps({"val": {}}))  # written by a Ctrl-C
+    assert ab.row_state(tmp_path) == "resume"
+    (tmp_path / "metrics.json").write_text(json.dumps({"ablation": {"minutes": 1}}))
+    assert ab.row_state(tmp_path) == "done"
+
+
+@torch_needed
+def test_ablation_runner_end_to_end_on_a_tiny_suite_then_skips_finished_rows(tmp_path):
+    """Two rows (baseline, one change) of resnet18 at 32 px for one epoch on two generated
+    'sites', with the cluster proxy: both rows run, their table has the holdout's figures,
+    and a second call runs nothing."""
+    from test_clusters import write_sites
+
+    ab = _ablation()
+    data = write_sites(tmp_path / "data", patients=60)
+    base = {"--arch": "resnet18", "--image-size": "32", "--time-budget": "none",
+            "--epochs": "1", "--min-epochs": "1", "--batch-size": "8", "--workers": "0",
+            "--device": "cpu", "--no-calibrate": None, "--proxy": "cluster",
+            "--proxy-clusters": "2", "--proxy-min-images": "5"}
+    suite = [(n, [x for x in args if x is not None]) for n, args in ab.against(
+        base, [("baseline", {}), ("crop 0.3-1", {"--crop-scale": "0.3,1"})])]
+    out, md = tmp_path / "ab", tmp_path / "table.md"
+    done = ab.run_suite(str(data), out, suite, md=str(md))
+    assert [name for name, _ in done] == ["baseline", "crop 0.3-1"]
+    for i, (_, r) in enumerate(done):
+        assert r["cluster_holdout"]["n"] > 0 and r["proxy"]["k"] == 2
+        assert r["ablation"]["args"] == suite[i][1] and not r["ablation"]["resumed"]
+    card = json.loads((out / "row01" / "card.json").read_text())
+    assert card["train_config"]["crop_scale"] == "0.3,1"
+    assert card["metrics"]["cluster_holdout"]["n"] == done[1][1]["cluster_holdout"]["n"]
+    text = md.read_text()
+    assert "| cluster holdout |" in text and "held out acquisition cluster" in text
+    assert (out / "pixel-cache").is_dir() and not (out / "row00" / "pixel-cache").exists()
+    stamp = (out / "row00" / "metrics.json").stat().st_mtime_ns
+    again = ab.run_suite(str(data), out, suite)
+    assert [r for _, r in again] == [r for _, r in done]
+    assert (out / "row00" / "metrics.json").stat().st_mtime_ns == stamp
