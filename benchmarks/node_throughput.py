@@ -11,6 +11,11 @@ clock runs from that request to the node's log line for the last SR Orthanc ackn
 "sent ... .sr.dcm" line (both stamped by the node, to the millisecond).
 
     .venv/bin/python benchmarks/node_throughput.py [--model DIR] [--count 64] [--batch 16]
+        [--rounds 3]
+
+The two are run alternately, ``--rounds`` times each (score, node, score, node, ...), and
+compared round by round as ratios: on a shared machine the load drifts, and a ratio of
+neighbouring runs is steadier than either figure.
 
 Needs Orthanc (Debian ``orthanc``). Without --model, a random-weight ResNet18 at 224 px is built
 (speed only). Writes benchmarks/NODE.md with the machine and the load average before and after.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -47,6 +53,22 @@ def write_inputs(folder: Path, count: int) -> list[Path]:
             v = np.asarray(im.convert("L"), dtype=np.uint16) * 16
         out.append(write_dicom(folder / f"x{i:04d}.dcm", v))
     return out
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this script's finished child processes so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def proc_cpu(*pids: int) -> float:
+    """CPU seconds (user + system, all threads) the running processes ``pids`` used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
 
 
 def plain_score(model: Path, folder: Path, runtime: str, batch: int) -> float:
@@ -81,9 +103,11 @@ def node_run(model: Path, files: list[Path], work: Path, runtime: str, batch: in
     try:
         _wait(lambda: any("listening as" in ln for ln in lines), node)
         ids = [pacs.upload(f) for f in files]
+        cpu0 = proc_cpu(node.pid, pacs.proc.pid)
         t0 = time.time()
         pacs.send_to_node(ids)
         _wait(lambda: sum(" sent " in ln and ".sr.dcm" in ln for ln in lines) >= len(files), node)
+        cpu = proc_cpu(node.pid, pacs.proc.pid) - cpu0
     finally:
         node.terminate()
         node.wait(120)
@@ -98,12 +122,14 @@ def node_run(model: Path, files: list[Path], work: Path, runtime: str, batch: in
         elif s := re.match(r"sent \S+\.sr\.dcm for (\S+) to", m.group(2)):
             sent[s.group(1)] = when(m.group(1))
     latencies = [sent[u] - received[u] for u in sent if u in received]
-    busy = sum(float(m.group(1)) for ln in lines
-               if (m := re.search(r"scored \d+ instances in ([\d.]+) s", ln)))
+    stages = [(float(m.group(1)), float(m.group(2))) for ln in lines if (m := re.search(
+        r"scored \d+ instances in ([\d.]+) s, committed in ([\d.]+) s", ln))]
     first, last = min(received.values()), max(received.values())
     span = max(sent.values()) - t0
-    return len(files) / span, latencies, {"span": span, "worker": busy,
-                                          "receiving": last - first, "to_first": first - t0}
+    return len(files) / span, latencies, {"span": span, "run": sum(a for a, _ in stages),
+                                          "commit": sum(b for _, b in stages),
+                                          "receiving": last - first, "to_first": first - t0,
+                                          "cpu_node": cpu}
 
 
 def _wait(check, node, timeout: float = 900) -> None:
@@ -132,46 +158,73 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-wait", type=float, default=0.5)
     ap.add_argument("--runtime", default="onnx")
+    ap.add_argument("--rounds", type=int, default=3, help="score/node alternations")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("NODE.md"))
     args = ap.parse_args()
     load_before = os.getloadavg()
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = args.model or _random_model(tmp / "model")
         files = write_inputs(tmp / "in", args.count)
-        score_ips = plain_score(model, tmp / "in", args.runtime, args.batch)
-        node_ips, lat, parts = node_run(model, files, tmp, args.runtime, args.batch, args.max_wait)
+        write_inputs(tmp / "one", 1)
+        cpu = children_cpu()
+        plain_score(model, tmp / "one", args.runtime, args.batch)
+        fixed = children_cpu() - cpu  # start, imports, model load: not per image
+        for r in range(args.rounds):
+            cpu = children_cpu()
+            score_ips = plain_score(model, tmp / "in", args.runtime, args.batch)
+            work = tmp / f"round{r}"
+            work.mkdir()
+            score_cpu = children_cpu() - cpu - fixed
+            node_ips, lat, parts = node_run(model, files, work, args.runtime, args.batch,
+                                            args.max_wait)
+            parts["cpu_score"] = score_cpu
+            runs.append((score_ips, node_ips, lat, parts, os.getloadavg()[0]))
+            print(f"round {r + 1}: score {score_ips:.1f}/s, node {node_ips:.1f}/s "
+                  f"({node_ips / score_ips:.0%})", file=sys.stderr, flush=True)
     load_after = os.getloadavg()
-    p50, p95 = np.percentile(lat, [50, 95]) if lat else (float("nan"), float("nan"))
-    m = machine()
-    text = f"""# DICOM node throughput (benchmarks/node_throughput.py)
+    args.out.write_text(report(args, runs, load_before, load_after))
+    print(args.out.read_text())
 
-{args.count} CR DICOMs from the bundled samples, runtime {args.runtime}, batch {args.batch},
+
+def report(args, runs, load_before, load_after) -> str:
+    lat = [x for r in runs for x in r[2]]
+    p50, p95 = np.percentile(lat, [50, 95]) if lat else (float("nan"), float("nan"))
+    ratios = [n / s for s, n, *_ in runs]
+    m = machine()
+    n = args.count
+    rows = "\n".join(
+        f"| {i + 1} | {s:.1f} | {nd:.1f} | {nd / s:.0%} | {p['run'] / n * 1e3:.0f} ms | "
+        f"{p['commit'] / n * 1e3:.0f} ms | {p['receiving']:.1f} s | "
+        f"{p['cpu_score'] / n * 1e3:.0f} ms | {p['cpu_node'] / n * 1e3:.0f} ms | {load:.1f} |"
+        for i, (s, nd, _, p, load) in enumerate(runs))
+    return f"""# DICOM node throughput (benchmarks/node_throughput.py)
+
+{n} CR DICOMs from the bundled samples, runtime {args.runtime}, batch {args.batch},
 --max-wait {args.max_wait} s, model {'random-weight ResNet18 224 px' if not args.model else args.model}.
 The node figure runs from Orthanc's store request to the last SR Orthanc acknowledged
-(receive, fsync, decode, score, SR build, C-STORE back to Orthanc, all on this machine,
-Orthanc included).
+(receive, fsync, decode, score, SR build and write, commit, C-STORE back to Orthanc, all on
+this machine, Orthanc included). `pneumo-edge score` (plain, CSV only) and the node run
+alternately on the same files, {len(runs)} times each.
 
-| | images/s |
-|---|---|
-| `pneumo-edge score` (plain, CSV only) | {score_ips:.1f} |
-| `pneumo-edge listen` (received -> SR stored in Orthanc) | {node_ips:.1f} ({node_ips / score_ips:.0%} of score) |
+| round | score images/s | node images/s | node / score | node: decode + model per image | node: objects + commit per image | node: receiving all | CPU per image: score | CPU per image: node + Orthanc | load (1 min) after |
+|---|---|---|---|---|---|---|---|---|---|
+{rows}
 
-Receive-to-result latency per instance: p50 {p50:.2f} s, p95 {p95:.2f} s ({len(lat)} instances).
-
-Node time line: {parts['span']:.1f} s from the store request to the last SR acknowledged;
-the first instance arrived after {parts['to_first']:.1f} s, the last {parts['receiving']:.1f} s
-later (Orthanc sending); the scoring worker was busy {parts['worker']:.1f} s (decode, model,
-SR/SC building, journal; batches overlap receiving).
+Node / score: median {float(np.median(ratios)):.0%} (range {min(ratios):.0%}-{max(ratios):.0%}).
+The two per-image columns are the node's two pipeline stages (main thread: decode, model;
+commit thread: SR build and write with fsync, results.csv, moves), which overlap. CPU per
+image: user + system seconds, all threads: for score, its whole process less that of a score
+of one image (start, imports, model load); for the node, the node and Orthanc together
+(Orthanc sends the images and receives the SRs) from the store request to the last SR.
+Receive-to-result latency per instance: p50 {p50:.2f} s, p95 {p95:.2f} s ({len(lat)} instances,
+all {n} sent at once).
 
 Machine: {m.get('cpu', '?')}, {m.get('cores', os.cpu_count())} cores, Python {m['python']},
 {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Load average (1/5/15 min) before
-{' '.join(f'{x:.2f}' for x in load_before)}, after {' '.join(f'{x:.2f}' for x in load_after)}:
-the machine was shared with other work while this ran, so both figures are low and noisy;
-their ratio is the point.
+{' '.join(f'{x:.2f}' for x in load_before)}, after {' '.join(f'{x:.2f}' for x in load_after)}.
 """
-    args.out.write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":
