@@ -118,7 +118,6 @@ def test_a_network_without_the_options_is_the_old_one():
 def calibrated_run(tiny_run, tiny_dataset, tmp_path_factory):
     """A copy of the tiny model after ``pneumo-edge calibrate`` (read-only)."""
     from conftest import copy_model_dir
-
     from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
 
     run = copy_model_dir(tiny_run, tmp_path_factory.mktemp("calibrated") / "run")
@@ -163,6 +162,7 @@ def test_calibrate_command_keeps_labels_and_records_the_figures(calibrated_run, 
 def test_calibrate_names_stale_exports_and_refuses_other_data(tiny_exported, tiny_dataset,
                                                               tiny_labelled, copy_run):
     from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
+
     from pneumo_edge.errors import PneumoError
 
     run = copy_run(tiny_exported)
@@ -235,3 +235,106 @@ def test_export_parity_compares_the_ood_output(calibrated_run, copy_run, tiny_la
         entry = report["forms"][form]
         assert entry["ood"]["status"] == "pass" and entry["ood"]["flag_agreement"] == 1.0
     assert report["forms"]["onnx"]["ood"]["max_rel_diff"] < 1e-4
+
+
+def _eval(run, data, tmp_path, *extra):
+    from click.testing import CliRunner
+
+    from pneumo_edge.cli import main
+
+    out = tmp_path / f"eval{len(list(tmp_path.glob('eval*.json')))}.json"
+    res = CliRunner().invoke(main, ["eval", "--model", str(run), "--data", str(data),
+                                    "--runtime", "torch", "--out", str(out), "--resamples",
+                                    "100", "--gallery", "0", *map(str, extra)])
+    return res, (json.loads(out.read_text()) if res.exit_code == 0 else None)
+
+
+def test_eval_prevalence_moves_probabilities_as_score_does(calibrated_run, tiny_labelled,
+                                                           tmp_path):
+    """eval --prevalence P: the probabilities are score --prevalence P's (same files, same
+    numbers), every figure is that of the unmoved probabilities moved by hand with Bayes' rule
+    on the odds, labels / ranking / ROC AUC stay, and the JSON says what moved and from what."""
+    import csv
+    import io
+
+    from click.testing import CliRunner
+
+    from pneumo_edge.cli import main
+    from pneumo_edge.commands.evaluate import run_evaluation
+    from pneumo_edge.runtimes import open_runtime
+
+    run, _ = calibrated_run
+    rt = open_runtime(run, "torch", log=lambda m: None)
+    trained = rt.card.metrics["calibration"]["prevalence"]
+    plain = run_evaluation(rt, tiny_labelled, resamples=100, gallery=0)
+    moved = run_evaluation(rt, tiny_labelled, resamples=100, gallery=0, prevalence=0.1)
+    r = (0.1 / 0.9) / (trained / (1 - trained))  # the odds ratio, by hand
+    want = plain.p * r / (plain.p * r + 1 - plain.p)
+    assert moved.paths == plain.paths and np.allclose(moved.p, want, rtol=0, atol=1e-12)
+    assert not np.allclose(moved.p, plain.p)
+    m0, m1 = plain.metrics, moved.metrics
+    t = m0["threshold"] * r / (m0["threshold"] * r + 1 - m0["threshold"])
+    assert m1["threshold"] == pytest.approx(t, abs=1e-12)
+    for key in ("confusion_matrix", "accuracy", "recall", "specificity", "roc_auc"):
+        assert m1[key] == m0[key], key
+    truth = plain.truth.astype(float)
+    assert m1["calibration"]["brier"] == pytest.approx(np.mean((want - truth) ** 2), abs=1e-12)
+    assert m0["calibration"]["brier"] == pytest.approx(np.mean((plain.p - truth) ** 2),
+                                                       abs=1e-12)
+    pr = m1["prevalence"]
+    assert (pr["deployment"], pr["trained"], pr["threshold_card"]) == \
+        (0.1, trained, rt.card.threshold)
+    assert pr["threshold"] == m1["threshold"] and pr["data"] == 0.5
+    assert pr["calibration_unmoved"] == m0["calibration"] and "prevalence" not in m0
+    # the same numbers as score --prevalence on the same files
+    res = CliRunner().invoke(main, ["score", str(tiny_labelled), "--model", str(run),
+                                    "--runtime", "torch", "--prevalence", "0.1"])
+    assert res.exit_code == 0, res.output
+    rows = {r["path"]: r for r in csv.DictReader(io.StringIO(res.stdout, newline=""))}
+    for path, p in zip(moved.paths, moved.p):
+        # six decimals in the CSV, float32 in score's output
+        assert float(rows[path]["p_PNEUMONIA"]) == pytest.approx(p, abs=2e-6)
+        assert (rows[path]["label"] == "PNEUMONIA") == (p >= m1["threshold"])
+
+
+def test_eval_prevalence_in_the_json_text_and_report(calibrated_run, tiny_labelled, tmp_path):
+    from pneumo_edge.commands.evaluate import format_metrics
+    from pneumo_edge.model.modeldir import read_card
+    from pneumo_edge.outputs.html_report import build_html
+
+    run, _ = calibrated_run
+    res, m = _eval(run, tiny_labelled, tmp_path, "--prevalence", "0.1", "--gallery", "1",
+                   "--report", tmp_path / "r.html")
+    assert res.exit_code == 0, res.output
+    assert m["prevalence"]["deployment"] == 0.1
+    assert "prevalence   0.1 (validation's" in res.stdout
+    assert "Prevalence 0.1 (--prevalence" in (tmp_path / "r.html").read_text(encoding="utf-8")
+    card = read_card(run)
+    page = build_html(m, card)
+    assert "Prevalence 0.1 (--prevalence" in page
+    assert f"card threshold moved to prevalence 0.1 {m['threshold']:.4f}" in page
+    assert f"{m['threshold']:.4f} (card, moved)" in page
+    assert f"threshold    {m['threshold']:.4f}" in format_metrics(m, card)
+
+
+@pytest.mark.parametrize("value", ["0", "1", "nan", "-0.2", "inf"])
+def test_eval_refuses_a_prevalence_that_is_not_a_rate(calibrated_run, tiny_labelled, tmp_path,
+                                                      value):
+    res, _ = _eval(calibrated_run[0], tiny_labelled, tmp_path, "--prevalence", value)
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--prevalence" in lines[0]
+
+
+def test_eval_prevalence_needs_a_calibrated_model_and_a_rate(tiny_run, calibrated_run,
+                                                             tiny_labelled, tmp_path):
+    from pneumo_edge.commands.evaluate import run_evaluation
+    from pneumo_edge.errors import UsageError
+    from pneumo_edge.runtimes import open_runtime
+
+    res, _ = _eval(tiny_run, tiny_labelled, tmp_path, "--prevalence", "0.1")
+    assert res.exit_code == 2 and "--prevalence needs a calibrated" in res.stderr
+    rt = open_runtime(calibrated_run[0], "torch", log=lambda m: None)
+    for bad in (float("nan"), 0.0, 1.5):  # the library call refuses what the CLI would
+        with pytest.raises(UsageError, match="not a rate strictly between 0 and 1"):
+            run_evaluation(rt, tiny_labelled, prevalence=bad)

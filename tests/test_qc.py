@@ -190,3 +190,29 @@ def test_prevalence_moves_probabilities_not_labels(xray_run, tmp_path):
     record = json.loads((tmp_path / "low.csv.json").read_text())
     assert record["prevalence"] == 0.05 and record["qc"] == "flag"
     assert record["threshold_from"] == "moved to --prevalence 0.05"  # not "--threshold"
+
+
+def test_pixel_check_done_elsewhere_gives_the_same_cells():
+    """A Ray batch carries no pixels, only each decoded file's blank_reason computed on the
+    worker: the qc cells are those of a local batch with the pixels."""
+    from pneumo_edge.sources import ScoredBatch
+
+    xray = _samples()[0]
+    black = np.zeros_like(xray)
+    paths, ok, errors = ["a.png", "b.png", "c.png"], [0, 2], {1: "cannot decode"}
+    probs = np.full((2, 2), 0.5, np.float32)
+    local = ScoredBatch(0, paths, ok, errors, probs, pixels=np.stack([black, xray]))
+    remote = ScoredBatch(0, paths, ok, errors, probs,
+                         blank=[qc.blank_reason(black), qc.blank_reason(xray)])
+    keeper = qc.Gatekeeper(_card())
+    assert keeper.cells(local) == keeper.cells(remote) == [qc.BLANK, "", ""]
+    assert qc.Gatekeeper(_card(), "off").cells(remote) == ["", "", ""]
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, float("nan"), float("inf")])
+def test_prevalence_outside_zero_one_is_a_usage_error(bad):
+    from pneumo_edge.errors import UsageError
+
+    card = _card(calibration="temperature+bias")
+    with pytest.raises(UsageError, match="not a rate strictly between 0 and 1"):
+        qc.Gatekeeper(card, prevalence=bad)

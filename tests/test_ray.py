@@ -105,6 +105,29 @@ def test_ray_csv_equals_local_scoring(ray_cluster, tiny_exported, inputs, tmp_pa
     assert ray_cluster.is_initialized()  # a cluster it did not start is left running
 
 
+def test_ray_qc_column_equals_local_scoring(ray_cluster, tiny_exported, tmp_path):
+    """The pixel check of the qc column runs where the pixels are (Ray's decode tasks): a blank
+    frame is flagged and a sample X-ray is not, with and without --ray."""
+    from PIL import Image
+
+    from pneumo_edge.model.qc import BLANK
+
+    root = tmp_path / "in"
+    root.mkdir()
+    Image.fromarray(np.zeros((120, 100), np.uint8)).save(root / "a_black.png")
+    Image.fromarray(np.full((90, 90), 200, np.uint8)).save(root / "b_grey.png")
+    shutil.copy(next((SAMPLES / "train" / "NORMAL").iterdir()), root / "c_xray.jpeg")
+    (root / "d_broken.png").write_bytes(b"not a png")
+    local = score(root, tiny_exported, tmp_path / "local.csv")
+    remote = score(root, tiny_exported, tmp_path / "ray.csv", ray="local")
+    assert remote.flagged == local.flagged == 2
+    got, ref = table(tmp_path / "ray.csv"), table(tmp_path / "local.csv")
+    same_rows(got, ref)
+    qc = {Path(r[0]).name: r[ref[0].index("qc")] for r in got[1:]}
+    assert qc == {"a_black.png": BLANK, "b_grey.png": BLANK, "c_xray.jpeg": "",
+                  "d_broken.png": ""}
+
+
 def test_resume_on_ray_skips_rows_already_written(ray_cluster, tiny_exported, inputs,
                                                   tmp_path):
     out = tmp_path / "out.csv"
@@ -321,8 +344,8 @@ def test_ray_actors_carry_the_models_ood_score(tiny_run, tiny_dataset, tmp_path)
     probabilities, the same numbers the runtime gives here (no cluster needed to check)."""
     pytest.importorskip("torch")
     from conftest import copy_model_dir
-
     from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
+
     from pneumo_edge.inputs.pipeline import decode_one
     from pneumo_edge.sources.ray import _batch, _ScoreActor
 
@@ -340,10 +363,11 @@ def test_ray_actors_carry_the_models_ood_score(tiny_run, tiny_dataset, tmp_path)
         errors.append(err or "")
     assert errors[:3] == ["", "", ""] and errors[3]
     actor = _ScoreActor(str(rt.path), rt.name, rt.sha256, len(rt.card.classes))
+    blank = np.array(["", "x", "", ""], object)  # the decode task's pixel checks
     block = actor({"i": np.arange(4), "pixels": pixels, "error": np.array(errors, object),
-                   "cpu_s": np.zeros(4)})
+                   "blank": blank, "cpu_s": np.zeros(4)})
     b = _batch(files, block, 0.0)
     here = rt.outputs(pixels[:3])
-    assert b.ok == [0, 1, 2] and b.ood is not None
+    assert b.ok == [0, 1, 2] and b.ood is not None and b.blank == ["", "x", ""]
     assert np.allclose(b.ood, here["ood"], atol=1e-5)
     assert np.allclose(b.probs, here["probs"], atol=1e-6)
