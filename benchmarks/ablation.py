@@ -62,7 +62,7 @@ R50 = {"--arch": "resnet50", "--weights": "none", "--image-size": "224", "--time
        "--average": "ema", "--swa-epochs": "3", "--mixup": "0", "--val-fraction": "0.15",
        "--test-fraction": "0.15", "--seed": "42", "--select": "val_auroc", "--min-epochs": "3",
        "--threshold-for": "youden", "--threshold-on": "val+shifted", "--proxy": "cluster",
-       "--proxy-clusters": "4", "--proxy-min-images": "50"}
+       "--proxy-clusters": "10", "--proxy-min-images": "50"}
 R50_CHANGES = [
     ("baseline: today's default recipe", {}),
     ("crop scale 0.08-1 (was 0.7-1)", {"--crop-scale": "0.08,1"}),

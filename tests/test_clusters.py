@@ -1,6 +1,6 @@
 """The acquisition-cluster proxy (train/clusters.py, --proxy cluster) on generated images: two
-"sites" whose X-rays differ the way machines do (one frames every image in a wide black border
-and is noisier), patients with several images each."""
+"sites" whose X-rays differ the way machines do (the smaller one, a quarter of the patients,
+frames every image in a wide black border and is noisier), patients with 1-3 images each."""
 
 from pathlib import Path
 
@@ -11,6 +11,7 @@ from pneumo_edge.train.clusters import (
     Rows,
     acquisition_features,
     by_patient,
+    choose_holdout,
     cluster_holdout,
     kmeans,
 )
@@ -37,14 +38,19 @@ def xray(label: int, site: int, rng: np.random.Generator, size: int = 64) -> np.
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def site_of(patient: int) -> int:
+    return int(patient % 4 == 0)
+
+
 def site_samples(patients: int = 40, seed: int = 0):
     """(pixels [N, 1, S, S], labels, paths, site per image): each patient 1-3 images, all from
-    one site (even patients: site 0, odd: site 1); classes alternate by patient // 2."""
+    one site (site 1: every fourth patient, a quarter of the images); classes alternate every
+    four patients, so each site has both."""
     rng = np.random.default_rng(seed)
     px, labels, paths, sites = [], [], [], []
     for p in range(patients):
-        label, site = (p // 2) % 2, p % 2
-        for k in range(1 + p % 3):
+        label, site = (p // 4) % 2, site_of(p)
+        for k in range(1 + (p // 4) % 3):
             px.append(xray(label, site, rng)[None])
             labels.append(label)
             paths.append(f"/d/train/{CLASSES[label]}/person{p}_bacteria_{k}.png")
@@ -80,7 +86,7 @@ def test_the_planted_site_is_its_own_cluster_and_the_holdout_is_whole_patients()
     px, labels, paths, sites = site_samples(40)
     mask, info = cluster_holdout(acquisition_features(px), labels, paths, CLASSES, k=2,
                                  seed=42, min_images=5)
-    assert np.array_equal(mask, sites == 1) or np.array_equal(mask, sites == 0)
+    assert np.array_equal(mask, sites == 1)  # the other cluster holds 75 %: too large
     held = {patient_id(p) for p, m in zip(paths, mask) if m}
     kept = {patient_id(p) for p, m in zip(paths, mask) if not m}
     assert held and kept and not held & kept
@@ -110,6 +116,20 @@ def test_kmeans_numbers_clusters_by_size_and_a_patient_follows_its_majority():
     assert by_patient(paths, np.array([0, 1, 1, 0])).tolist() == [1, 1, 1, 0]
 
 
+def test_a_cluster_taking_most_of_one_class_is_not_held_out():
+    """The farthest cluster holds 60 % of the NORMAL images: training would lose most of a
+    class, so the nearer one that takes 20 % of each is held out."""
+    def cluster(i, n, p, distance):
+        return {"cluster": i, "images": n + p, "distance": distance,
+                "class_counts": {"NORMAL": n, "PNEUMONIA": p}}
+
+    totals = {"NORMAL": 1000, "PNEUMONIA": 3000}
+    far, near = cluster(0, 600, 100, 3.0), cluster(1, 200, 600, 1.0)
+    rest = cluster(2, 200, 2300, 0.5)
+    assert choose_holdout([far, near, rest], totals, min_images=50) == 1
+    assert choose_holdout([far, rest], totals, min_images=50) is None
+
+
 def test_no_eligible_cluster_is_a_clear_error():
     px, labels, paths, _ = site_samples(40)
     with pytest.raises(DataError, match=r"--proxy cluster: none of the 2 .* at least 500 images"):
@@ -136,8 +156,8 @@ def test_load_data_holds_the_cluster_out_of_train_val_and_test(tmp_path, no_cach
     held = set(proxy["holdout_files"])
     assert held and all(f.startswith("train/") for f in held)
     # the held-out patients are exactly one site, and in no other part
-    sites = {int(f.split("person")[1].split("_")[0]) % 2 for f in held}
-    assert len(sites) == 1
+    sites = {site_of(int(f.split("person")[1].split("_")[0])) for f in held}
+    assert sites == {1}
     held_ids = {patient_id(f) for f in held}
     for part in ("val_files", "test_files"):
         assert not held_ids & {patient_id(f) for f in d["split"][part]}

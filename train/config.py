@@ -101,7 +101,7 @@ class TrainConfig:
                               "of the training data (intensity, border, noise and sharpness "
                               "statistics) from train, val and test, and report the model on "
                               "it (cluster_holdout) as a proxy for another hospital's images.")
-    proxy_clusters: int = _opt(4, "Clusters formed by --proxy cluster.")
+    proxy_clusters: int = _opt(10, "Clusters formed by --proxy cluster.")
     proxy_min_images: int = _opt(50, "Images of every class the held-out cluster needs.")
     select: str = _opt("val_auroc", "How the saved epoch is chosen.")
     min_epochs: int = _opt(3, "Epochs before one can be selected.")
