@@ -338,3 +338,31 @@ def test_eval_prevalence_needs_a_calibrated_model_and_a_rate(tiny_run, calibrate
     for bad in (float("nan"), 0.0, 1.5):  # the library call refuses what the CLI would
         with pytest.raises(UsageError, match="not a rate strictly between 0 and 1"):
             run_evaluation(rt, tiny_labelled, prevalence=bad)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 20 item 4, for H-CARD (model/modeldir.py): "
+                   "AGREED_FIELDS do not cover card.metrics' gate threshold and calibration "
+                   "prevalence, so a card.json with other values runs with the file")
+def test_a_card_json_with_another_gate_threshold_or_prevalence_is_refused(calibrated_run,
+                                                                          tmp_path):
+    """The qc column uses the card's gate threshold, --prevalence its validation rate: a
+    card.json that disagrees with the card inside the model file on either must be refused
+    like one that disagrees on the decision threshold (found: both are accepted)."""
+    pytest.importorskip("onnxruntime")
+    from pneumo_edge.export.onnx import export_onnx
+
+    from pneumo_edge.model.modeldir import Refused
+    from pneumo_edge.model.torchload import load_checked
+    from pneumo_edge.runtimes import open_runtime
+
+    run, _ = calibrated_run
+    model, card, ckpt = load_checked(run)
+    edge = tmp_path / "edge"
+    edge.mkdir()
+    export_onnx(model, card, edge / "model.onnx", weights_sha256=ckpt.sha256)
+    changed = card.to_dict()
+    changed["metrics"]["ood"]["threshold"] *= 100
+    changed["metrics"]["calibration"]["prevalence"] = 0.01
+    (edge / "card.json").write_text(json.dumps(changed))
+    with pytest.raises(Refused):
+        open_runtime(edge, "onnx", log=lambda m: None)
