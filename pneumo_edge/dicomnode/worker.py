@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +44,6 @@ from pneumo_edge.outputs.csvout import (
     path_text,
     read_rows,
 )
-
-#: threads that build and write one batch's result objects (:meth:`Worker._build`)
-BUILDERS = 4
 
 
 class Results:
@@ -117,7 +113,6 @@ class Worker:
         self.results = Results(store.out / "results.csv", self.head, self._recover_row)
         self._recover_staging()
         self._explainer = None
-        self._pool = None
 
     def _recover_row(self, row) -> None:
         name = Path(row[0]).name
@@ -198,19 +193,13 @@ class Worker:
         return src, info, self.staging, heat
 
     def _build(self, jobs: list) -> list:
-        """:func:`build_objects` for each job, in order, on :data:`BUILDERS` threads: building
-        is Python (one thread at a time), but each object's fsyncs wait on the disk, and
-        concurrent fsyncs share the filesystem's journal commits. (A process pool would build
-        in parallel, but its workers outlive a kill -9 of the node; threads die with it.)"""
-        if len(jobs) < 2:
-            return [build_objects(j) for j in jobs]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(BUILDERS, thread_name_prefix="pneumo-edge-sr")
-        return list(self._pool.map(build_objects, jobs))
+        """:func:`build_objects` for each job, in order, in this thread. (Measured: four
+        threads, to overlap the objects' fsyncs, made the node slower: building is Python and
+        they fought over the GIL with the scoring thread. A process pool would build in
+        parallel, but its workers outlive a kill -9 of the node.)"""
+        return [build_objects(j) for j in jobs]
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
         self.results.close()
 
     def _heatmap(self, src: Path) -> np.ndarray:
