@@ -20,7 +20,8 @@ import sys
 import threading
 from pathlib import Path
 
-from pneumo_edge.export.onnx import DEFAULT_OPSET, export_onnx
+from pneumo_edge.export.onnx import export_onnx
+from pneumo_edge.export.options import EXPORT_DEFAULTS as DEFAULTS
 from pneumo_edge.export.parity import (
     ParityImages,
     default_tolerances,
@@ -114,8 +115,9 @@ def _alive(pid: int) -> bool:
 
 @sigterm_interrupts()
 def run_export(run_dir, *, trt: bool = False, parity_data=None, build: BuildOptions | None = None,
-               opset: int = DEFAULT_OPSET, tolerances: dict | None = None,
-               skip_parity: bool = False, int8: bool = True, quant: QuantOptions | None = None,
+               opset: int = DEFAULTS.opset, tolerances: dict | None = None,
+               skip_parity: bool = False, int8: bool = DEFAULTS.int8,
+               quant: QuantOptions | None = None,
                allow_int8_fail: bool = False) -> int:
     """Export the model in ``run_dir`` and check parity; returns the exit code (0, 1 or 2).
     Leftovers of an interrupted export are removed first; SIGTERM ends it like Ctrl-C."""

@@ -146,44 +146,67 @@ def test_help_shows_the_library_defaults():
     assert "int8 max |delta p|. Default: reported, not checked. [x>=0]" in export
 
 
-def plain_defaults(fn):
+def load(ref):
+    """The object ``"module:name"`` names."""
+    import importlib
+
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+#: (plain function, the options instance its defaults come from, parameter -> field renames)
+PLAIN_FUNCTIONS = [
+    ("pneumo_edge.commands.score:run_score", "pneumo_edge.commands.options:SCORE_DEFAULTS", {}),
+    ("pneumo_edge.commands.explain:run_explain", "pneumo_edge.commands.options:EXPLAIN_DEFAULTS",
+     {}),
+    ("pneumo_edge.commands.evaluate:run_evaluation", "pneumo_edge.commands.options:EVAL_DEFAULTS",
+     {}),
+    ("pneumo_edge.commands.bench:run_bench", "pneumo_edge.commands.options:BENCH_DEFAULTS",
+     {"runtimes": "runtime", "batches": "batch", "data_limit": "limit"}),
+    ("pneumo_edge.commands.bench:bench_runtime", "pneumo_edge.commands.options:BENCH_DEFAULTS",
+     {}),
+    ("pneumo_edge.export.main:run_export", "pneumo_edge.export.options:EXPORT_DEFAULTS", {}),
+]
+
+
+def written_defaults(fn) -> dict[str, str]:
+    """Parameter -> its default as written in the source of ``fn``."""
+    import ast
     import inspect
+    import textwrap
 
-    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    args = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0].args
+    pos = [*args.posonlyargs, *args.args]
+    pairs = [*zip(pos[len(pos) - len(args.defaults):], args.defaults),
+             *((a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None)]
+    return {a.arg: ast.unparse(d) for a, d in pairs}
 
 
-@pytest.mark.parametrize("options,function", [
-    ("pneumo_edge.commands.options:ScoreOptions", "pneumo_edge.commands.score:run_score"),
-    ("pneumo_edge.commands.options:ExplainOptions", "pneumo_edge.commands.explain:run_explain"),
-    ("pneumo_edge.commands.options:EvalOptions",
-     "pneumo_edge.commands.evaluate:run_evaluation"),
-    ("pneumo_edge.export.options:ExportOptions", "pneumo_edge.export.main:run_export"),
-])
-def test_plain_functions_default_as_the_options(options, function):
-    """Until the plain functions take their defaults from the option dataclasses, they must
-    agree with them (a caller of run_score gets what the CLI's --help says)."""
+@pytest.mark.parametrize("function,defaults,renamed", PLAIN_FUNCTIONS)
+def test_plain_functions_take_their_defaults_from_the_options(function, defaults, renamed):
+    """A plain function's keyword default for a CLI option is written as the options instance's
+    field (``batch: int = DEFAULTS.batch``), never as a literal: stated once, and a caller
+    of run_score gets what --help says."""
     import dataclasses
     import importlib
 
-    def load(ref):
-        module, _, name = ref.partition(":")
-        return getattr(importlib.import_module(module), name)
-
-    fn = plain_defaults(load(function))
-    shared = [f for f in dataclasses.fields(load(options)) if f.name in fn]
-    assert shared
-    for f in shared:
-        assert fn[f.name] == f.default, (function, f.name)
+    fn, instance = load(function), load(defaults)
+    fields = {f.name for f in dataclasses.fields(instance)}
+    written = {p: d for p, d in written_defaults(fn).items() if renamed.get(p, p) in fields}
+    assert written
+    assert written == {p: f"DEFAULTS.{renamed.get(p, p)}" for p in written}
+    assert vars(importlib.import_module(fn.__module__))["DEFAULTS"] is instance
 
 
-def test_bench_defaults_are_the_bench_module_constants():
-    from pneumo_edge.commands.bench import run_bench
-    from pneumo_edge.commands.options import BenchOptions
+def test_the_default_options_cannot_be_changed_in_place():
+    """The plain functions share these instances: a caller must not be able to move a default
+    for everyone (frozen dataclasses)."""
+    import dataclasses
 
-    fn, opts = plain_defaults(run_bench), BenchOptions()
-    assert (opts.runtime, opts.warmup, opts.iters) == (fn["runtimes"], fn["warmup"], fn["iters"])
-    assert opts.batch == ",".join(map(str, fn["batches"]))
+    for _, defaults, _ in PLAIN_FUNCTIONS:
+        instance = load(defaults)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(instance, dataclasses.fields(instance)[0].name, None)
 
 
 def test_train_without_options_runs_the_library_defaults(monkeypatch, tmp_path):

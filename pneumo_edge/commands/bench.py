@@ -47,12 +47,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumo_edge.commands.options import BENCH_DEFAULTS as DEFAULTS
 from pneumo_edge.errors import ModelError, PneumoError
 from pneumo_edge.versions import installed_versions
 
-DEFAULT_BATCHES = (1, 8, 32)
-DEFAULT_WARMUP = 5
-DEFAULT_ITERS = 30
 #: With a time budget, a row still gets at least this many timed calls.
 MIN_ITERS = 5
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile",
@@ -148,8 +146,9 @@ def cpu_summary(machine: dict) -> str:
 # ----------------------------------------------------------------------------- latency
 
 
-def bench_runtime(rt, batch: int, warmup: int = DEFAULT_WARMUP, iters: int = DEFAULT_ITERS, *,
-                  max_time: float | None = None, seed: int = 0) -> dict:
+def bench_runtime(rt, batch: int, warmup: int = DEFAULTS.warmup,
+                  iters: int = DEFAULTS.iters, *,
+                  max_time: float | None = DEFAULTS.max_time, seed: int = 0) -> dict:
     """Time ``rt`` on a random ``uint8 [batch, 1, S, S]`` input: ``warmup`` untimed calls, then
     ``iters`` timed ones (fewer, but at least :data:`MIN_ITERS`, once ``max_time`` seconds of
     timed calls have passed). Returns one row (see the module docstring for the definitions)."""
@@ -343,10 +342,11 @@ def open_for_bench(model, name: str, log=None):
         return None, str(exc)
 
 
-def run_bench(model, runtimes="auto", batches=DEFAULT_BATCHES, warmup: int = DEFAULT_WARMUP,
-              iters: int = DEFAULT_ITERS, *, data=None, threads: int | None = None,
-              max_time: float | None = None, data_batch: int | None = None,
-              data_limit: int | None = None, log=None) -> dict:
+def run_bench(model, runtimes=DEFAULTS.runtime, batches=DEFAULTS.batch,
+              warmup: int = DEFAULTS.warmup, iters: int = DEFAULTS.iters, *,
+              data=None, threads: int | None = DEFAULTS.threads,
+              max_time: float | None = DEFAULTS.max_time, data_batch: int | None = None,
+              data_limit: int | None = DEFAULTS.limit, log=None) -> dict:
     """Benchmark ``model`` (a model directory, or one model file in it) on each runtime in
     ``runtimes`` (a spec string or list of names) and batch size. Returns ``{"machine",
     "model", "settings", "rows", "skipped", "pipeline"}``; ``pipeline`` (end-to-end rows) is

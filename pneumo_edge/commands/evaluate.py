@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pneumo_edge.commands.options import EVAL_DEFAULTS as DEFAULTS
 from pneumo_edge.errors import DataError, PneumoError
 from pneumo_edge.evaluation import stats
 from pneumo_edge.evaluation.metrics import METRIC_KEYS, binary_metrics
@@ -16,7 +17,7 @@ from pneumo_edge.model.qc import Gatekeeper, evaluation_entries
 from pneumo_edge.outputs.csvout import path_text
 
 RESAMPLES = stats.RESAMPLES
-GALLERY = 4  # most confident false negatives and false positives shown
+GALLERY = DEFAULTS.gallery  # most confident false negatives and false positives shown
 TABLE_THRESHOLDS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
 
 
@@ -32,9 +33,9 @@ class Evaluation:
     gate: Gatekeeper | None = None  # the run's prevalence (and qc) settings, as score's
 
 
-def run_evaluation(runtime, folder, batch: int = 32, warn=None, *,
-                   resamples: int = RESAMPLES, gallery: int = GALLERY,
-                   prevalence: float | None = None) -> Evaluation:
+def run_evaluation(runtime, folder, batch: int = DEFAULTS.batch, warn=None, *,
+                   resamples: int = DEFAULTS.resamples, gallery: int = DEFAULTS.gallery,
+                   prevalence: float | None = DEFAULTS.prevalence) -> Evaluation:
     """Metrics at the card's threshold with bootstrap confidence intervals, calibration,
     curves, a threshold table and the most confident mistakes, refusing what would make them
     lie: a folder where no image decodes (DataError, exit 2) and non-finite probabilities

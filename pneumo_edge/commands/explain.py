@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumo_edge.atomic import write_bytes_atomic, write_text_atomic
+from pneumo_edge.commands.options import EXPLAIN_DEFAULTS as DEFAULTS
 from pneumo_edge.errors import ModelError, PneumoError, UsageError
 from pneumo_edge.explain.methods import Explainer, picture_png
 from pneumo_edge.outputs.csvout import csv_line, result_row
@@ -133,8 +134,9 @@ class ExplainSink:
         return write_text_atomic(self.out / EXPLAIN_CSV, "".join(lines))
 
 
-def run_explain(paths, model, out, *, method: str = "occlusion", runtime: str = "auto",
-                force: bool = False, batch: int = 32, log=None) -> int:
+def run_explain(paths, model, out, *, method: str = DEFAULTS.method,
+                runtime: str = DEFAULTS.runtime, force: bool = False,
+                batch: int = DEFAULTS.batch, log=None) -> int:
     """What ``pneumo-edge explain`` does; returns the exit code (0 all explained, 1 some
     failed). Usage errors raise :class:`PneumoError` (exit 2) before anything is written."""
     from pneumo_edge.inputs.folders import walk_images

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pneumo_edge.commands.options import SCORE_DEFAULTS as DEFAULTS
 from pneumo_edge.errors import PneumoError
 from pneumo_edge.inputs.folders import walk_images
 from pneumo_edge.model.qc import Gatekeeper, threshold_source, uncalibrated_notice
@@ -162,12 +163,13 @@ def _count(s: Summary, rows, b: ScoredBatch) -> None:
                 s.failures.append((b.paths[j], row[-1]))
 
 
-def run_score(paths, model, *, runtime: str = "auto", batch: int = 32, ray=None,
-              threshold: float | None = None, output=None, resume: bool = False,
-              workers: int | None = None, quiet: bool = False, follow_links: bool = False,
-              dicom_tags=(), stdout=None, log=None, explain=None,
-              explain_which: str = "positives", explain_force: bool = False,
-              dicom_out=None, qc: str = "flag", prevalence: float | None = None) -> Summary:
+def run_score(paths, model, *, runtime: str = DEFAULTS.runtime, batch: int = DEFAULTS.batch,
+              ray=None, threshold: float | None = DEFAULTS.threshold, output=DEFAULTS.output,
+              resume: bool = False, workers: int | None = DEFAULTS.workers, quiet: bool = False,
+              follow_links: bool = False, dicom_tags=(), stdout=None, log=None, explain=None,
+              explain_which: str = DEFAULTS.explain_which, explain_force: bool = False,
+              dicom_out=None, qc: str = DEFAULTS.qc,
+              prevalence: float | None = DEFAULTS.prevalence) -> Summary:
     """What the ``score`` command does; returns the summary (its ``exit_code`` is 0 or 1).
 
     ``ray``: None scores here; a Ray address (``local``, ``auto``, ``HOST:PORT``) scores
