@@ -16,6 +16,9 @@ Where an option's default and help live (issue 18 item 5: every default stated o
   (pneumo_edge/commands/options.py).
 - What stays here is click's part: the type and range, the flag shape, metavar, ``as_text=``
   (how a default is written on the command line, e.g. 55m for 3300 seconds).
+- A choice option names the library's table that validates its value (``choices=
+  "module:NAME"``, a tuple or a dict's keys, read with the field), so adding a choice is one
+  edit in the library; only ``--runtime``'s list (modeldir.RUNTIMES and auto) is built here.
 - An option without a library default (a required path, an off-by-default flag, a CLI-only
   switch) is a plain ``@click.option`` with its help here.
 To add an option with a default: give the dataclass field ``metadata={"help": ...}``, pass the
@@ -88,20 +91,26 @@ def lazy_option(build):
     return decorate
 
 
+def library(ref: str):
+    """The object ``"module:name"`` names (the module imported now)."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def fields_of(owner) -> dict:
     """The fields of a dataclass, or of ``"module:Class"`` (imported now), by name."""
-    if isinstance(owner, str):
-        module, _, name = owner.partition(":")
-        owner = getattr(importlib.import_module(module), name)
-    return {f.name: f for f in dataclasses.fields(owner)}
+    return {f.name: f for f in dataclasses.fields(library(owner) if isinstance(owner, str)
+                                                  else owner)}
 
 
-def from_field(owner: str, name: str, *decls: str, as_text=None, **kw):
+def from_field(owner: str, name: str, *decls: str, as_text=None, choices: str | None = None,
+               **kw):
     """The option for field ``name`` of the dataclass ``owner`` ("module:Class"): its default
     (required when the field has none) and help are the field's; ``decls`` default to
     ``--name-with-dashes``, the value arrives as ``name``; ``as_text`` writes the default as a
-    user would (for --help; the option's type parses it back); ``kw`` are click's (type,
-    is_flag...)."""
+    user would (for --help; the option's type parses it back); ``choices`` ("module:NAME")
+    is the library's table of allowed values (a tuple, or a dict's keys); ``kw`` are click's
+    (type, is_flag...)."""
 
     def build():
         f = fields_of(owner)[name]
@@ -110,8 +119,11 @@ def from_field(owner: str, name: str, *decls: str, as_text=None, **kw):
             attrs["default"] = f.default if as_text is None else as_text(f.default)
         elif f.default_factory is dataclasses.MISSING:
             attrs["required"] = True
+        if choices is not None:
+            attrs["type"] = click.Choice(list(library(choices)))
         option = click.Option([*(decls or [f"--{name.replace('_', '-')}"]), name], **attrs, **kw)
         option.library_default = f"{owner}.{name}"  # where it came from (tests/test_cli.py)
+        option.library_choices = choices
         return option
 
     return lazy_option(build)
@@ -238,22 +250,22 @@ class Duration(click.ParamType):
 @main.command()
 @from_field(TRAIN, "data", type=click.Path(file_okay=False))
 @from_field(TRAIN, "out", type=click.Path())
-@from_field(TRAIN, "arch", type=click.Choice(["resnet50", "resnet18", "resnet34"]))
+@from_field(TRAIN, "arch", choices="pneumo_edge.model.netopts:ARCHS")
 @from_field(TRAIN, "weights")
 @from_field(TRAIN, "image_size", type=click.IntRange(32, 1024))
 @from_field(TRAIN, "time_budget", type=Duration(), as_text=Duration.text)
 @from_field(TRAIN, "epochs", type=click.IntRange(1))
 @from_field(TRAIN, "batch_size", type=click.IntRange(2))
 @from_field(TRAIN, "lr", type=Finite(0, min_open=True))
-@from_field(TRAIN, "optimizer", type=click.Choice(["adamw", "sgd"]))
+@from_field(TRAIN, "optimizer", choices="pneumo_edge.train.config:OPTIMIZERS")
 @from_field(TRAIN, "weight_decay", type=Finite(0))
 @from_field(TRAIN, "clip_grad", type=Finite(0))
-@from_field(TRAIN, "scheduler", type=click.Choice(["none", "step", "onecycle", "cosine"]))
+@from_field(TRAIN, "scheduler", choices="pneumo_edge.train.budget:SCHEDULES")
 @from_field(TRAIN, "warmup_epochs", type=Finite(0))
 @from_field(TRAIN, "class_weights")
-@from_field(TRAIN, "augment", type=click.Choice(["none", "basic", "strong"]))
-@from_field(TRAIN, "norm", type=click.Choice(["image", "imagenet"]))
-@from_field(TRAIN, "tta", type=click.Choice(["none", "flip"]))
+@from_field(TRAIN, "augment", choices="pneumo_edge.train.config:AUGMENTS")
+@from_field(TRAIN, "norm", choices="pneumo_edge.model.netopts:NORMS")
+@from_field(TRAIN, "tta", choices="pneumo_edge.model.netopts:TTAS")
 @from_field(TRAIN, "label_smoothing", type=Finite(0, 0.5))
 @from_field(TRAIN, "ema", type=Finite(0, 1, max_open=True))
 @from_field(TRAIN, "mixup", type=Finite(0))
@@ -271,11 +283,10 @@ class Duration(click.ParamType):
 @from_field(TRAIN, "proxy", choices="pneumo_edge.train.config:PROXIES")
 @from_field(TRAIN, "proxy_clusters", type=click.IntRange(2, 20))
 @from_field(TRAIN, "proxy_min_images", type=click.IntRange(1))
-@from_field(TRAIN, "select", type=click.Choice(["val_loss", "val_f1", "val_auroc",
-                                                "shifted_val_loss", "shifted_val_auroc"]))
+@from_field(TRAIN, "select", choices="pneumo_edge.train.config:SELECT")
 @from_field(TRAIN, "min_epochs", type=click.IntRange(1))
 @from_field(TRAIN, "threshold_for")
-@from_field(TRAIN, "threshold_on", type=click.Choice(["val+shifted", "val"]))
+@from_field(TRAIN, "threshold_on", choices="pneumo_edge.train.config:THRESHOLD_ON")
 @from_field(TRAIN, "positive_class")
 @from_field(TRAIN, "amp", "--amp/--no-amp")
 @from_field(TRAIN, "workers", type=click.IntRange(0))
@@ -410,11 +421,11 @@ def bench(model, runtime, batch, warmup, iters, max_time, data, limit, threads, 
 @click.option("--explain", type=click.Path(file_okay=False),
               help="Also write occlusion heatmaps (through the scoring runtime) and "
                    "explain.csv into this folder.")
-@from_field(SCORE, "explain_which", type=click.Choice(["positives", "all"]))
+@from_field(SCORE, "explain_which", choices="pneumo_edge.commands.explain:WHICH")
 @click.option("--force-explain", "explain_force", is_flag=True,
               help="Replace heatmaps and explain.csv already in the --explain folder.")
 @from_field(SCORE, "dicom_columns", metavar="TAG,...")
-@from_field(SCORE, "qc", type=click.Choice(["flag", "refuse", "off"]))
+@from_field(SCORE, "qc", choices="pneumo_edge.model.qc:MODES")
 @from_field(SCORE, "prevalence", type=Finite(0, 1, min_open=True, max_open=True))
 @click.option("--dicom-out", type=click.Path(file_okay=False), metavar="DIR",
               help="Per scored DICOM input, write a DICOM Structured Report (and with --explain "
@@ -462,7 +473,7 @@ def score(paths, model, runtime, batch, threshold, output, resume, workers, quie
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="Folder for the pictures and explain.csv (created if missing; nothing "
                    "else in it is touched).")
-@from_field(EXPLAIN, "method", type=click.Choice(["occlusion", "gradcam"]))
+@from_field(EXPLAIN, "method", choices="pneumo_edge.explain.methods:METHODS")
 @from_field(EXPLAIN, "runtime", type=click.Choice(RUNTIME_CHOICES))
 @from_field(EXPLAIN, "batch", type=click.IntRange(1))
 @click.option("--force", is_flag=True, help="Replace explain.csv and pictures of the same name.")
@@ -508,7 +519,7 @@ def listen(**opts):
 @click.argument("run", type=click.Path())
 @click.option("--data", required=True, type=click.Path(file_okay=False),
               help="The ImageFolder root RUN was trained on (its split is rebuilt from the card).")
-@from_field(CALIBRATE, "gate", type=click.Choice(["auto", "mahalanobis", "energy"]))
+@from_field(CALIBRATE, "gate", choices="pneumo_edge.train.recalibrate:GATE_CHOICES")
 @from_field(CALIBRATE, "false_flag_rate", type=Finite(0, 0.5, min_open=True, max_open=True))
 @from_field(CALIBRATE, "device")
 @friendly
@@ -548,7 +559,8 @@ def calibrate(run, data, **opts):
 @tolerance_option("int8", "max_auc_delta", "--max-auc-delta-int8", type=Finite(0))
 @from_field(EXPORT, "int8", "--int8/--no-int8")
 @from_field(QUANT, "calib_images", type=click.IntRange(2))
-@from_field(QUANT, "method", "--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]))
+@from_field(QUANT, "method", "--calib-method",
+            choices="pneumo_edge.export.quantize:CALIB_METHODS")
 @from_field(QUANT, "calib_data", type=click.Path(file_okay=False))
 @click.option("--allow-int8-fail", is_flag=True,
               help="Exit 0 when only INT8 fails parity (it stays marked failed; auto skips it).")

@@ -209,6 +209,51 @@ def test_the_default_options_cannot_be_changed_in_place():
             setattr(instance, dataclasses.fields(instance)[0].name, None)
 
 
+def test_every_choice_list_is_the_library_table_that_validates_it():
+    """A choice option's values are the library's table (issue 18): none is restated in
+    cli.py, so adding a choice is one edit; --runtime's list is modeldir's runtimes and auto."""
+    from pneumo_edge.cli import RUNTIME_CHOICES
+
+    seen = 0
+    for name in main.commands:
+        for opt in command_options(name):
+            if not isinstance(opt.type, click.Choice):
+                continue
+            if list(opt.type.choices) == RUNTIME_CHOICES:
+                continue
+            seen += 1
+            assert getattr(opt, "library_choices", None), (name, opt.name)
+            assert list(opt.type.choices) == list(load(opt.library_choices)), (name, opt.name)
+    assert seen >= 13
+
+
+COLOURS = ("red", "green")  # a library table, for the test below
+
+
+def test_a_choice_option_offers_its_table_as_it_is_when_built(monkeypatch):
+    """from_field(..., choices="module:NAME") reads the table when the command first needs its
+    options: a value added to the table is offered, with no edit to the option."""
+    import dataclasses
+
+    from pneumo_edge.cli import Command, from_field
+
+    @dataclasses.dataclass
+    class Paint:
+        colour: str = dataclasses.field(default="red", metadata={"help": "Which."})
+
+    monkeypatch.setitem(globals(), "Paint", Paint)  # importable as module:Paint
+    monkeypatch.setitem(globals(), "COLOURS", (*COLOURS, "blue"))
+
+    @click.command(cls=Command)
+    @from_field(__name__ + ":Paint", "colour", choices=__name__ + ":COLOURS")
+    def cmd(colour):
+        click.echo(colour)
+
+    assert CliRunner().invoke(cmd, ["--colour", "blue"]).output == "blue\n"
+    res = CliRunner().invoke(cmd, ["--colour", "mauve"])
+    assert res.exit_code == 2 and "'red', 'green', 'blue'" in res.output
+
+
 def test_train_without_options_runs_the_library_defaults(monkeypatch, tmp_path):
     """The CLI's defaults, parsed back from how --help writes them (55m), are TrainConfig's."""
     from pneumo_edge.train import loop

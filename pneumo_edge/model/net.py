@@ -34,12 +34,8 @@ import torch
 from torch import nn
 
 from pneumo_edge.errors import ModelError
+from pneumo_edge.model.netopts import ARCHS, CALIBRATIONS, NORMS, OODS, TTAS
 
-ARCHS = ("resnet50", "resnet18", "resnet34")
-NORMS = ("imagenet", "image")
-TTAS = ("none", "flip")
-CALIBRATIONS = ("none", "temperature+bias")
-OODS = ("none", "mahalanobis", "energy")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's IMAGENET1K_V1 files, as the torch hub cache names them
