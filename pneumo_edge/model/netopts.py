@@ -6,7 +6,7 @@ must work where torch is not installed), so adding a value is one edit here."""
 #: torchvision ResNets :func:`pneumo_edge.model.net.build_model` builds (the card's ``arch``)
 ARCHS = ("resnet50", "resnet18", "resnet34")
 #: the card's ``net`` options (see pneumo_edge.model.net for what each does)
-NORMS = ("imagenet", "image")
+NORMS = ("image", "imagenet")
 TTAS = ("none", "flip")
 CALIBRATIONS = ("none", "temperature+bias")
 OODS = ("none", "mahalanobis", "energy")
