@@ -41,6 +41,8 @@ from PIL import Image
 
 from pneumo_edge.dicomnode.orthanc import Orthanc, free_port
 
+#: where the hand-written reading of the figures starts in the results file (kept on reruns)
+NOTES = "\n## Reading it"
 STAMP = re.compile(r"^(\S+Z) (.*)$")
 
 
@@ -103,11 +105,11 @@ def node_run(model: Path, files: list[Path], work: Path, runtime: str, batch: in
     try:
         _wait(lambda: any("listening as" in ln for ln in lines), node)
         ids = [pacs.upload(f) for f in files]
-        cpu0 = proc_cpu(node.pid, pacs.proc.pid)
+        cpu0 = proc_cpu(node.pid), proc_cpu(pacs.proc.pid)
         t0 = time.time()
         pacs.send_to_node(ids)
         _wait(lambda: sum(" sent " in ln and ".sr.dcm" in ln for ln in lines) >= len(files), node)
-        cpu = proc_cpu(node.pid, pacs.proc.pid) - cpu0
+        cpu = proc_cpu(node.pid) - cpu0[0], proc_cpu(pacs.proc.pid) - cpu0[1]
     finally:
         node.terminate()
         node.wait(120)
@@ -129,7 +131,7 @@ def node_run(model: Path, files: list[Path], work: Path, runtime: str, batch: in
     return len(files) / span, latencies, {"span": span, "run": sum(a for a, _ in stages),
                                           "commit": sum(b for _, b in stages),
                                           "receiving": last - first, "to_first": first - t0,
-                                          "cpu_node": cpu}
+                                          "cpu_node": cpu[0], "cpu_pacs": cpu[1]}
 
 
 def _wait(check, node, timeout: float = 900) -> None:
@@ -184,7 +186,9 @@ def main() -> None:
             print(f"round {r + 1}: score {score_ips:.1f}/s, node {node_ips:.1f}/s "
                   f"({node_ips / score_ips:.0%})", file=sys.stderr, flush=True)
     load_after = os.getloadavg()
-    args.out.write_text(report(args, runs, load_before, load_after))
+    old = args.out.read_text() if args.out.exists() else ""
+    notes = old[old.index(NOTES):] if NOTES in old else ""  # written by hand: kept
+    args.out.write_text(report(args, runs, load_before, load_after) + notes)
     print(args.out.read_text())
 
 
@@ -197,7 +201,8 @@ def report(args, runs, load_before, load_after) -> str:
     rows = "\n".join(
         f"| {i + 1} | {s:.1f} | {nd:.1f} | {nd / s:.0%} | {p['run'] / n * 1e3:.0f} ms | "
         f"{p['commit'] / n * 1e3:.0f} ms | {p['receiving']:.1f} s | "
-        f"{p['cpu_score'] / n * 1e3:.0f} ms | {p['cpu_node'] / n * 1e3:.0f} ms | {load:.1f} |"
+        f"{p['cpu_score'] / n * 1e3:.0f} ms | {p['cpu_node'] / n * 1e3:.0f} + "
+        f"{p['cpu_pacs'] / n * 1e3:.0f} ms | {load:.1f} |"
         for i, (s, nd, _, p, load) in enumerate(runs))
     return f"""# DICOM node throughput (benchmarks/node_throughput.py)
 
@@ -216,8 +221,8 @@ Node / score: median {float(np.median(ratios)):.0%} (range {min(ratios):.0%}-{ma
 The two per-image columns are the node's two pipeline stages (main thread: decode, model;
 commit thread: SR build and write with fsync, results.csv, moves), which overlap. CPU per
 image: user + system seconds, all threads: for score, its whole process less that of a score
-of one image (start, imports, model load); for the node, the node and Orthanc together
-(Orthanc sends the images and receives the SRs) from the store request to the last SR.
+of one image (start, imports, model load); for the node, the node's process + Orthanc's
+(Orthanc sends the images and receives the SRs), from the store request to the last SR.
 Receive-to-result latency per instance: p50 {p50:.2f} s, p95 {p95:.2f} s ({len(lat)} instances,
 all {n} sent at once).
 
