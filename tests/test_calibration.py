@@ -340,14 +340,11 @@ def test_eval_prevalence_needs_a_calibrated_model_and_a_rate(tiny_run, calibrate
             run_evaluation(rt, tiny_labelled, prevalence=bad)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20 item 4, for H-CARD (model/modeldir.py): "
-                   "AGREED_FIELDS do not cover card.metrics' gate threshold and calibration "
-                   "prevalence, so a card.json with other values runs with the file")
 def test_a_card_json_with_another_gate_threshold_or_prevalence_is_refused(calibrated_run,
                                                                           tmp_path):
     """The qc column uses the card's gate threshold, --prevalence its validation rate: a
     card.json that disagrees with the card inside the model file on either must be refused
-    like one that disagrees on the decision threshold (found: both are accepted)."""
+    like one that disagrees on the decision threshold (modeldir.AGREED_METRICS)."""
     pytest.importorskip("onnxruntime")
     from pneumo_edge.export.onnx import export_onnx
 

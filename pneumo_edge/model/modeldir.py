@@ -156,6 +156,10 @@ class Refused(ModelError):
 
 #: the card fields every copy of the card must agree on (what changes the answers)
 AGREED_FIELDS = ("classes", "positive_class", "image_size", "threshold", "arch", "net")
+#: the entries of the card's metrics a run reads, and their keys every copy must agree on: the
+#: input gate's threshold (the qc column) and the calibration's validation rate (--prevalence)
+AGREED_METRICS = {"ood": ("method", "threshold"),
+                  "calibration": ("method", "temperature", "bias", "prevalence")}
 #: largest JSON file read (card.json, the sidecar): a card is a few KiB
 JSON_CAP = 1 << 20
 
@@ -309,13 +313,22 @@ def agreed_card(file: str | os.PathLike, embedded: Card, card: Card | None,
     file = Path(file)
     if card is None:
         return embedded
-    for name in AGREED_FIELDS:
-        ours, theirs = getattr(card, name), getattr(embedded, name)
+    for name, ours, theirs in [*((n, getattr(card, n), getattr(embedded, n))
+                                 for n in AGREED_FIELDS), *_agreed_metrics(card, embedded)]:
         if ours != theirs:
             raise Refused(f"{file.parent / CARD_JSON} and {embedded_in or file} disagree on "
                           f"{name}: {ours!r} vs {theirs!r} "
                           f"({fix_hint(file.parent, _form_named(file))})")
     return card
+
+
+def _agreed_metrics(card: Card, embedded: Card):
+    """(name, card.json's value, the embedded card's) of each AGREED_METRICS value."""
+    for entry, keys in AGREED_METRICS.items():
+        ours, theirs = (c.metrics.get(entry) if isinstance(c.metrics.get(entry), dict) else {}
+                        for c in (card, embedded))
+        for k in keys:
+            yield f"metrics.{entry}.{k}", ours.get(k), theirs.get(k)
 
 
 def check_weights(file: str | os.PathLike, recorded: str | None,
