@@ -52,8 +52,15 @@ def cumulative(base: dict, steps) -> list[tuple[str, list[str]]]:
 
 
 #: the r50 suite's baseline: today's default recipe, every option spelled out (so a later
-#: change of a CLI default does not change the row), plus the cluster proxy and the shared cache
-R50 = {"--arch": "resnet50", "--weights": "none", "--image-size": "224", "--time-budget": "55m",
+#: change of a CLI default does not change the row), plus the cluster proxy and the shared cache.
+#: Its epochs are fixed at what the default's 55-minute budget gives on a quiet machine (8, the
+#: default run of 2026-11-30) instead of the budget itself: the budget sets the epochs from the
+#: first epoch's measured speed, so anything else on the two cores would change a row's epochs
+#: and so its result; fixed epochs make rows comparable whatever the load, and each row's
+#: seconds per epoch (history.csv) show whether it would fit the budget.
+R50_EPOCHS = 8
+R50 = {"--arch": "resnet50", "--weights": "none", "--image-size": "224", "--time-budget": "none",
+       "--epochs": str(R50_EPOCHS),
        "--batch-size": "32", "--lr": "0.001", "--optimizer": "adamw", "--weight-decay": "0.0001",
        "--clip-grad": "0", "--scheduler": "cosine", "--warmup-epochs": "1",
        "--class-weights": "auto", "--class-weight-power": "1", "--augment": "strong",
@@ -79,6 +86,10 @@ R50_CHANGES = [
 #: minutes a row costs besides its time budget (start, final evaluation past the budget's
 #: reserve, the cache check), for the estimate
 ROW_OVERHEAD_MIN = 4.0
+#: minutes one ResNet50 224 px epoch takes on this 2-core machine when it is quiet (training
+#: and the per-epoch validation; the default run of 2026-11-30: 6.0-6.5), for rows without a
+#: budget
+R50_EPOCH_MIN = 6.3
 
 
 def against(base: dict, changes) -> list[tuple[str, list[str]]]:
@@ -106,12 +117,17 @@ def row_state(out: Path) -> str:
 
 
 def budget_minutes(args: list[str]) -> float | None:
-    """The row's --time-budget in minutes (None without one)."""
+    """The row's --time-budget in minutes; for a ResNet50 row without one, its --epochs at
+    R50_EPOCH_MIN each; None otherwise."""
     from pneumo_edge.train.budget import parse_duration
 
     opts = dict(zip(args[::2], args[1::2]))
     seconds = parse_duration(opts["--time-budget"]) if "--time-budget" in opts else None
-    return seconds / 60 if seconds else None
+    if seconds:
+        return seconds / 60
+    if opts.get("--arch") == "resnet50" and opts.get("--epochs"):
+        return int(opts["--epochs"]) * R50_EPOCH_MIN
+    return None
 
 
 def estimate_hours(rows, out: Path) -> str:
