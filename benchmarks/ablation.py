@@ -6,10 +6,11 @@ acquisition cluster) with the minutes each row took and the load average around 
     python benchmarks/ablation.py --data ../shared/data/chest_xray --out runs/ablation \
         --suite small --md benchmarks/ABLATION.md
     python benchmarks/ablation.py --data ../shared/data/chest_xray --out runs/ablation-r50 \
-        --suite r50 --md runs/ablation-r50/table.md         # about 9 hours on 2 cores
+        --suite r50 --md runs/ablation-r50/table.md         # about 8 hours on 2 cores
 
 Suites: ``small`` adds the changes one by one (cumulative, ResNet18 128 px, 6 epochs); ``r50``
-is today's default recipe (ResNet50, 224 px, the 55-minute budget) with ``--proxy cluster``
+is today's default recipe (ResNet50, 224 px, 8 epochs: what its 55-minute budget gives) with
+``--proxy cluster``
 as the baseline, then one row per change, each against the baseline (not cumulative).
 
 Rows run sequentially (two cores: never run anything else meanwhile). Every row of a suite
