@@ -503,6 +503,7 @@ def explain(paths, model, out, method, runtime, batch, force):
 @from_field(LISTEN, "batch", type=click.IntRange(1))
 @from_field(LISTEN, "max_wait", type=Finite(0))
 @from_field(LISTEN, "runtime", type=click.Choice(RUNTIME_CHOICES))
+@from_field(LISTEN, "qc", choices="pneumo_edge.model.qc:MODES")
 @friendly
 def listen(**opts):
     """A DICOM node: receive CR/DX chest radiographs by C-STORE, score them in batches, write

@@ -159,13 +159,18 @@ def echo(port: int, aet: str = "MODALITY"):
             assoc.release()
 
 
-def score_csv(model: Path, files, tmp_path: Path) -> dict[str, float]:
-    """``pneumo-edge score`` on ``files``: SOP Instance UID -> p_PNEUMONIA."""
+def score_table(model: Path, files, tmp_path: Path, *args: str) -> list[dict]:
+    """``pneumo-edge score`` on ``files`` (with ``args``): its CSV's rows."""
     out = tmp_path / "score.csv"
     subprocess.run([sys.executable, "-m", "pneumo_edge", "score", *map(str, files), "--model",
-                    str(model), "-o", str(out), "-q"], cwd=REPO, check=True)
+                    str(model), "-o", str(out), "-q", *args], cwd=REPO, check=False)
     with open(out, newline="") as f:
-        return {r["sop_uid"]: float(r["p_PNEUMONIA"]) for r in csv.DictReader(f)}
+        return list(csv.DictReader(f))
+
+
+def score_csv(model: Path, files, tmp_path: Path) -> dict[str, float]:
+    """``pneumo-edge score`` on ``files``: SOP Instance UID -> p_PNEUMONIA."""
+    return {r["sop_uid"]: float(r["p_PNEUMONIA"]) for r in score_table(model, files, tmp_path)}
 
 
 def wait_until(check, timeout: float = 90, what: str = "") -> None:
@@ -313,6 +318,92 @@ def test_other_sop_classes_refused_unscoreable_ones_get_error_rows(tiny_exported
     for bad in (empty, frames):
         r = by_uid[sop_uid(bad)]
         assert not r["label"] and r["error"] and not r["dicom_sr"]
+
+
+def qc_cases(tmp_path: Path) -> list[Path]:
+    """A DX whose window leaves a blank image, a lateral DX (ViewPosition LL), a normal one."""
+    stored = np.minimum(picture(0).astype(np.uint16) * 16, 3999)
+    stored[0, 0] = 4095  # the window below leaves this pixel white, all the others black
+    blank = make(tmp_path / "blank.dcm", stored, WindowCenter=4050.0, WindowWidth=20.0)
+    return [blank, make(tmp_path / "lateral.dcm", picture(1).astype(np.uint16) * 16,
+                        ViewPosition="LL"), xray(tmp_path / "pa.dcm", 2)]
+
+
+def by_sop(table: list[dict]) -> dict[str, dict]:
+    return {r["sop_uid"]: r for r in table}
+
+
+def test_the_node_writes_score_s_row_and_qc_verdict_for_each_instance(tiny_exported,
+                                                                      tmp_path):
+    """Issue 20's qc column in the node (its worker, no network): each instance's row is
+    score's on the same file, qc included (blank window, lateral view, a normal PA), and its SR
+    records what ``score --dicom-out``'s SR records, the qc verdict included."""
+    from pneumo_edge.commands.score import _open
+    from pneumo_edge.dicomnode.store import Store
+    from pneumo_edge.dicomnode.worker import Worker
+    from pneumo_edge.model.qc import BLANK
+
+    files = qc_cases(tmp_path)
+    st = Store(tmp_path / "node")
+    for f in files:  # as Store.accept leaves them
+        (st.received / f"{sop_uid(f)}.dcm").write_bytes(f.read_bytes())
+    Worker(st, _open(str(tiny_exported), "onnx", print), send=False, log=print).score(
+        st.pending())
+    node = by_sop(rows(tmp_path / "node"))
+    score = by_sop(score_table(tiny_exported, files, tmp_path, "--runtime", "onnx",
+                               "--dicom-out", str(tmp_path / "dcm")))
+    blank, lateral, pa = (sop_uid(f) for f in files)
+    assert node[blank]["qc"] == BLANK and node[blank]["label"]
+    assert node[lateral]["qc"] == "lateral view (ViewPosition LL)"
+    assert node[pa]["qc"] == ""
+    assert list(node[pa]) == list(score[pa])  # the same header
+    for uid in (blank, lateral, pa):
+        drop = ("path", "dicom_sr")
+        assert {k: v for k, v in node[uid].items() if k not in drop} == \
+            {k: v for k, v in score[uid].items() if k not in drop}
+        assert read_result(node[uid]["dicom_sr"]) == read_result(score[uid]["dicom_sr"])
+    assert f"input quality: {BLANK}" in read_result(node[blank]["dicom_sr"])["parameters"]
+
+
+def test_listen_qc_refuse_makes_flagged_instances_error_rows_without_sr(tiny_exported,
+                                                                        tmp_path):
+    files = qc_cases(tmp_path)
+    node = Node(tiny_exported, tmp_path / "node", free_port(), "--qc", "refuse")
+    try:
+        assert store(node.port, files) == [0, 0, 0]
+        wait_until(lambda: len(rows(tmp_path / "node")) == 3, what="3 rows")
+    finally:
+        assert node.stop() == 0
+    got = by_sop(rows(tmp_path / "node"))
+    score = by_sop(score_table(tiny_exported, files, tmp_path, "--qc", "refuse"))
+    blank, lateral, pa = (sop_uid(f) for f in files)
+    for uid in (blank, lateral):
+        assert got[uid]["error"].startswith("refused by --qc refuse: ") and got[uid]["qc"]
+        assert not got[uid]["label"] and not got[uid]["p_PNEUMONIA"]
+        assert not got[uid]["dicom_sr"] and not (tmp_path / "node" / "dicom" / uid).exists()
+    assert got[pa]["label"] and got[pa]["dicom_sr"] and not got[pa]["qc"]
+    for uid in (blank, lateral, pa):
+        assert {k: v for k, v in got[uid].items() if k not in ("path", "dicom_sr")} == \
+            {k: v for k, v in score[uid].items() if k != "path"}
+    assert "qc flagged 2" in node.log
+
+
+def test_a_results_csv_with_another_header_is_refused_saying_what_to_do(tiny_exported,
+                                                                         tmp_path):
+    """A results.csv written before the qc column (or by another model) is not appended to;
+    the message says how to go on."""
+    from pneumo_edge.commands.score import _open
+    from pneumo_edge.dicomnode.store import Store
+    from pneumo_edge.dicomnode.worker import Worker
+    from pneumo_edge.errors import PneumoError
+
+    st = Store(tmp_path / "node")
+    old = "path,label,p_NORMAL,p_PNEUMONIA,study_uid,series_uid,sop_uid,dicom_sr,error\n"
+    (st.out / "results.csv").write_text(old)
+    with pytest.raises(PneumoError, match=r"results\.csv: its header is not this node's .*qc"
+                       r".*another --out folder.*move results\.csv aside"):
+        Worker(st, _open(str(tiny_exported), "onnx", print), send=False, log=print)
+    assert (st.out / "results.csv").read_text() == old
 
 
 def test_garbage_on_the_socket_does_not_stop_the_node(tiny_exported, tmp_path):

@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from pneumo_edge.commands.options import SCORE_DEFAULTS
 from pneumo_edge.dicomnode.scp import Limits
 from pneumo_edge.errors import UsageError
 
@@ -41,6 +42,9 @@ class NodeConfig:
     max_wait: float = _opt(2.0, "Seconds the oldest received instance waits for a fuller "
                            "batch.")
     runtime: str = _opt("auto", "auto picks what score would pick.")
+    qc: str = _opt(SCORE_DEFAULTS.qc, "Input quality gate, as score's: flag (keep the label, "
+                   "reasons in results.csv's qc column and in the SR), refuse (flagged "
+                   "instances become error rows and get no SR) or off.")
     limits: Limits = field(default_factory=Limits)
 
 
@@ -72,11 +76,15 @@ def run_node(cfg: NodeConfig, log=None, ready=None) -> int:
     from pneumo_edge.dicomnode.scp import Handlers, make_ae
     from pneumo_edge.dicomnode.store import Store
     from pneumo_edge.dicomnode.worker import Worker, wait_for_batch
+    from pneumo_edge.model.qc import uncalibrated_notice
 
     store = Store(cfg.out)
     tempfile.tempdir = str(store.spool)  # pynetdicom spools C-STOREs here: same disk, no copy
     rt = _open(cfg.model, cfg.runtime, log)
-    worker = Worker(store, rt, send=dest is not None, explain=cfg.explain, log=log)
+    note = uncalibrated_notice(rt.card, cfg.model)
+    if note:
+        log(note)
+    worker = Worker(store, rt, send=dest is not None, explain=cfg.explain, log=log, qc=cfg.qc)
     sender = Sender(store.out, dest, cfg.ae_title, log) if dest else None
     waiting = sum(1 for _ in (store.out / "outbox").rglob("*.dcm"))
     if waiting and not dest:
@@ -124,9 +132,11 @@ def _serve(store, worker, sender, cfg, stop, arrived, server, wait_for_batch, lo
 
     def done(batch, rows, seconds: float) -> None:
         failed = sum(1 for r in rows if not r[1])
+        flagged = sum(1 for r in rows if r[worker.qc_column])
         log(f"scored {len(rows)} instances in {batch.seconds:.2f} s, committed in "
             f"{seconds:.2f} s" + (f" ({failed} could not be scored; see results.csv)"
-                                  if failed else ""))
+                                  if failed else "")
+            + (f"; qc flagged {flagged} (see the qc column)" if flagged else ""))
         if sender:
             sender.kick()
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumo_edge.atomic import fsync_dir
+from pneumo_edge.commands.options import SCORE_DEFAULTS
 from pneumo_edge.dicomnode.store import crash_point
 from pneumo_edge.errors import PneumoError
 from pneumo_edge.outputs.csvout import (
@@ -56,8 +57,11 @@ class Results:
         keep = 0
         for row, end in read_rows(self._f, path):
             if keep == 0 and row != head:
-                raise PneumoError(f"{path}: its header is not this model's {','.join(head)!r}; "
-                                  "use another --out folder for another model")
+                raise PneumoError(
+                    f"{path}: its header is not this node's {','.join(head)!r} (another "
+                    "model's, or written before a column was added, such as qc); use another "
+                    f"--out folder, or stop the node with SIGTERM, move {path.name} aside and "
+                    "start it again (a new results.csv is begun; what was scored stays scored)")
             if keep and on_row is not None:
                 on_row(row)
             keep = end
@@ -100,14 +104,19 @@ class _Rows:
 
 class Worker:
     def __init__(self, store, runtime, *, send: bool, explain: bool = False,
-                 workers: int | None = None, log=print):
+                 workers: int | None = None, log=print, qc: str = SCORE_DEFAULTS.qc):
+        """``qc``: ``--qc`` flag, refuse or off, as score's (the same
+        :class:`pneumo_edge.model.qc.Gatekeeper` fills the ``qc`` column)."""
         self.store, self.rt, self.log, self.workers = store, runtime, log, workers
         self.send, self.explain = send, explain
         self.card = runtime.card
+        from pneumo_edge.model.qc import Gatekeeper
         from pneumo_edge.outputs.dicom_objects import SR_COLUMN, quiet
 
         quiet()  # in the main thread, before decode, sender and network threads start
-        self.head = header(self.card.classes, [*dicom_columns(1), SR_COLUMN])
+        self.gate = Gatekeeper(self.card, qc)
+        self.head = header(self.card.classes, ["qc", *dicom_columns(1), SR_COLUMN])
+        self.qc_column = self.head.index("qc")
         self.staging = store.out / "staging"
         self.ready = store.out / ("outbox" if send else "dicom")
         self.results = Results(store.out / "results.csv", self.head, self._recover_row)
@@ -141,7 +150,7 @@ class Worker:
         t0 = time.perf_counter()
         sink = _Rows()
         score_files([str(p) for p in files], self.rt, sink, batch=max(1, len(files)),
-                    workers=self.workers, dicom_tags=())
+                    workers=self.workers, dicom_tags=(), gate=self.gate)
         rows = [r[:-1] + [""] + r[-1:] for r in sink.rows]  # the SR column, before error
         todo = []
         for row, f in zip(rows, files):
@@ -182,9 +191,7 @@ class Worker:
             self.log(f"no result objects for {src.name}: the dataset's SOP Instance UID is "
                      "not the one it was sent with")
             return None
-        card = self.card
-        info = ResultInfo.from_runtime(self.rt, float(row[2 + card.positive_index]), row[1],
-                                       card.threshold, "card")
+        info = ResultInfo.from_row(self.rt, row, self.head, self.card.threshold, "card")
         try:
             heat = self._heatmap(src) if self.explain else None
         except Exception as exc:  # noqa: BLE001 -- one instance's heatmap never stops the node

@@ -107,6 +107,16 @@ class ResultInfo:
                    model_file=Path(runtime.path).name, runtime=runtime.name,
                    precision=runtime.precision, version=__version__, **extra)
 
+    @classmethod
+    def from_row(cls, runtime, row, head, threshold: float, threshold_source: str,
+                 **extra) -> ResultInfo:
+        """The SR's record of one scored CSV row (``head``: the CSV header): its label, its
+        positive-class probability and, when ``head`` has the ``qc`` column, its verdict;
+        ``score --dicom-out`` and the node both read their rows with this."""
+        qc = row[list(head).index("qc")] if "qc" in head else ""
+        return cls.from_runtime(runtime, float(row[2 + runtime.card.positive_index]), row[1],
+                                threshold, threshold_source, qc=qc, **extra)
+
     @property
     def present(self) -> bool:
         return self.label == self.positive_class
@@ -666,7 +676,7 @@ class DicomOutSink:
         self.inner, self.files, self.next = sink, files, 0
         self.out, self.rt, self.threshold = check_out_dir(out_dir), runtime, float(threshold)
         self.source, self.prevalence = source, prevalence
-        self.qc = list(head).index("qc") if "qc" in head else None
+        self.head = list(head)
         self.which, self.explained = explain_which, explained
         self.explainer = explained.sink.explainer if explained is not None else None
         self.log = log or (lambda m: None)
@@ -689,10 +699,8 @@ class DicomOutSink:
 
         if not row[1] or input_kind(path) != "dicom":
             return ""
-        card = self.rt.card
-        info = ResultInfo.from_runtime(self.rt, float(row[2 + card.positive_index]), row[1],
-                                       self.threshold, self.source, prevalence=self.prevalence,
-                                       qc=row[self.qc] if self.qc is not None else "")
+        info = ResultInfo.from_row(self.rt, row, self.head, self.threshold, self.source,
+                                   prevalence=self.prevalence)
         try:
             sr = object_paths(self.out, _sop_uid(path), info.model_sha256)[0]
             if is_current(sr, info):
