@@ -128,6 +128,41 @@ def test_resume_continues_from_last_epoch(tiny_dataset, tmp_path):
     assert len((out / "history.csv").read_text().splitlines()) == 3
 
 
+def _last_config(run) -> dict:
+    """The options the run in ``run`` was trained with, as its last.pt records them."""
+    return json.loads(torch.load(run / "last.pt", weights_only=True)["config"])
+
+
+@pytest.mark.parametrize("change,option", [
+    ({"seed": 7}, "--seed"),  # another split: test images could have been trained on
+    ({"val_fraction": 0.3}, "--val-fraction"),
+    ({"test_fraction": 0.3}, "--test-fraction"),
+    ({"jitter": 0.3}, "--jitter"),  # another recipe than the card would record
+    ({"lr": 0.01}, "--lr"),
+])
+def test_resume_refuses_options_that_shape_the_split_or_training(tiny_run, tmp_path, change,
+                                                                 option):
+    from pneumo_edge.errors import UsageError
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    cfg = TrainConfig(**{**_last_config(out), "out": str(out), "resume": True, **change})
+    with pytest.raises(UsageError, match=f"--resume: {option} was .* now"):
+        train(cfg)
+    assert (out / "last.pt").is_file()
+
+
+def test_resume_may_extend_the_run_and_move_it(tiny_run, tmp_path):
+    from pneumo_edge.train.rundir import changed_options
+
+    cfg = _last_config(tiny_run)
+    moved = TrainConfig(**{**cfg, "epochs": 9, "time_budget": None, "device": "cpu",
+                           "workers": 0, "cache": str(tmp_path / "c"), "resume": True})
+    assert changed_options(cfg, moved) == []
+    old = {k: v for k, v in cfg.items() if k not in ("jitter", "proxy")}  # before the options
+    assert changed_options(old, TrainConfig(**cfg)) == []
+
+
 def test_unreadable_images_are_skipped_named_and_counted(tmp_path, capsys):
     data = tmp_path / "d"
     write_labelled(data / "train", per_class=16)

@@ -102,6 +102,33 @@ def save_last(out, s, state, cfg) -> None:
     })
 
 
+#: the options a resumed run may change: how long it trains, where and how fast it runs, and
+#: what only the final evaluation reads. Every other option shapes the split (a changed --seed
+#: or --proxy would move images from the run's training set into its test set) or the
+#: training, and the card would record a recipe the network was not trained with.
+RESUME_MAY_CHANGE = frozenset({"epochs", "time_budget", "workers", "device", "amp", "resume",
+                               "force", "cache", "no_cache", "out", "threshold_for",
+                               "threshold_on", "calibrate"})
+#: what runs from before an option existed used, where it is not the option's default today
+_BEFORE = {"norm": "imagenet", "tta": "none"}
+
+
+def changed_options(old: dict, cfg) -> list[tuple[str, object, object]]:
+    """(option, value in the interrupted run's config, value now) for each option a resume
+    may not change; an option the old config lacks counts as what runs used before it existed
+    (its default, or ``_BEFORE``)."""
+    now = json.loads(json.dumps(asdict(cfg)))
+    out = []
+    for f in fields(cfg):
+        if f.name in RESUME_MAY_CHANGE:
+            continue
+        was = old[f.name] if f.name in old else json.loads(json.dumps(
+            _BEFORE.get(f.name, f.default)))
+        if was != now[f.name]:
+            out.append((f.name, was, now[f.name]))
+    return out
+
+
 def resume_state(out, s, cfg) -> dict:
     """Load last.pt into the model, EMA, optimizer and schedule in ``s``; the loop's state."""
     raw = modeldir.read_regular(out / LAST_PT)  # a FIFO or device there cannot hang us
@@ -110,12 +137,10 @@ def resume_state(out, s, cfg) -> dict:
     except Exception as exc:  # torch raises many types for a damaged file
         raise UsageError(f"{out / LAST_PT}: not a readable training state "
                          f"({str(exc).splitlines()[0][:120]})") from None
-    old = json.loads(last["config"])
-    before = {"norm": "imagenet", "tta": "none"}  # what runs from before these options used
-    for k in ("arch", "image_size", "data", "norm", "tta"):
-        if old.get(k, before.get(k)) != getattr(cfg, k):
-            raise UsageError(f"--resume: {k} was {old.get(k, before.get(k))!r} in {out}, "
-                             f"now {getattr(cfg, k)!r}")
+    for k, was, now in changed_options(json.loads(last["config"]), cfg):
+        raise UsageError(f"--resume: --{k.replace('_', '-')} was {was!r} in {out}, now {now!r} "
+                         "(a resumed run keeps the options that shape its split and its "
+                         "training; use another --out for another recipe)")
     s["model"].load_state_dict(last["model"])
     s["optimizer"].load_state_dict(last["optimizer"])
     s["scheduler"].load_state_dict(last["scheduler"])
