@@ -149,12 +149,15 @@ def existing_sr(out_dir, sop_uid: str, model_sha256: str) -> Path | None:
 
 # --- writing -------------------------------------------------------------------------------------
 
-def write_result_objects(source, info: ResultInfo, out_dir, heatmap_rgb: np.ndarray | None = None
-                         ) -> list[Path]:
+def write_result_objects(source, info: ResultInfo, out_dir, heatmap_rgb: np.ndarray | None = None,
+                         *, sync: bool = True) -> list[Path]:
     """Write the SR (and, with ``heatmap_rgb`` uint8 ``[H, W, 3]``, the SC before it) for the
     DICOM image ``source`` (a path or a pydicom Dataset; its pixel data is not used) under
     ``out_dir`` (created when missing, its parent must exist); returns the paths, SR first.
     An SR already there with the same threshold is kept (nothing is written).
+    ``sync`` False: nothing is fsynced and the files are written in place, not renamed in; for
+    a private folder whose caller fsyncs the files and their folders before relying on them
+    (the node's ``staging/``, a batch at a time: :mod:`pneumo_edge.dicomnode.worker`).
 
     :class:`DicomOutError`: this source cannot get objects (reason, no values); other
     :class:`PneumoError`: the files cannot be written."""
@@ -162,15 +165,15 @@ def write_result_objects(source, info: ResultInfo, out_dir, heatmap_rgb: np.ndar
     sr_path, sc_path = object_paths(out_dir, header.SOPInstanceUID, info.model_sha256)
     if is_current(sr_path, info):
         return [sr_path] + ([sc_path] if sc_path.is_file() else [])
-    _folder(Path(out_dir), sr_path.parent)
+    _folder(Path(out_dir), sr_path.parent, sync)
     written = []
     if heatmap_rgb is not None:
         sc = _build(build_sc, header, info, heatmap_rgb)
-        written.append(_save(sc, sc_path))
+        written.append(_save(sc, sc_path, sync))
     elif sc_path.is_file() and not sc_path.is_symlink():
         sc_path.unlink()  # the heatmap of the result being replaced (another threshold)
     sr = _build(result_sr, header, info)
-    return [_save(sr, sr_path), *written]
+    return [_save(sr, sr_path, sync), *written]
 
 
 def _build(fn, *args):
@@ -187,8 +190,9 @@ def _build(fn, *args):
                             f"({type(exc).__name__})") from None
 
 
-def _folder(out_dir: Path, folder: Path) -> None:
-    """Create ``out_dir`` (parent must exist) and ``folder`` in it; never through a link."""
+def _folder(out_dir: Path, folder: Path, sync: bool = True) -> None:
+    """Create ``out_dir`` (parent must exist) and ``folder`` in it; never through a link;
+    ``sync``: fsync the parent of each folder created."""
     for d in (out_dir, folder):
         if os.path.islink(d) or (d.exists() and not d.is_dir()):
             raise PneumoError(f"{d}: is a symbolic link or not a folder (--dicom-out)")
@@ -199,15 +203,27 @@ def _folder(out_dir: Path, folder: Path) -> None:
                 d.mkdir(exist_ok=True)
             except OSError as exc:
                 raise PneumoError(f"{d}: cannot create ({exc.strerror or exc})") from None
-            from pneumo_edge.atomic import fsync_dir
+            if sync:
+                from pneumo_edge.atomic import fsync_dir
 
-            fsync_dir(d.parent)
+                fsync_dir(d.parent)
 
 
-def _save(ds, path: Path) -> Path:
+def _save(ds, path: Path, sync: bool = True) -> Path:
+    """``ds`` as ``path``: atomically and fsynced, or (``sync`` False) written in place as a
+    new file (what was there is removed; never through a link), not fsynced."""
     from pneumo_edge.atomic import write_atomic
 
-    return write_atomic(path, lambda f: ds.save_as(f, enforce_file_format=True))
+    if sync:
+        return write_atomic(path, lambda f: ds.save_as(f, enforce_file_format=True))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        path.unlink(missing_ok=True)  # a link itself, never its target
+        with os.fdopen(os.open(path, flags, 0o666), "wb") as f:
+            ds.save_as(f, enforce_file_format=True)
+    except OSError as exc:
+        raise PneumoError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    return path
 
 
 def _evidence(source):
