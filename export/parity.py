@@ -332,9 +332,14 @@ def smallest_passing(report: dict) -> dict[str, dict]:
             continue
         got, p = entry["smallest_passing"], entry["precision"]
         for k in entry["failed"]:
+            value = got.get(k)
+            if k == "ood_agreement":  # the gate's flags are held to the labels' min_agreement
+                k, value = "min_agreement", entry["ood"].get("flag_agreement")
+            if value is None:  # no figure would pass (e.g. the file has no ood output)
+                continue
             pick = min if k == "min_agreement" else max
             old = need.setdefault(p, {}).get(k)
-            need[p][k] = got[k] if old is None else pick(old, got[k])
+            need[p][k] = value if old is None else pick(old, value)
     return need
 
 

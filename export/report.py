@@ -51,6 +51,11 @@ def _num(v, fmt: str = ".4f") -> str:
 
 
 def _why(key: str, e: dict) -> str:
+    if key == "ood_agreement":  # the gate (qc) output, held to the labels' min_agreement
+        g, tol = e["ood"], e["tolerance"]["min_agreement"]
+        if "flag_agreement" not in g:
+            return f"qc output: {g.get('reason', 'failed')}"
+        return f"qc flags agree {100 * g['flag_agreement']:.2f}% < {100 * tol:.2f}%"
     tol, got = e["tolerance"][key], e["smallest_passing"][key]
     if key == "max_abs":
         return f"max|dp| {got:.3g} > {tol:.3g}"
