@@ -42,6 +42,7 @@ def test_a_form_whose_gate_flags_other_images_fails_with_its_reason(gated_export
                                                                     capsys):
     from pneumo_edge.export.main import check_parity
     from pneumo_edge.export.parity import default_tolerances, parity_images
+
     from pneumo_edge.model.modeldir import read_card
 
     run = copy_run(gated_export)
