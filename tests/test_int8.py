@@ -36,13 +36,21 @@ def test_export_writes_a_quantized_int8_file_with_the_io_contract(tiny_exported)
     proto = onnx.load(str(path))
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
-    # the start (cast + normalisation) and the softmax stay float: none of those nodes reads a
-    # dequantized tensor, and the softmax reads the float logits of the Gemm
+    # the start (cast + normalisation) and the tail after the last Conv stay float: the start
+    # reads no dequantized tensor, no tail node's output is quantized again, and the softmax
+    # reads the float logits of the Gemm
     producers = {o: n.op_type for n in proto.graph.node for o in n.output}
     kept = float_nodes(onnx.load(str(tiny_exported / modeldir.ONNX_FP32)))
     by_name = {n.name: n for n in proto.graph.node}
     assert len(kept) >= 8 and all(name in by_name for name in kept)
-    for name in kept:
+    order = {n.name: i for i, n in enumerate(proto.graph.node)}
+    first_conv = ops.index("Conv")
+    start = [name for name in kept if order[name] < first_conv]
+    requantized = {n.input[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    assert start and len(start) < len(kept)
+    for name in set(kept) - set(start):
+        assert not set(by_name[name].output) & requantized, name
+    for name in start:
         assert all(producers.get(i) != "DequantizeLinear" for i in by_name[name].input), name
     softmax = next(n for n in proto.graph.node if n.op_type == "Softmax")
     assert producers[softmax.input[0]] == "Gemm"

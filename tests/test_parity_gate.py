@@ -16,7 +16,7 @@ pytest.importorskip("torch", reason="calibrating the tiny model needs torch")
 
 @pytest.fixture(scope="module")
 def gated_export(tiny_run, tiny_dataset, tmp_path_factory):
-    """The tiny model with a Mahalanobis gate, exported to ONNX fp32 and fp16 (read-only)."""
+    """The tiny model with a Mahalanobis gate, exported to ONNX fp32, fp16, INT8 (read-only)."""
     from conftest import copy_model_dir
     from pneumo_edge.export.main import run_export
     from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
@@ -24,7 +24,7 @@ def gated_export(tiny_run, tiny_dataset, tmp_path_factory):
     run = copy_model_dir(tiny_run, tmp_path_factory.mktemp("gated") / "run")
     opts = CalibrateOptions(gate="mahalanobis", device="cpu")
     assert run_calibrate(run, tiny_dataset, opts, log=lambda m: None) == 0
-    assert run_export(run, int8=False, skip_parity=True) == 0
+    assert run_export(run, skip_parity=True) == 0
     return run
 
 
@@ -49,7 +49,7 @@ def test_a_form_whose_gate_flags_other_images_fails_with_its_reason(gated_export
     card = read_card(run)
     images = parity_images(card, None)
     _scale_whitening(run / "model.onnx", 3.0)  # distances x9: most images flagged
-    skip = {"onnx-int8": "not built for this test"}
+    skip = {"onnx-int8": "not this test's subject"}
     assert check_parity(run, card, images, skip=skip) == 1
     out, err = capsys.readouterr()
     entry = json.loads((run / "parity.json").read_text())["forms"]["onnx"]
@@ -65,3 +65,21 @@ def test_a_form_whose_gate_flags_other_images_fails_with_its_reason(gated_export
     for k, v in opts.items():
         tol[k.rsplit("-", 1)[1]].min_agreement = float(v)
     assert check_parity(run, card, images, tol, skip=skip) == 0
+
+
+def test_int8_keeps_the_calibration_and_the_gate_float(gated_export):
+    """The calibration map and the gate's distance run after the classifier: quantized, they
+    round the calibrated logits before the softmax, and the whitened features, to 8 bits."""
+    from pneumo_edge.model import modeldir
+
+    proto = onnx.load(str(gated_export / modeldir.ONNX_INT8))
+    nodes = list(proto.graph.node)
+    producers = {o: n.op_type for n in nodes for o in n.output}
+    last_conv = max(i for i, n in enumerate(nodes) if n.op_type == "Conv")
+    tail = nodes[last_conv + 1:]
+    assert {"MatMul", "ReduceSum", "Softmax"} <= {n.op_type for n in tail}
+    requantized = {n.input[0] for n in nodes if n.op_type == "QuantizeLinear"}
+    for n in tail:
+        assert not set(n.output) & requantized, (n.op_type, n.name)
+    softmax = next(n for n in tail if n.op_type == "Softmax")
+    assert producers[softmax.input[0]] != "DequantizeLinear"
