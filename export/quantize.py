@@ -120,8 +120,9 @@ def calibration_pixels(card: Card, opts: QuantOptions, warn=None) -> tuple[np.nd
 def float_nodes(proto) -> list[str]:
     """Names of the nodes that stay float: everything before the first Conv (cast and
     normalisation) and everything after the last one: the last block's residual sum, the
-    pooling, the classifier, the calibration map, the softmax and the gate's distance (a few
-    thousand multiply-adds against the convolutions' billions). Quantized, the tail rounds the
+    pooling, the classifier, the calibration map, the softmax and the gate's distance (the
+    gate's 2048 x 2048 whitening is ~8 million multiply-adds per image for a ResNet50, ~0.2 % of
+    its convolutions' ~4 billion). Quantized, the tail rounds the
     logits and the calibrated logits to an 8-bit grid before the softmax, and the gate's
     whitened features and their squares too: on the real ResNet50 its INT8 file then flagged 22
     of 782 validation images differently from torch."""
