@@ -25,17 +25,26 @@ from common import machine
 
 
 def scores(model, pixels: np.ndarray, gate: dict) -> dict:
-    """{score name: [N]}: the network's own ood output, and energy from the logits."""
+    """{score name: [N]}: the network's own ood output, energy from the logits and, when the
+    network's gate joins the Mahalanobis distance with the orientation probe, the distance
+    alone (from the network's own buffers); one forward pass (the steps of
+    ``XrayNet.outputs``: its ood output is ``_ood`` of these features and logits)."""
     import torch
-    from pneumo_edge.train.calibrate import energy, split_outputs
+    from pneumo_edge.train.calibrate import COMBINED, energy, mahalanobis
 
-    out = {gate["method"]: [], "energy": []}
+    parts = {"ood": [], "feats": [], "logits": []}
     with torch.no_grad():
         for i in range(0, len(pixels), 64):
-            _, ood = model.outputs(torch.from_numpy(np.ascontiguousarray(pixels[i:i + 64])))
-            out[gate["method"]].append(ood.numpy())
-    out[gate["method"]] = np.concatenate(out[gate["method"]])
-    out["energy"] = energy(split_outputs(model, pixels, "cpu")["logits"])
+            _, _, feats, z = model._deployed(
+                torch.from_numpy(np.ascontiguousarray(pixels[i:i + 64])))
+            for k, v in (("ood", model._ood(feats, z.float())), ("feats", feats),
+                         ("logits", z)):
+                parts[k].append(v.float().numpy().astype(np.float64))
+    parts = {k: np.concatenate(v) for k, v in parts.items()}
+    out = {gate["method"]: parts["ood"], "energy": energy(parts["logits"])}
+    if gate["method"] == COMBINED:
+        out["mahalanobis"] = mahalanobis(parts["feats"], model.ood_means.double().numpy(),
+                                         model.ood_whiten.double().numpy())
     return out
 
 
@@ -114,6 +123,20 @@ def calibration_choice(model, card, parts: dict) -> list[dict]:
     return rows
 
 
+def probe_text(gate: dict) -> str:
+    """What the report says about the gate's orientation probe (empty without one)."""
+    o = gate.get("orientation")
+    if not o:
+        return ""
+    c = gate["comparison"]
+    return (f" The gate is the larger of the Mahalanobis distance and the orientation probe's "
+            f"term (logit threshold {o['threshold']:.3g}, fitted on {o['images']['upright']} "
+            f"training X-rays and as many upside down or turned a quarter): the probe alone "
+            f"flags {o['val_flagged']:.2%} of validation, both together "
+            f"{c[gate['method']]['val_flagged']:.2%}; the distance alone at its own threshold "
+            f"({c['mahalanobis']['threshold']:.4g}) is the `mahalanobis` row.")
+
+
 def report(rows, cost, card, run, data, started, calib=()) -> str:
     m = machine()
     g = card.metrics["ood"]
@@ -121,7 +144,8 @@ def report(rows, cost, card, run, data, started, calib=()) -> str:
              (f"Model {run} (trained on {data}); gate in the network: **{g['method']}**, "
              f"threshold {g['threshold']:.4g} at {g['false_flag_rate']:.1%} false flags on "
              f"validation. Flagged = blank check or score above its threshold (the qc column); "
-             "ROC AUC = the score separating the set from the internal test X-rays."), "",
+             "ROC AUC = the score separating the set from the internal test X-rays."
+             + probe_text(g)), "",
              "| set | score | n | flagged | ROC AUC |", "|---|---|---:|---:|---:|"]
     for r in rows:
         auc = "" if r["roc_auc"] is None else f"{r['roc_auc']:.3f}"

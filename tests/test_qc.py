@@ -216,3 +216,44 @@ def test_prevalence_outside_zero_one_is_a_usage_error(bad):
     card = _card(calibration="temperature+bias")
     with pytest.raises(UsageError, match="not a rate strictly between 0 and 1"):
         qc.Gatekeeper(card, prevalence=bad)
+
+
+@pytest.fixture(scope="module")
+def oriented_xray_run(xray_run, tmp_path_factory):
+    """The sample X-ray model calibrated again with the orientation probe in its gate."""
+    from conftest import copy_model_dir
+    from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
+
+    run = copy_model_dir(xray_run, tmp_path_factory.mktemp("oriented_xray") / "run")
+    run_calibrate(run, SAMPLES, CalibrateOptions(device="cpu", gate="mahalanobis+orientation"),
+                  log=lambda m: None)
+    return run
+
+
+def test_orientation_probe_flags_upside_down_sample_xrays(xray_run, oriented_xray_run):
+    """The probe's term is larger on the sample X-rays turned than upright (its own training
+    images among them), and the combined gate flags upside-down films the distance alone
+    passed, while passing the upright ones as before."""
+    import torch
+    from pneumo_edge.train.calibrate import turn
+
+    from pneumo_edge.evaluation.metrics import roc_auc
+    from pneumo_edge.model.torchload import load_model
+
+    upright = _samples()
+    flipped = np.ascontiguousarray(turn(upright, "upside_down"))
+    turned = np.ascontiguousarray(np.concatenate([flipped, turn(upright, "rotated_90")]))
+    model, card = load_model(oriented_xray_run)
+    with torch.no_grad():
+        terms = [((model.features(model.normalise(torch.from_numpy(x))) - model.ood_means[0])
+                  @ model.ood_orient)[:, 0].numpy() for x in (upright, turned)]
+    truth = np.r_[np.zeros(len(terms[0]), bool), np.ones(len(terms[1]), bool)]
+    assert roc_auc(truth, np.r_[terms[0], terms[1]]) > 0.9
+    assert card.metrics["ood"]["orientation"]["train_accuracy"] > 0.9
+    _, _, ood = _scores(oriented_xray_run, upright)
+    assert sum(v == "" for v in qc.verdicts(card, upright, ood)) >= 0.9 * len(upright)
+    old_card, _, old_ood = _scores(xray_run, flipped)
+    card, _, ood = _scores(oriented_xray_run, flipped)
+    old = np.array([v != "" for v in qc.verdicts(old_card, flipped, old_ood)])
+    new = np.array([v != "" for v in qc.verdicts(card, flipped, ood)])
+    assert new.sum() > old.sum() and new.mean() >= 0.5, (old.mean(), new.mean())

@@ -9,7 +9,11 @@ selection without touching the weights:
   families made from the validation images and from files the installed packages ship
   (:func:`ood_families`); the better one (mean flag rate over the families, then mean ROC AUC)
   goes into the network, its threshold set on validation at ``rate`` false flags (default
-  0.5 %: :data:`FALSE_FLAG_RATE`).
+  0.5 %: :data:`FALSE_FLAG_RATE`);
+- the orientation probe (:func:`fit_probe`): a logistic regression on the pooled features of
+  upright training X-rays against the same images upside down or turned a quarter, whose logit
+  joins the Mahalanobis distance in one score (``mahalanobis+orientation``,
+  :func:`combined_thresholds`): upside-down films are where the distance alone is weakest.
 
 :func:`calibrate_network` returns a new network (options ``calibration`` and ``ood`` set) and
 the card entries; training (train/final.py) and ``pneumo-edge calibrate`` both call it.
@@ -24,7 +28,18 @@ from pneumo_edge.evaluation.metrics import roc_auc
 from pneumo_edge.model import calibration as cal
 from pneumo_edge.model.qc import FALSE_FLAG_RATE
 
-GATES = ("mahalanobis", "energy")
+COMBINED = "mahalanobis+orientation"
+GATES = ("mahalanobis", "energy", COMBINED)
+#: the orientation probe's share of the false-flag budget on validation; the Mahalanobis
+#: threshold takes what is left, so that both together flag at most the rate
+PROBE_SHARE = 0.5
+#: upright training X-rays the probe is fitted on, each also turned once (:data:`TURNS`)
+PROBE_IMAGES = 1000
+#: the turns, in rotation: upside down (a vertical flip) half the time, a quarter turn either
+#: way the other half
+TURNS = ("upside_down", "rotated_90", "upside_down", "rotated_270")
+#: L2 penalty of the probe (on standardised features, per image of the mean loss)
+PROBE_L2 = 1e-3
 
 
 @torch.no_grad()
@@ -76,31 +91,122 @@ def threshold_at(scores: np.ndarray, rate: float) -> float:
     return float(s[min(max(keep, 0), len(s) - 1)])
 
 
-def compare_gates(val: dict, families: dict, gaussians, rate: float) -> dict:
+def turn(pixels: np.ndarray, kind: str) -> np.ndarray:
+    """uint8 ``[N, 1, S, S]`` upside down (``upside_down``: a vertical flip) or turned a
+    quarter (``rotated_90`` anticlockwise, ``rotated_270``)."""
+    if kind == "upside_down":
+        return pixels[:, :, ::-1, :]
+    return np.rot90(pixels, {"rotated_90": 1, "rotated_270": 3}[kind], axes=(2, 3))
+
+
+def fit_probe(model, pixels: np.ndarray, feats: np.ndarray, device, *, n: int = PROBE_IMAGES,
+              l2: float = PROBE_L2, seed: int = 20) -> dict:
+    """The orientation probe: a logistic regression (L2) telling the pooled features of up to
+    ``n`` upright training X-rays (``pixels``, their features ``feats``) from those of the same
+    images turned (:data:`TURNS` in rotation, one turn each; features from the network's own
+    forward pass). ``weights`` [F] and ``bias`` act on raw features (logit > 0: turned)."""
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(pixels), size=min(n, len(pixels)), replace=False))
+    kinds = np.array([TURNS[i % len(TURNS)] for i in range(len(idx))])
+    turned = np.concatenate([turn(pixels[idx[kinds == k]], k) for k in dict.fromkeys(TURNS)])
+    x = np.concatenate([feats[idx], split_outputs(model, turned, device)["feats"]])
+    y = np.r_[np.zeros(len(idx)), np.ones(len(turned))]
+    weights, bias = logistic(x, y, l2)
+    return {"weights": weights, "bias": bias, "l2": l2,
+            "train_accuracy": float(np.mean(((x @ weights + bias) > 0) == y)),
+            "images": {"upright": len(idx),
+                       **{k: int(np.sum(kinds == k)) for k in dict.fromkeys(TURNS)}}}
+
+
+def logistic(x: np.ndarray, y: np.ndarray, l2: float):
+    """(weights [F], bias) of an L2-penalised logistic regression fitted by LBFGS on
+    standardised features (a floor on each feature's spread keeps near-constant ones from
+    getting huge raw weights), returned for the raw features."""
+    mu = x.mean(axis=0)
+    sd = x.std(axis=0)
+    sd = np.maximum(sd, 0.05 * sd.mean() + 1e-12)
+    xs = torch.from_numpy((x - mu) / sd)
+    yt = torch.from_numpy(np.asarray(y, np.float64))
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-9,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ w + b, yt) \
+            + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    weights = w.detach().numpy() / sd
+    return weights, float(b.detach()) - float(mu @ weights)
+
+
+def orientation_logit(feats: np.ndarray, probe: dict) -> np.ndarray:
+    return feats @ probe["weights"] + probe["bias"]
+
+
+def combined_thresholds(maha: np.ndarray, tilt: np.ndarray, rate: float,
+                        share: float = PROBE_SHARE):
+    """(gate threshold T, probe threshold t) on validation's Mahalanobis distances ``maha`` and
+    probe logits ``tilt``: t flags at most ``share`` of ``rate``, then T is the smallest
+    threshold at which the distance and the probe together flag at most ``rate``."""
+    t = threshold_at(tilt, rate * share)
+    return threshold_at(np.where(tilt > t, np.inf, maha), rate), t
+
+
+def combined(maha: np.ndarray, tilt: np.ndarray, gate_t: float, probe_t: float) -> np.ndarray:
+    """The graph's ``mahalanobis+orientation`` score: max(distance, T (1 + o - t)), above T
+    exactly where the distance is above T or the probe's logit above its threshold."""
+    return np.maximum(maha, gate_t * (1.0 + tilt - probe_t))
+
+
+def orientation_fold(probe: dict, means: np.ndarray, gate_t: float, probe_t: float):
+    """(weights [F], bias) of the probe's term ``T (1 + o - t)`` as a linear function of the
+    features minus the first class mean (what :meth:`XrayNet.set_gate` takes)."""
+    w = probe["weights"]
+    return gate_t * w, gate_t * (1.0 + probe["bias"] + float(means[0] @ w) - probe_t)
+
+
+def compare_gates(val: dict, families: dict, gaussians, rate: float, probe=None) -> dict:
     """Per score: its threshold on validation, the validation flag rate, and per family the flag
-    rate and the ROC AUC of validation (negative) against that family (positive)."""
+    rate and the ROC AUC of validation (negative) against that family (positive). With a
+    fitted ``probe``, also ``mahalanobis+orientation`` (and its probe's threshold and
+    validation flag rate alone)."""
     means, whiten = gaussians
-    score = {"mahalanobis": lambda o: mahalanobis(o["feats"], means, whiten),
-             "energy": lambda o: energy(o["logits"])}
+    sets = {"val": val, **families}
+    maha = {k: mahalanobis(o["feats"], means, whiten) for k, o in sets.items()}
+    scores = {"mahalanobis": maha, "energy": {k: energy(o["logits"]) for k, o in sets.items()}}
+    thresholds = {g: threshold_at(s["val"], rate) for g, s in scores.items()}
+    extra = {}
+    if probe is not None:
+        tilt = {k: orientation_logit(o["feats"], probe) for k, o in sets.items()}
+        gate_t, probe_t = combined_thresholds(maha["val"], tilt["val"], rate)
+        scores[COMBINED] = {k: combined(maha[k], tilt[k], gate_t, probe_t) for k in sets}
+        thresholds[COMBINED] = gate_t
+        extra = {"orientation_threshold": probe_t,
+                 "orientation_val_flagged": float(np.mean(tilt["val"] > probe_t))}
     out = {}
-    for name in GATES:
-        v = score[name](val)
-        thr = threshold_at(v, rate)
+    for name, s in scores.items():
+        v, thr = s["val"], thresholds[name]
         fam = {}
-        for fname, o in families.items():
-            s = score[name](o)
-            truth = np.r_[np.zeros(len(v), bool), np.ones(len(s), bool)]
-            fam[fname] = {"n": len(s), "flagged": float(np.mean(s > thr)),
-                          "roc_auc": roc_auc(truth, np.r_[v, s])}
+        for fname in families:
+            truth = np.r_[np.zeros(len(v), bool), np.ones(len(s[fname]), bool)]
+            fam[fname] = {"n": len(s[fname]), "flagged": float(np.mean(s[fname] > thr)),
+                          "roc_auc": roc_auc(truth, np.r_[v, s[fname]])}
         out[name] = {"threshold": thr, "val_flagged": float(np.mean(v > thr)), "families": fam,
                      "mean_flagged": float(np.mean([f["flagged"] for f in fam.values()])),
                      "mean_roc_auc": float(np.mean([f["roc_auc"] for f in fam.values()]))}
+    out.get(COMBINED, {}).update(extra)
     return out
 
 
 def choose_gate(comparison: dict) -> str:
-    return max(GATES, key=lambda g: (round(comparison[g]["mean_flagged"], 3),
-                                     comparison[g]["mean_roc_auc"]))
+    return max(comparison, key=lambda g: (round(comparison[g]["mean_flagged"], 3),
+                                          comparison[g]["mean_roc_auc"]))
 
 
 def calibrate_network(model, card, data: dict, device, *, gate: str = "auto",
@@ -119,21 +225,39 @@ def calibrate_network(model, card, data: dict, device, *, gate: str = "auto",
              "prevalence": float(np.mean(data["val"][1] == pos)),
              "threshold_before": card.threshold}
     means, whiten, shrink = fit_gaussians(outs["train"]["feats"], data["train"][1], ncls)
+    probe = fit_probe(model, data["train"][0], outs["train"]["feats"], device) \
+        if gate in ("auto", COMBINED) else None
     fams = {k: split_outputs(model, px, device)
             for k, px in ood_families(data["val"][0], card.image_size).items()}
-    comparison = compare_gates(outs["val"], fams, (means, whiten), rate)
+    comparison = compare_gates(outs["val"], fams, (means, whiten), rate, probe)
     chosen = choose_gate(comparison) if gate == "auto" else gate
     net = build_model(card.arch, ncls, **{**card.net, "calibration": cal.METHOD, "ood": chosen})
     net.load_state_dict(model.state_dict(), strict=False)
     net.set_calibration(fitted["temperature"], fitted["bias"], pos)
-    if chosen == "mahalanobis":
-        net.set_gate(means.astype(np.float32), whiten.astype(np.float32))
     entry = {"method": chosen, "threshold": comparison[chosen]["threshold"],
              "false_flag_rate": rate, "fitted_on": "val", "chosen_by": gate if gate != "auto"
              else "mean flag rate over the families, then mean ROC AUC",
              "shrinkage": shrink, "comparison": comparison}
+    if chosen in ("mahalanobis", COMBINED):
+        orient = None
+        if chosen == COMBINED:
+            c = comparison[COMBINED]
+            orient = orientation_fold(probe, means, c["threshold"], c["orientation_threshold"])
+            entry["orientation"] = probe_entry(probe, c, rate)
+        net.set_gate(means.astype(np.float32), whiten.astype(np.float32), orient)
     log(summary(calib, entry))
     return net.to(device).eval(), calib, entry
+
+
+def probe_entry(probe: dict, comparison: dict, rate: float) -> dict:
+    """The card's record of the orientation probe (``metrics.ood.orientation``)."""
+    return {"method": "logistic regression (L2) on the pooled features: upright training "
+                      "X-rays against the same images upside down or turned a quarter",
+            "threshold": comparison["orientation_threshold"],
+            "val_flagged": comparison["orientation_val_flagged"],
+            "budget": rate * PROBE_SHARE, "fitted_on": "train", "images": probe["images"],
+            "l2": probe["l2"], "train_accuracy": probe["train_accuracy"],
+            "term": "score = max(mahalanobis, threshold_gate * (1 + logit - threshold))"}
 
 
 def calibrate_card(model, card, data: dict, device, *, gate: str = "auto",
@@ -178,6 +302,12 @@ def summary(calib: dict, gate: dict) -> str:
                          f"Brier {b['brier']:.3f} -> {a['brier']:.3f}")
     lines.append(f"gate: {gate['method']} > {gate['threshold']:.4g} "
                  f"({gate['false_flag_rate']:.1%} false flags on val)")
+    if "orientation" in gate:
+        o = gate["orientation"]
+        lines.append(f"  orientation probe: logit > {o['threshold']:.3g} flags "
+                     f"{o['val_flagged']:.2%} of val alone (fitted on {o['images']['upright']}"
+                     f" training X-rays and as many turned; train accuracy "
+                     f"{o['train_accuracy']:.3f})")
     for g, c in gate["comparison"].items():
         fams = ", ".join(f"{k} {v['flagged']:.0%}" for k, v in c["families"].items())
         lines.append(f"  {g}: flags {fams}; mean ROC AUC {c['mean_roc_auc']:.3f}")
@@ -186,13 +316,17 @@ def summary(calib: dict, gate: dict) -> str:
 
 def ood_families(xrays: np.ndarray, size: int, seed: int = 20) -> dict:
     """uint8 [M, 1, S, S] sets a chest X-ray model must not label silently: made from the
-    X-rays ``xrays`` (upside down, inverted, mirrored and inverted, padded into a black border),
-    blank frames, noise, and the CT/MR slices and photographs the installed packages ship."""
+    X-rays ``xrays`` (upside down, turned a quarter either way, inverted, mirrored and inverted,
+    padded into a black border), blank frames, noise, and the CT/MR slices and photographs the
+    installed packages ship."""
     rng = np.random.default_rng(seed)
     x = xrays[: min(len(xrays), 200)]
     n = max(len(x), 8)
     fams = {"blank": _blank(rng, n, size), "noise": _noise(rng, n, size),
-            "upside_down": x[:, :, ::-1, :], "inverted": 255 - x,
+            "upside_down": turn(x, "upside_down"),
+            "rotated": np.concatenate([turn(x[0::2], "rotated_90"),
+                                       turn(x[1::2], "rotated_270")]),
+            "inverted": 255 - x,
             "mirrored_inverted": 255 - x[:, :, :, ::-1], "padded": _padded(x)}
     for name, images in (("ct_mr", shipped_ct_mr()), ("photo", shipped_photos())):
         if images:

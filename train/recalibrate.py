@@ -20,7 +20,7 @@ from pneumo_edge.errors import UsageError
 from pneumo_edge.model import modeldir
 from pneumo_edge.model.qc import FALSE_FLAG_RATE
 
-GATE_CHOICES = ("auto", "mahalanobis", "energy")
+GATE_CHOICES = ("auto", "mahalanobis", "energy", "mahalanobis+orientation")
 
 
 def _opt(default, help_text: str):
@@ -30,7 +30,9 @@ def _opt(default, help_text: str):
 @dataclass
 class CalibrateOptions:
     gate: str = _opt("auto", "Out-of-distribution score put into the network: mahalanobis, "
-                             "energy, or auto (the one that flags more of the test families).")
+                             "energy, mahalanobis+orientation (the distance joined by a probe "
+                             "for upside-down and quarter-turned films), or auto (the one that "
+                             "flags more of the test families).")
     false_flag_rate: float = _opt(FALSE_FLAG_RATE, "Share of validation X-rays the gate may flag; its "
                                          "threshold is set there.")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")

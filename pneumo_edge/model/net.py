@@ -24,6 +24,13 @@ were trained):
   Mahalanobis distance of the pooled features to the training classes' means under their shared
   (shrunk) covariance, divided by the feature count (about 1 for training images; buffers
   ``ood_means`` [C, F] and ``ood_whiten`` [F, F]). ``energy``: ``-logsumexp(logits)``.
+  ``mahalanobis+orientation``: the larger of that distance and an orientation probe's term,
+  ``T (1 + o - t)``, with ``o`` the logit of a linear probe on the pooled features telling
+  upright X-rays from upside-down and quarter-turned ones, ``t`` its threshold and ``T`` the
+  gate's threshold: one score, one threshold, crossed by the probe's term exactly where the
+  probe's own threshold is. The term is folded at fitting time into ``ood_orient`` [F, 1] and
+  ``ood_orient_bias`` [1], applied to the features minus the first class mean (small numbers
+  in the fp16 graph), in the weights' dtype and then float32, as the distance is.
 """
 
 from __future__ import annotations
@@ -67,9 +74,12 @@ class XrayNet(nn.Module):
         if calibration != "none":  # identity until set_calibration
             self.register_buffer("cal_scale", torch.ones(()))
             self.register_buffer("cal_bias", torch.zeros(classes))
-        if ood == "mahalanobis":  # zeros until set_gate: every score 0
+        if ood in ("mahalanobis", "mahalanobis+orientation"):  # zeros until set_gate: score 0
             self.register_buffer("ood_means", torch.zeros(classes, width))
             self.register_buffer("ood_whiten", torch.zeros(width, width))
+        if ood == "mahalanobis+orientation":
+            self.register_buffer("ood_orient", torch.zeros(width, 1))
+            self.register_buffer("ood_orient_bias", torch.zeros(1))
 
     def normalise(self, image: torch.Tensor) -> torch.Tensor:
         x = image.to(self.scale.dtype)
@@ -128,10 +138,16 @@ class XrayNet(nn.Module):
     def _ood(self, feats: torch.Tensor, z: torch.Tensor) -> torch.Tensor | None:
         if self.ood == "energy":
             return -torch.logsumexp(z, dim=1)
-        if self.ood == "mahalanobis":
+        if self.ood in ("mahalanobis", "mahalanobis+orientation"):
             diff = feats.unsqueeze(1) - self.ood_means  # [N, C, F]
             white = torch.matmul(diff, self.ood_whiten).float()
-            return (white * white).sum(dim=2).amin(dim=1)
+            score = (white * white).sum(dim=2).amin(dim=1)
+            if self.ood == "mahalanobis+orientation":
+                # in the weights' dtype, then float32 (a cast buffer would be folded into an
+                # fp32 constant, which the fp16 graph must not have)
+                tilt = torch.matmul(diff[:, 0, :], self.ood_orient) + self.ood_orient_bias
+                score = torch.maximum(score, tilt.float()[:, 0])
+            return score
         return None
 
     @torch.no_grad()
@@ -141,10 +157,16 @@ class XrayNet(nn.Module):
         self.cal_bias[positive] = bias
 
     @torch.no_grad()
-    def set_gate(self, means, whiten) -> None:
-        """Mahalanobis gate parameters (numpy or torch): class means [C, F], whitening [F, F]."""
+    def set_gate(self, means, whiten, orient=None) -> None:
+        """Mahalanobis gate parameters (numpy or torch): class means [C, F], whitening [F, F];
+        for ``mahalanobis+orientation`` also ``orient`` = (weights [F], bias): the probe's term
+        as a linear function of the features minus the first class mean."""
         self.ood_means.copy_(torch.as_tensor(means))
         self.ood_whiten.copy_(torch.as_tensor(whiten))
+        if self.ood == "mahalanobis+orientation":
+            weights, bias = orient
+            self.ood_orient.copy_(torch.as_tensor(weights).reshape(-1, 1))
+            self.ood_orient_bias.fill_(float(bias))
 
 
 def build_model(arch: str, num_classes: int, weights: str = "none", *, norm: str = "imagenet",
