@@ -122,6 +122,10 @@ def _session(ort, path, data: bytes, threads: int | None, cuda_id: int | None):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
+    if cuda_id is None:  # idle intra-op threads sleep instead of spinning: spinning burns the
+        # cores that decode threads and the DICOM node's threads need; measured alternated on
+        # 2 shared cores it cost score nothing and saved CPU under load (benchmarks/NODE.md)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     providers = [CPU] if cuda_id is None else [(CUDA, {"device_id": cuda_id}), CPU]
     try:
