@@ -10,15 +10,15 @@ clock runs from that request to the node's log line for the last SR Orthanc ackn
 (model load excluded here too). Latency: per instance, the node's "received" line to its
 "sent ... .sr.dcm" line (both stamped by the node, to the millisecond).
 
-    .venv/bin/python benchmarks/node_throughput.py [--model DIR] [--count 64] [--batch 16]
-        [--rounds 3]
+    .venv/bin/python benchmarks/node_throughput.py [--model DIR] [--runtime onnx]
+        [--case DIR RUNTIME LABEL ...] [--count 64] [--batch 16] [--rounds 3]
 
 The two are run alternately, ``--rounds`` times each (score, node, score, node, ...), and
 compared round by round as ratios: on a shared machine the load drifts, and a ratio of
 neighbouring runs is steadier than either figure.
 
-Needs Orthanc (Debian ``orthanc``). Without --model, a random-weight ResNet18 at 224 px is built
-(speed only). Writes benchmarks/NODE.md with the machine and the load average before and after.
+Needs Orthanc (Debian ``orthanc``). Without --model or --case, a random-weight ResNet18 at 224
+px is built (speed only). Each --case is one row of the summary table and one round table. Writes benchmarks/NODE.md with the machine and the load average before and after.
 """
 
 from __future__ import annotations
@@ -81,7 +81,13 @@ def plain_score(model: Path, folder: Path, runtime: str, batch: int) -> float:
     m = re.search(r"images in [\d.]+ s: ([\d.]+) images/s", proc.stderr)
     if not m:
         raise SystemExit(f"no images/s in score's output:\n{proc.stderr[-1000:]}")
-    return float(m.group(1))
+    return float(m.group(1)), _runtime_line(proc.stderr)
+
+
+def _runtime_line(stderr: str) -> str:
+    """What the runtime chose (score's "runtime: ..." line), e.g. ``onnx on cpu (...)``."""
+    m = re.search(r"^runtime: (.*)$", stderr, re.MULTILINE)
+    return m.group(1) if m else "?"
 
 
 def when(stamp: str) -> float:
@@ -156,75 +162,121 @@ def _random_model(out: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="Model directory (default: random ResNet18).")
+    ap.add_argument("--runtime", default="onnx")
+    ap.add_argument("--case", nargs=3, action="append", metavar=("DIR", "RUNTIME", "LABEL"),
+                    help="A model directory, runtime and label to measure, one table row "
+                         "each (repeat; replaces --model/--runtime). DIR 'random' is the "
+                         "random-weight ResNet18.")
     ap.add_argument("--count", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-wait", type=float, default=0.5)
-    ap.add_argument("--runtime", default="onnx")
     ap.add_argument("--rounds", type=int, default=3, help="score/node alternations")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("NODE.md"))
     args = ap.parse_args()
+    cases = args.case or [[str(args.model or "random"), args.runtime,
+                           str(args.model) if args.model else RANDOM]]
     load_before = os.getloadavg()
-    runs = []
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = args.model or _random_model(tmp / "model")
         files = write_inputs(tmp / "in", args.count)
         write_inputs(tmp / "one", 1)
-        cpu = children_cpu()
-        plain_score(model, tmp / "one", args.runtime, args.batch)
-        fixed = children_cpu() - cpu  # start, imports, model load: not per image
-        for r in range(args.rounds):
-            cpu = children_cpu()
-            score_ips = plain_score(model, tmp / "in", args.runtime, args.batch)
-            work = tmp / f"round{r}"
-            work.mkdir()
-            score_cpu = children_cpu() - cpu - fixed
-            node_ips, lat, parts = node_run(model, files, work, args.runtime, args.batch,
-                                            args.max_wait)
-            parts["cpu_score"] = score_cpu
-            runs.append((score_ips, node_ips, lat, parts, os.getloadavg()[0]))
-            print(f"round {r + 1}: score {score_ips:.1f}/s, node {node_ips:.1f}/s "
-                  f"({node_ips / score_ips:.0%})", file=sys.stderr, flush=True)
+        for c, (model, runtime, label) in enumerate(cases):
+            model = _random_model(tmp / "model") if model == "random" else Path(model)
+            runs = measure(model, runtime, files, tmp / f"case{c}", args, label)
+            results.append((label, runtime, runs))
     load_after = os.getloadavg()
     old = args.out.read_text() if args.out.exists() else ""
     notes = old[old.index(NOTES):] if NOTES in old else ""  # written by hand: kept
-    args.out.write_text(report(args, runs, load_before, load_after) + notes)
+    args.out.write_text(report(args, results, load_before, load_after) + notes)
     print(args.out.read_text())
 
 
-def report(args, runs, load_before, load_after) -> str:
-    lat = [x for r in runs for x in r[2]]
-    p50, p95 = np.percentile(lat, [50, 95]) if lat else (float("nan"), float("nan"))
-    ratios = [n / s for s, n, *_ in runs]
+RANDOM = "random-weight ResNet18 224 px"
+
+
+def measure(model: Path, runtime: str, files: list[Path], work: Path, args, label: str) -> list:
+    """``args.rounds`` alternations of plain score and the node on ``files``: per round
+    (score images/s, node images/s, latencies, node parts, load after, score's runtime line)."""
+    work.mkdir()
+    folder = files[0].parent
+    cpu = children_cpu()
+    plain_score(model, folder.with_name("one"), runtime, args.batch)
+    fixed = children_cpu() - cpu  # start, imports, model load: not per image
+    runs = []
+    for r in range(args.rounds):
+        cpu = children_cpu()
+        score_ips, chosen = plain_score(model, folder, runtime, args.batch)
+        score_cpu = children_cpu() - cpu - fixed
+        (work / f"round{r}").mkdir()
+        node_ips, lat, parts = node_run(model, files, work / f"round{r}", runtime, args.batch,
+                                        args.max_wait)
+        parts["cpu_score"] = score_cpu
+        runs.append((score_ips, node_ips, lat, parts, os.getloadavg()[0], chosen))
+        print(f"{label}, round {r + 1}: score {score_ips:.1f}/s, node {node_ips:.1f}/s "
+              f"({node_ips / score_ips:.0%}), load {os.getloadavg()[0]:.1f}", file=sys.stderr,
+              flush=True)
+    return runs
+
+
+def _median(xs) -> float:
+    return float(np.median(xs))
+
+
+def report(args, results, load_before, load_after) -> str:
     m = machine()
     n = args.count
-    rows = "\n".join(
-        f"| {i + 1} | {s:.1f} | {nd:.1f} | {nd / s:.0%} | {p['run'] / n * 1e3:.0f} ms | "
-        f"{p['commit'] / n * 1e3:.0f} ms | {p['receiving']:.1f} s | "
-        f"{p['cpu_score'] / n * 1e3:.0f} ms | {p['cpu_node'] / n * 1e3:.0f} + "
-        f"{p['cpu_pacs'] / n * 1e3:.0f} ms | {load:.1f} |"
-        for i, (s, nd, _, p, load) in enumerate(runs))
-    return f"""# DICOM node throughput (benchmarks/node_throughput.py)
-
-{n} CR DICOMs from the bundled samples, runtime {args.runtime}, batch {args.batch},
---max-wait {args.max_wait} s, model {'random-weight ResNet18 224 px' if not args.model else args.model}.
-The node figure runs from Orthanc's store request to the last SR Orthanc acknowledged
-(receive, fsync, decode, score, SR build and write, commit, C-STORE back to Orthanc, all on
-this machine, Orthanc included). `pneumo-edge score` (plain, CSV only) and the node run
-alternately on the same files, {len(runs)} times each.
+    summary, details, chosen = [], [], []
+    for label, runtime, runs in results:
+        chosen.append(f"{label}: {runs[0][5]}")
+        ratios = [nd / s for s, nd, *_ in runs]
+        lat = [x for r in runs for x in r[2]]
+        p50, p95 = np.percentile(lat, [50, 95]) if lat else (float("nan"), float("nan"))
+        loads = [r[4] for r in runs]
+        summary.append(
+            f"| {label} | {runtime}: {runs[0][5].split(' (')[0]} | {_median([r[0] for r in runs]):.1f} | "
+            f"{_median([r[1] for r in runs]):.1f} | **{_median(ratios):.0%}** "
+            f"({min(ratios):.0%}-{max(ratios):.0%}) | "
+            f"{_median([r[3]['cpu_score'] for r in runs]) / n * 1e3:.0f} ms | "
+            f"{_median([r[3]['cpu_node'] for r in runs]) / n * 1e3:.0f} + "
+            f"{_median([r[3]['cpu_pacs'] for r in runs]) / n * 1e3:.0f} ms | "
+            f"{p50:.2f} / {p95:.2f} s | {min(loads):.1f}-{max(loads):.1f} |")
+        rows = "\n".join(
+            f"| {i + 1} | {s:.1f} | {nd:.1f} | {nd / s:.0%} | {p['run'] / n * 1e3:.0f} ms | "
+            f"{p['commit'] / n * 1e3:.0f} ms | {p['receiving']:.1f} s | "
+            f"{p['cpu_score'] / n * 1e3:.0f} ms | {p['cpu_node'] / n * 1e3:.0f} + "
+            f"{p['cpu_pacs'] / n * 1e3:.0f} ms | {load:.1f} |"
+            for i, (s, nd, _, p, load, _) in enumerate(runs))
+        details.append(f"""### {label}, runtime {runtime}
 
 | round | score images/s | node images/s | node / score | node: decode + model per image | node: objects + commit per image | node: receiving all | CPU per image: score | CPU per image: node + Orthanc | load (1 min) after |
 |---|---|---|---|---|---|---|---|---|---|
 {rows}
+""")
+    return f"""# DICOM node throughput (benchmarks/node_throughput.py)
 
-Node / score: median {float(np.median(ratios)):.0%} (range {min(ratios):.0%}-{max(ratios):.0%}).
-The two per-image columns are the node's two pipeline stages (main thread: decode, model;
-commit thread: SR build and write with fsync, results.csv, moves), which overlap. CPU per
-image: user + system seconds, all threads: for score, its whole process less that of a score
-of one image (start, imports, model load); for the node, the node's process + Orthanc's
+{n} CR DICOMs from the bundled samples, batch {args.batch}, --max-wait {args.max_wait} s.
+The node figure runs from Orthanc's store request to the last SR Orthanc acknowledged
+(receive, fsync, decode, score, SR build and write, commit, C-STORE back to Orthanc, all on
+this machine, Orthanc included). `pneumo-edge score` (plain, CSV only) and the node run
+alternately on the same files with the same model and runtime, {args.rounds} times each;
+medians of the rounds.
+
+| model | runtime (what it ran) | score images/s | node images/s | node / score (range) | CPU per image: score | CPU per image: node + Orthanc | latency p50 / p95 | load (1 min) |
+|---|---|---|---|---|---|---|---|---|
+{chr(10).join(summary)}
+
+What each runtime ran (score's own line): {'; '.join(chosen)}.
+
+CPU per image: user + system seconds, all threads: for score, its whole process less that of a
+score of one image (start, imports, model load); for the node, the node's process + Orthanc's
 (Orthanc sends the images and receives the SRs), from the store request to the last SR.
-Receive-to-result latency per instance: p50 {p50:.2f} s, p95 {p95:.2f} s ({len(lat)} instances,
-all {n} sent at once).
+Latency: per instance, the node's "received" line to its "sent ... .sr.dcm" line (all {n}
+sent at once, so it includes the queue).
+
+{chr(10).join(details)}
+The per-image stage columns are the node's two pipeline stages (main thread: decode, model;
+commit thread: SR build and write with fsync, results.csv, moves), which overlap.
 
 Machine: {m.get('cpu', '?')}, {m.get('cores', os.cpu_count())} cores, Python {m['python']},
 {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Load average (1/5/15 min) before
