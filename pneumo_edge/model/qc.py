@@ -5,7 +5,9 @@ reasons, joined by ``; ``:
 - ``blank or near-constant image``: the model-size pixels span fewer than :data:`BLANK_RANGE`
   grey levels between their 1st and 99th percentiles;
 - ``out_of_distribution (score S > T)``: the network's own ``ood`` output (second graph output)
-  is above the threshold fitted on validation (the card's ``metrics["ood"]``);
+  is above the threshold fitted on validation (the card's ``metrics["ood"]``); for the gate
+  ``mahalanobis+orientation`` that one score is the distance or the orientation probe's term,
+  whichever is larger, so the reason cannot say which fired;
 - ``lateral view (ViewPosition LL)``: DICOM header evidence (ViewPosition LL, RL, LATERAL...).
 
 ``--qc flag`` (default) keeps the label and fills ``qc``; ``refuse`` turns a flagged row into an
