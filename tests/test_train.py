@@ -367,3 +367,21 @@ def test_no_import_cycle_runs_through_training():
     assert "pneumo_edge.commands.evaluate" not in {d for m, ds in graph.items() for d in ds
                                                    if m.startswith(("pneumo_edge.train",
                                                                     "pneumo_edge.export"))}
+
+
+def test_the_budget_keeps_time_for_the_calibration_and_the_gate():
+    """The final calibration and gate run ~7,700 images through a default run's network after
+    the final evaluation; the budget's reserve left them out, so runs ended past the budget."""
+    from pneumo_edge.train.loop import GATE_SHIPPED_IMAGES, _final_reserve, _gate_images
+
+    n = {"train": 3652, "val": 782, "test": 782}
+    data = {k: (None, np.zeros(v)) for k, v in n.items()}
+    cfg = TrainConfig(data="d", out="o")
+    images = _gate_images(cfg, data)
+    assert images == sum(n.values()) + 1000 + 7 * 200 + GATE_SHIPPED_IMAGES
+    assert _gate_images(TrainConfig(data="d", out="o", calibrate=False), data) == 0
+    s = {"gate_images": images, "val_images": 782}
+    eval_s = 38.6  # the default run's per-epoch val + shifted val (2 x 782 images)
+    without, with_gate = _final_reserve(eval_s, cfg), _final_reserve(eval_s, cfg, 0.0, s)
+    assert with_gate - without == pytest.approx(1.5 * eval_s / (2 * 782) * images)
+    assert 4 * 60 < with_gate - without < 6 * 60
