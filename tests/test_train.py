@@ -372,7 +372,8 @@ def test_no_import_cycle_runs_through_training():
 def test_the_budget_keeps_time_for_the_calibration_and_the_gate():
     """The final calibration and gate run ~7,700 images through a default run's network after
     the final evaluation; the budget's reserve left them out, so runs ended past the budget."""
-    from pneumo_edge.train.loop import GATE_SHIPPED_IMAGES, _final_reserve, _gate_images
+    from pneumo_edge.train.calibrate import GATE_SHIPPED_IMAGES
+    from pneumo_edge.train.loop import _final_reserve, _gate_images
 
     n = {"train": 3652, "val": 782, "test": 782}
     data = {k: (None, np.zeros(v)) for k, v in n.items()}

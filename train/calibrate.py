@@ -321,6 +321,18 @@ def summary(calib: dict, gate: dict) -> str:
     return "\n".join(lines)
 
 
+#: images in the families besides those made from validation X-rays: the CT/MR slices and
+#: photographs the packages ship, about
+GATE_SHIPPED_IMAGES = 70
+
+
+def family_images(n_val: int) -> int:
+    """About how many images :func:`ood_families` makes from ``n_val`` X-rays (for the time
+    budget): blank and noise frames (at least 8 each) and five sets from up to 200 of them."""
+    x = min(n_val, 200)
+    return 2 * max(x, 8) + 5 * x + GATE_SHIPPED_IMAGES
+
+
 def ood_families(xrays: np.ndarray, size: int, seed: int = 20) -> dict:
     """uint8 [M, 1, S, S] sets a chest X-ray model must not label silently: made from the
     X-rays ``xrays`` (upside down, turned a quarter either way, inverted, mirrored and inverted,

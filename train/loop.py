@@ -292,29 +292,17 @@ def _setup(cfg, data, device, amp, d=dist_.SINGLE) -> dict:
             "gate_images": _gate_images(cfg, data), "val_images": len(data["val"][1])}
 
 
-#: images in the input gate's test families besides those made from validation X-rays: the
-#: CT/MR slices and photographs the packages ship (train.calibrate.ood_families), about
-GATE_SHIPPED_IMAGES = 70
-
-
-def _family_images(n_val: int) -> int:
-    """About how many images train.calibrate.ood_families makes from ``n_val`` validation
-    X-rays: blank and noise frames (at least 8 each) and five sets made from up to 200 of them."""
-    x = min(n_val, 200)
-    return 2 * max(x, 8) + 5 * x + GATE_SHIPPED_IMAGES
-
-
 def _gate_images(cfg, data) -> int:
     """Images the final calibration and input gate (issue 20) run through the network after
     the final evaluation: the train, val and test splits again (features and log-probabilities),
     the orientation probe's turned training images and the gate's test families."""
     if not cfg.calibrate:
         return 0
-    from pneumo_edge.train.calibrate import PROBE_IMAGES
+    from pneumo_edge.train.calibrate import PROBE_IMAGES, family_images
 
     splits = sum(len(data[k][1]) for k in ("train", "val", "test") if data.get(k) is not None)
     return (splits + min(PROBE_IMAGES, len(data["train"][1]))
-            + _family_images(len(data["val"][1])))
+            + family_images(len(data["val"][1])))
 
 
 class _DdpNet(nn.Module):
