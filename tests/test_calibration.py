@@ -185,6 +185,32 @@ def test_combined_thresholds_keep_the_total_false_flag_rate():
     assert gate_t > np.sort(maha)[int(np.ceil((1 - rate) * len(maha))) - 1]
 
 
+def test_the_gate_covariance_is_shrunk_at_least_the_floor():
+    """Features with a few strong directions and many quiet ones (as a trained network's pooled
+    features are): Ledoit-Wolf alone shrinks almost nothing, and the inverse covariance then
+    weighs the quiet directions hundreds of times the mean, where an INT8 runtime's rounding
+    lands (the default ResNet50's INT8 gate failed parity that way). The floor bounds it."""
+    from pneumo_edge.train.calibrate import SHRINK_FLOOR, fit_gaussians
+
+    rng = np.random.default_rng(5)
+    n, f = 2000, 64
+    scale = np.r_[np.full(8, 10.0), np.full(f - 8, 0.1)]
+    feats = rng.normal(size=(n, f)) * scale
+    labels = np.arange(n) % 2
+    feats[labels == 1] += 3.0
+    means, whiten, shrink = fit_gaussians(feats, labels, 2)
+    assert shrink >= SHRINK_FLOOR
+    mean_var = np.mean(scale ** 2)
+    # whiten.T @ whiten = inverse covariance / F: its largest eigenvalue, times F and the mean
+    # variance, is how much more than an average direction the quietest one is weighed: at
+    # most 100x (the quiet directions here have 1/1250 of the mean variance)
+    most = np.linalg.eigvalsh(whiten.T @ whiten).max() * f * mean_var
+    assert most <= 100.0 * 1.01
+    # the strong directions still dominate: the class means stay far apart in the distance
+    gap = np.sum(((means[1] - means[0]) @ whiten) ** 2)
+    assert gap > 10 * np.median(np.sum(((feats[labels == 0] - means[0]) @ whiten) ** 2, axis=1))
+
+
 def test_a_gate_threshold_sits_between_validation_scores():
     """Not on one: an image exactly at the threshold is flagged or not by the last bits of a
     runtime's arithmetic, and export's parity compares the flags on these same images (the
