@@ -23,7 +23,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SAMPLES = REPO / "samples" / "chest_xray"
 #: command lines that disturb a measurement (another training run or benchmark)
-BUSY_PATTERNS = ("pneumo-edge train", "score_vs_baseline")
+#: training as the console script and as ``python -m pneumo_edge train`` (what ablation.py runs)
+BUSY_PATTERNS = ("pneumo-edge train", "pneumo_edge train", "score_vs_baseline")
 CLASSES = ("NORMAL", "PNEUMONIA")
 
 
@@ -90,17 +91,26 @@ def machine() -> dict:
 
 def busy(ignore: tuple[str, ...] = ()) -> list[str]:
     """``pid command`` lines of other processes that would disturb the figures (this process,
-    its parent and command lines containing an ``ignore`` text excepted)."""
+    its parent, stopped processes (``kill -STOP``: they use no CPU) and command lines containing
+    an ``ignore`` text excepted)."""
     mine = {os.getpid(), os.getppid()}
     found = []
     for pat in BUSY_PATTERNS:
         r = subprocess.run(["pgrep", "-af", pat], capture_output=True, text=True, check=False)
         for line in r.stdout.splitlines():
             pid, _, cmd = line.partition(" ")
-            if int(pid) not in mine and "pgrep" not in cmd and \
+            if int(pid) not in mine and "pgrep" not in cmd and not _stopped(pid) and \
                     not any(t in cmd for t in ignore) and line not in found:
                 found.append(line)
     return found
+
+
+def _stopped(pid: str) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["T"]
 
 
 def commands(lines: list[str]) -> list[str]:

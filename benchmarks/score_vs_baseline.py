@@ -104,6 +104,8 @@ class TorchBf16:
 
         rt = open_runtime(model_dir, "torch", log=lambda m: None)
         self._torch, self.card = torch, rt.card
+        # what scoring's provenance record reads from a runtime (ModelInfo.of)
+        self.path, self.sha256, self.precision = rt.path, rt.sha256, "bf16"
         self.name = "torch-bf16-frozen" if frozen else "torch-bf16-autocast"
         self._fn = _frozen_bf16(torch, rt.model, self.card.image_size) if frozen else \
             _autocast_bf16(torch, rt.model)
@@ -113,6 +115,10 @@ class TorchBf16:
         x = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             return self._fn(x).float().numpy()
+
+    def outputs(self, batch) -> dict:
+        """Scoring's runtime call: probabilities only (a speed candidate: no input gate)."""
+        return {"probs": self(batch)}
 
 
 def _autocast_bf16(torch, net):
@@ -126,17 +132,18 @@ def _frozen_bf16(torch, net, size: int):
     import copy
 
     backbone = copy.deepcopy(net.backbone).to(torch.bfloat16).eval()
+    ref = copy.deepcopy(net).float().eval()  # its normalisation and calibration map, in fp32
 
     class Bf16Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.backbone = backbone
-            self.register_buffer("scale", net.scale.clone())
-            self.register_buffer("shift", net.shift.clone())
+            self.backbone, self.ref = backbone, ref
 
         def forward(self, image):
-            x = image.to(torch.float32).expand(-1, 3, -1, -1) * self.scale + self.shift
-            return torch.softmax(self.backbone(x.to(torch.bfloat16)).float(), dim=1)
+            z = self.backbone(self.ref.normalise(image).to(torch.bfloat16)).float()
+            if hasattr(self.ref, "cal_scale"):
+                z = z * self.ref.cal_scale + self.ref.cal_bias
+            return torch.softmax(z, dim=1)
 
     example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
     with torch.inference_mode(), warnings.catch_warnings():

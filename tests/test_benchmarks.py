@@ -72,3 +72,28 @@ def test_common_writes_data_the_one_preprocessing_reads(tmp_path, monkeypatch):
     assert load_image(dcm, 16).shape == (1, 16, 16)
     m = common.machine()
     assert m["cores"] >= 1 and m["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_busy_sees_training_as_ablation_runs_it_and_not_a_stopped_one(monkeypatch):
+    """A timing benchmark refuses to start while training runs: also ``python -m pneumo_edge
+    train`` (how benchmarks/ablation.py starts it: missed before), and not a training process
+    paused with SIGSTOP, which uses no CPU."""
+    import signal
+    import time
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             "-m", "pneumo_edge", "train", "--busy-probe"])
+    try:
+        assert any("--busy-probe" in line for line in common.busy())
+        proc.send_signal(signal.SIGSTOP)
+        for _ in range(100):  # the state changes asynchronously
+            if common._stopped(str(proc.pid)):
+                break
+            time.sleep(0.05)
+        assert not any("--busy-probe" in line for line in common.busy())
+    finally:
+        proc.kill()
+        proc.wait()
