@@ -132,12 +132,12 @@ def _frozen_bf16(torch, net, size: int):
     import copy
 
     backbone = copy.deepcopy(net.backbone).to(torch.bfloat16).eval()
-    ref = copy.deepcopy(net).float().eval()  # its normalisation and calibration map, in fp32
 
     class Bf16Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.backbone, self.ref = backbone, ref
+            # the fp32 net itself for its normalisation and calibration map (only those run)
+            self.backbone, self.ref = backbone, net
 
         def forward(self, image):
             z = self.backbone(self.ref.normalise(image).to(torch.bfloat16)).float()
