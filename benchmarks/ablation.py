@@ -6,7 +6,7 @@ acquisition cluster) with the minutes each row took and the load average around 
     python benchmarks/ablation.py --data ../shared/data/chest_xray --out runs/ablation \
         --suite small --md benchmarks/ABLATION.md
     python benchmarks/ablation.py --data ../shared/data/chest_xray --out runs/ablation-r50 \
-        --suite r50 --md runs/ablation-r50/table.md         # about 8 hours on 2 cores
+        --suite r50 --record benchmarks/ablation-r50 --md runs/ablation-r50/table.md
 
 Suites: ``small`` adds the changes one by one (cumulative, ResNet18 128 px, 6 epochs); ``r50``
 is today's default recipe (ResNet50, 224 px, 8 epochs: what its 55-minute budget gives) with
@@ -19,6 +19,12 @@ spends its time budget decoding and every row trains for the same budget. A fini
 metrics.json carries the runner's record) is not run again; a row that was interrupted after
 an epoch continues with ``train --resume``, one interrupted earlier starts again. The
 threshold-rule table compares all rules on the baseline row's probabilities.
+
+The r50 suite takes longer than one session on one machine (about 4-8 hours on 2 cores), so
+``--record DIR`` writes each finished row's result to ``DIR/rowNN.json`` (kept in git, with
+the machine and the commit it was trained from) and counts the rows recorded there as done: a
+later run on another machine, with an empty OUT, trains only the rows still missing, and its
+tables show every recorded row.
 """
 
 from __future__ import annotations
@@ -131,14 +137,64 @@ def budget_minutes(args: list[str]) -> float | None:
     return None
 
 
-def estimate_hours(rows, out: Path) -> str:
-    todo = [(i, args) for i, args in rows if row_state(row_dir(out, i)) != "done"]
+def estimate_hours(rows, out: Path, record: Path | None = None) -> str:
+    todo = [(i, args) for i, args in rows
+            if row_state(row_dir(out, i)) != "done" and recorded(record, i, args) is None]
     budgets = [budget_minutes(args) for _, args in todo]
     if any(b is None for b in budgets):
         return f"{len(todo)} of {len(rows)} rows to run (no time budget: no estimate)"
     hours = sum(b + ROW_OVERHEAD_MIN for b in budgets) / 60
     return (f"{len(todo)} of {len(rows)} rows to run: about {hours:.1f} h "
             f"({ROW_OVERHEAD_MIN:.0f} min per row besides its budget)")
+
+
+def recorded(record: Path | None, i: int, args: list[str]) -> dict | None:
+    """Row ``i``'s result as recorded in the repository (``RECORD/rowNN.json``: written when
+    the row finished, on whichever machine and session ran it), or None. A record made with
+    other options than the suite's row now has is refused (SystemExit), never reused."""
+    if record is None:
+        return None
+    path = record / f"row{i:02d}.json"
+    try:
+        result = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {path}: unreadable ({exc})") from None
+    if result.get("ablation", {}).get("args") != args:
+        raise SystemExit(f"error: {path}: recorded with other options than row {i} has now; "
+                         "delete it (and rerun the row) or restore the row's options")
+    return result
+
+
+def record_row(record: Path, i: int, result: dict) -> Path:
+    """Write row ``i``'s result (its metrics.json with the runner's record, which names the
+    commit it was trained from, and the machine) to ``RECORD/rowNN.json``: small text, kept
+    in git, so a suite longer than one session on one machine accumulates its rows."""
+    from common import machine  # noqa: PLC0415 -- benchmarks/ is the script's own folder
+
+    record.mkdir(parents=True, exist_ok=True)
+    result = {**result, "ablation": {**result["ablation"], "machine": machine()}}
+    path = record / f"row{i:02d}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def source_commit() -> str | None:
+    """The git commit of the tree this runner (and the `pneumo-edge train` it starts) runs
+    from, when it is a checkout; None otherwise (a snapshot records its commit in COMMIT)."""
+    here = Path(__file__).resolve().parents[1]
+    stamp = here / "COMMIT"
+    if stamp.is_file():
+        return stamp.read_text().strip() or None
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], check=True,
+                             capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def train_args(data: str, out: Path, args: list[str], cache: Path) -> list[str]:
@@ -185,7 +241,8 @@ def run_row(data: str, out: Path, args: list[str], cache: Path | None = None) ->
     result = json.loads(metrics.read_text())
     result["ablation"] = {"minutes": (time.monotonic() - t0) / 60, "load_before": load0,
                           "load_after": list(os.getloadavg()), "args": args,
-                          "resumed": state == "resume", "cache_fill_s": round(prepared_s, 1)}
+                          "resumed": state == "resume", "cache_fill_s": round(prepared_s, 1),
+                          "commit": source_commit()}
     metrics.write_text(json.dumps(result, indent=2))
     return result
 
@@ -240,19 +297,27 @@ def report(done: list[tuple[str, dict]]) -> str:
 
 
 def run_suite(data: str, out: Path, suite, pick=None, md: str | None = None,
-              shared_cache: bool = True) -> list[tuple[str, dict]]:
-    """Run (or skip, or resume) the rows ``pick`` of ``suite``; the tables after each row."""
+              shared_cache: bool = True, record: Path | None = None) -> list[tuple[str, dict]]:
+    """Run (or skip, or resume) the rows ``pick`` of ``suite``; the tables after each row.
+    With ``record`` (a folder in the repository) every finished row is written there and
+    rows recorded there count as done: the tables then show every recorded row of the suite,
+    in its order. Returns the picked rows' (name, result)."""
     rows = [(i, suite[i][1]) for i in (pick if pick is not None else range(len(suite)))]
-    print(f"suite: {estimate_hours(rows, out)}", flush=True)
-    done = []
+    print(f"suite: {estimate_hours(rows, out, record)}", flush=True)
+    results = {i: r for i, (_, args) in enumerate(suite)
+               if (r := recorded(record, i, args)) is not None}
     for i, args in rows:
-        cache = out / "pixel-cache" if shared_cache else None
-        done.append((suite[i][0], run_row(data, row_dir(out, i), args, cache)))
-        text = report(done)
+        if i not in results:
+            cache = out / "pixel-cache" if shared_cache else None
+            results[i] = run_row(data, row_dir(out, i), args, cache)
+            if record is not None:
+                print(f"recorded {record_row(record, i, results[i])}",
+                      flush=True)
+        text = report([(suite[j][0], results[j]) for j in sorted(results)])
         print(text, flush=True)
         if md:
             Path(md).write_text(text)
-    return done
+    return [(suite[i][0], results[i]) for i, _ in rows]
 
 
 def main() -> None:
@@ -264,15 +329,18 @@ def main() -> None:
     ap.add_argument("--suite", default="small", choices=sorted(SUITES))
     ap.add_argument("--rows", default="", help="comma list of row numbers (default: all)")
     ap.add_argument("--md", help="write the tables to this markdown file")
+    ap.add_argument("--record", help="folder in the repository for each finished row's result "
+                    "(rowNN.json): recorded rows count as done, across sessions and machines")
     ap.add_argument("--estimate", action="store_true", help="print the estimate and stop")
     a = ap.parse_args()
     suite = SUITES[a.suite]
     pick = [int(x) for x in a.rows.split(",")] if a.rows else None
+    record = Path(a.record) if a.record else None
     if a.estimate:
         rows = [(i, suite[i][1]) for i in (pick if pick is not None else range(len(suite)))]
-        print(f"suite {a.suite}: {estimate_hours(rows, Path(a.out))}")
+        print(f"suite {a.suite}: {estimate_hours(rows, Path(a.out), record)}")
         return None
-    run_suite(a.data, Path(a.out), suite, pick, a.md)
+    run_suite(a.data, Path(a.out), suite, pick, a.md, record=record)
     return None
 
 

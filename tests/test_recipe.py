@@ -373,3 +373,40 @@ def test_ablation_runner_end_to_end_on_a_tiny_suite_then_skips_finished_rows(tmp
     again = ab.run_suite(str(data), out, suite)
     assert [r for _, r in again] == [r for _, r in done]
     assert (out / "row00" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_recorded_rows_count_as_done_on_another_machine_and_stale_ones_are_refused(
+        tmp_path, monkeypatch):
+    """A suite longer than one session: each finished row is written to the record folder
+    (kept in git); a later run with an empty OUT (a new machine) trains nothing for recorded
+    rows, and its table shows every recorded row in the suite's order. A record whose options
+    differ from the row's now is an error, never reused."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    ab = _ablation()
+    suite = [("baseline", ["--epochs", "1"]), ("change", ["--epochs", "1", "--jitter", "0.3"])]
+    record = tmp_path / "record"
+    fake = {i: {"val": {}, "ablation": {"minutes": 1.0, "args": args}}
+            for i, (_, args) in enumerate(suite)}
+    trained = []
+
+    def run_row(data, out, args, cache=None):  # the training itself is the test above's
+        trained.append(out.name)
+        return fake[int(out.name[3:])]
+
+    monkeypatch.setattr(ab, "run_row", run_row)
+    monkeypatch.setattr(ab, "report", lambda done: " ".join(name for name, _ in done))
+    assert ab.run_suite("data", tmp_path / "m1", suite, pick=[1], record=record) == \
+        [("change", fake[1])]
+    saved = json.loads((record / "row01.json").read_text())
+    assert saved["ablation"]["args"] == suite[1][1] and saved["ablation"]["machine"]["cpu"]
+    assert trained == ["row01"] and not (record / "row00.json").exists()
+    md = tmp_path / "table.md"
+    ab.run_suite("data", tmp_path / "m2", suite, pick=[0, 1], md=str(md), record=record)
+    assert trained == ["row01", "row00"] and md.read_text() == "baseline change"
+    assert "0 of 2 rows to run" in ab.estimate_hours(list(enumerate(a for _, a in suite)),
+                                                     tmp_path / "m3", record)
+    stale = [("baseline", ["--epochs", "2"]), suite[1]]
+    with pytest.raises(SystemExit, match="row00.json: recorded with other options"):
+        ab.run_suite("data", tmp_path / "m3", stale, record=record)
