@@ -48,8 +48,15 @@ def scores(model, pixels: np.ndarray, gate: dict) -> dict:
     return out
 
 
-def figures(model, card, test_px: np.ndarray) -> list[dict]:
-    """One row per (set, score): n, flagged share (qc: blank check + gate), ROC AUC."""
+#: the real X-rays of the acquisition cluster a ``--proxy cluster`` run held out of training,
+#: validation and test (darker, noisier films: docs/train.md): chest radiographs the gate should
+#: pass, from an acquisition the model never saw
+HOLDOUT = "held-out acquisition cluster X-rays"
+
+
+def figures(model, card, test_px: np.ndarray, holdout_px=None) -> list[dict]:
+    """One row per (set, score): n, flagged share (qc: blank check + gate), ROC AUC; with
+    ``holdout_px``, the held-out acquisition cluster's X-rays too (:data:`HOLDOUT`)."""
     from pneumo_edge.train.calibrate import ood_families
 
     from pneumo_edge.evaluation.metrics import roc_auc
@@ -57,7 +64,9 @@ def figures(model, card, test_px: np.ndarray) -> list[dict]:
 
     gate = qc.gate(card)
     thresholds = {k: v["threshold"] for k, v in gate["comparison"].items()}
-    sets = {"internal test X-rays": test_px, **ood_families(test_px, card.image_size)}
+    sets = {"internal test X-rays": test_px,
+            **({HOLDOUT: holdout_px} if holdout_px is not None and len(holdout_px) else {}),
+            **ood_families(test_px, card.image_size)}
     base = scores(model, test_px, gate)
     rows = []
     for name, px in sets.items():
@@ -182,9 +191,11 @@ def main(argv=None) -> int:
     model, card = load_model(args.model)
     if qc.gate(card) is None:
         sys.exit(f"error: {args.model} has no gate: run pneumo-edge calibrate first")
-    parts = split_pixels(Path(args.model), args.data, card, lambda m: print(m, file=sys.stderr))
+    parts = split_pixels(Path(args.model), args.data, card, lambda m: print(m, file=sys.stderr),
+                         holdout=True)
     test = parts["test"] if parts["test"] is not None else parts["val"]
-    rows = figures(model, card, test[0])
+    held = parts.pop("cluster_holdout")
+    rows = figures(model, card, test[0], None if held is None else held[0])
     cost = {**gate_cost(model, card, test[0][:args.batch]), "batch": args.batch}
     calib = calibration_choice(model, card, parts)
     text = report(rows, cost, card, args.model, args.data, started, calib)

@@ -535,3 +535,35 @@ def test_a_card_json_with_another_gate_threshold_or_prevalence_is_refused(calibr
     (edge / "card.json").write_text(json.dumps(changed))
     with pytest.raises(Refused):
         open_runtime(edge, "onnx", log=lambda m: None)
+
+
+def test_ood_benchmark_reports_real_x_rays_of_a_held_out_cluster(calibrated_run, tiny_dataset,
+                                                                  monkeypatch):
+    """benchmarks/ood.py's held-out acquisition cluster row: absent for a run without the
+    cluster proxy (split_pixels gives None), and, given the internal test X-rays themselves as
+    the 'cluster', the same flagged share as the test row and a ROC AUC of exactly 0.5."""
+    import importlib.util
+    from pathlib import Path
+
+    from pneumo_edge.model.torchload import load_model
+    from pneumo_edge.train.recalibrate import split_pixels
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("ood_under_test", bench / "ood.py")
+    ood = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ood)
+    run, _ = calibrated_run
+    model, card = load_model(run)
+    parts = split_pixels(run, tiny_dataset, card, lambda m: None, holdout=True)
+    assert parts["cluster_holdout"] is None
+    test = parts["test"][0] if parts["test"] is not None else parts["val"][0]
+    assert ood.HOLDOUT not in {r["set"] for r in ood.figures(model, card, test)}
+    rows = ood.figures(model, card, test, holdout_px=test.copy())
+    by = {(r["set"], r["score"]): r for r in rows}
+    method = card.metrics["ood"]["method"]
+    held, same = by[(ood.HOLDOUT, method)], by[("internal test X-rays", method)]
+    assert held["n"] == same["n"] == len(test) and held["in_graph"]
+    assert held["flagged"] == same["flagged"] and held["roc_auc"] == pytest.approx(0.5)
+    assert list(dict.fromkeys(r["set"] for r in rows))[:2] == ["internal test X-rays",
+                                                               ood.HOLDOUT]

@@ -69,9 +69,10 @@ def run_calibrate(run: str | os.PathLike, data: str | os.PathLike,
     return 0
 
 
-def split_pixels(run: Path, data, card, log) -> dict:
-    """train / val / test pixels of ``data`` split as the card records; UsageError when the
-    validation files differ from the ones the model was selected on."""
+def split_pixels(run: Path, data, card, log, holdout: bool = False) -> dict:
+    """train / val / test pixels of ``data`` split as the card records (and, with ``holdout``,
+    ``cluster_holdout``: the acquisition cluster a ``--proxy cluster`` run held out, or None);
+    UsageError when the validation files differ from the ones the model was selected on."""
     from pneumo_edge.train.config import TrainConfig
     from pneumo_edge.train.data import load_data
 
@@ -87,4 +88,7 @@ def split_pixels(run: Path, data, card, log) -> dict:
                          f"selected on (calibrate with the data the model was trained on)")
     if d["classes"] != card.classes:
         raise UsageError(f"{data}: classes {d['classes']} differ from the card's {card.classes}")
-    return {"train": d["train"], "val": d["val"], "test": d["test"]}
+    out = {"train": d["train"], "val": d["val"], "test": d["test"]}
+    if holdout:
+        out["cluster_holdout"] = d.get("cluster_holdout")
+    return out
