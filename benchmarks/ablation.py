@@ -256,7 +256,7 @@ def fmt(m: dict | None) -> str:
 
 def table(rows: list[tuple[str, dict]]) -> str:
     head = ("| change | val acc / sens / spec / AUC | shifted val | internal test | "
-            "cluster holdout | threshold | epochs | minutes (load before, after) |\n"
+            "cluster holdout | threshold (uncalibrated scale) | epochs | minutes (load before, after) |\n"
             "|---|---|---|---|---|--:|--:|--:|\n")
     lines = []
     for name, r in rows:
