@@ -211,49 +211,6 @@ def test_the_gate_covariance_is_shrunk_at_least_the_floor():
     assert gap > 10 * np.median(np.sum(((feats[labels == 0] - means[0]) @ whiten) ** 2, axis=1))
 
 
-def test_crossfit_distances_match_unseen_images_and_set_the_threshold_with_validation():
-    """Distances of the images the Gaussians were fitted on run low (in high dimension, by
-    about F/n): as a reference for a tail quantile they would flag unseen images too often.
-    Cross-fitted ones (each image against Gaussians fitted without it) match fresh images', so
-    compare_gates sets the distance's threshold on validation and them together; energy's stays
-    validation's."""
-    from pneumo_edge.train.calibrate import (
-        compare_gates,
-        crossfit_distances,
-        fit_gaussians,
-        mahalanobis,
-        threshold_at,
-    )
-
-    rng = np.random.default_rng(8)
-    f, n = 128, 400
-    scale = np.linspace(3.0, 0.3, f)  # strong and quiet directions, as a network's features
-
-    def draw(m):
-        y = np.arange(m) % 2
-        return rng.normal(size=(m, f)) * scale + 2.0 * y[:, None], y
-
-    feats, labels = draw(n)
-    means, whiten, _ = fit_gaussians(feats, labels, 2)
-    fresh = np.median(mahalanobis(draw(4000)[0], means, whiten))
-    inside = np.median(mahalanobis(feats, means, whiten))
-    cv = crossfit_distances(feats, labels, 2)
-    assert cv.shape == (n,) and inside < 0.9 * fresh  # in-sample: too low
-    assert abs(np.median(cv) / fresh - 1) < 0.05  # cross-fitted: as an unseen image
-    assert crossfit_distances(feats[:8], labels[:8], 2).size == 0  # too few per class
-    assert crossfit_distances(feats[:150], labels[:150], 2).size == 0  # 120 images, 128 feats
-    val_feats, _ = draw(200)
-    val = {"feats": val_feats, "logits": rng.normal(size=(200, 2))}
-    rate = 0.01
-    fams = {"noise": {"feats": 5.0 * rng.normal(size=(50, f)), "logits": np.zeros((50, 2))}}
-    held = compare_gates(val, fams, (means, whiten), rate, held=(cv, feats))
-    alone = compare_gates(val, fams, (means, whiten), rate)
-    pooled = np.r_[mahalanobis(val_feats, means, whiten), cv]
-    assert held["mahalanobis"]["threshold"] == threshold_at(pooled, rate)
-    assert held["energy"]["threshold"] == alone["energy"]["threshold"]
-    assert held["mahalanobis"]["threshold"] != alone["mahalanobis"]["threshold"]
-
-
 def test_a_gate_threshold_sits_between_validation_scores():
     """Not on one: an image exactly at the threshold is flagged or not by the last bits of a
     runtime's arithmetic, and export's parity compares the flags on these same images (the

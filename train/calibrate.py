@@ -8,9 +8,8 @@ selection without touching the weights:
   features (Mahalanobis) and the energy score of the logits, compared on out-of-distribution
   families made from the validation images and from files the installed packages ship
   (:func:`ood_families`); the better one (mean flag rate over the families, then mean ROC AUC)
-  goes into the network, its threshold set at ``rate`` false flags (default 0.5 %:
-  :data:`FALSE_FLAG_RATE`) on validation and, for the distance, the training images'
-  cross-fitted distances too (:func:`crossfit_distances`);
+  goes into the network, its threshold set on validation at ``rate`` false flags (default
+  0.5 %: :data:`FALSE_FLAG_RATE`);
 - the orientation probe (:func:`fit_probe`): a logistic regression on the pooled features of
   upright training X-rays against the same images upside down or turned a quarter, whose logit
   joins the Mahalanobis distance in one score (``mahalanobis+orientation``,
@@ -53,10 +52,6 @@ PROBE_L2 = 1e-2
 SHRINK_FLOOR = 0.01
 
 
-#: folds of the training split for the cross-fitted distances (:func:`crossfit_distances`)
-CROSSFIT_FOLDS = 5
-
-
 @torch.no_grad()
 def split_outputs(model, pixels: np.ndarray, device, batch: int = 64) -> dict:
     """The uncalibrated deployed log-probabilities ``logp`` [N, C], the pooled features
@@ -93,35 +88,6 @@ def fit_gaussians(feats: np.ndarray, labels: np.ndarray, classes: int):
 def mahalanobis(feats: np.ndarray, means: np.ndarray, whiten: np.ndarray) -> np.ndarray:
     """The graph's score in numpy: min over classes of |(f - mean_c) W|^2."""
     return np.min([np.sum(((feats - m) @ whiten) ** 2, axis=1) for m in means], axis=0)
-
-
-def crossfit_distances(feats: np.ndarray, labels: np.ndarray, classes: int,
-                       folds: int = CROSSFIT_FOLDS, seed: int = 0) -> np.ndarray:
-    """Each training image's Mahalanobis distance to class Gaussians fitted on the other
-    ``folds - 1`` folds (stratified by class), i.e. as an image those Gaussians never saw; empty
-    when a class has fewer images than ``folds`` or the other folds hold fewer images than
-    there are features (a fit that ill-determined runs far above the full fit's distances:
-    on a few dozen images it would lift the threshold over CT slices).
-
-    Why: the gate's threshold is a tail quantile (0.5 %), and validation's ~780 images put it
-    at about their 4th-largest distance: on the cluster-proxy ResNet50 of 2026-12-01 validation
-    passed 99.6 % at that threshold and the internal test 98.6 % (10 severe pneumonia films).
-    Distances fitted in-sample run ~25 % low (median 0.36 vs validation's 0.46); cross-fitted
-    ones match validation and the test (median 0.48 / 0.46 / 0.46), so they join validation
-    in setting the threshold: ~4,000 images for the tail instead of ~780 (benchmarks/OOD.md)."""
-    by_class = [np.flatnonzero(labels == c) for c in range(classes)]
-    if any(len(ix) < folds for ix in by_class) or \
-            len(feats) * (folds - 1) < folds * feats.shape[1]:
-        return np.zeros(0)
-    rng = np.random.default_rng(seed)
-    fold = np.empty(len(feats), int)
-    for ix in by_class:
-        fold[rng.permutation(ix)] = np.arange(len(ix)) % folds
-    out = np.empty(len(feats))
-    for k in range(folds):
-        means, whiten, _ = fit_gaussians(feats[fold != k], labels[fold != k], classes)
-        out[fold == k] = mahalanobis(feats[fold == k], means, whiten)
-    return out
 
 
 def energy(logits: np.ndarray) -> np.ndarray:
@@ -202,16 +168,11 @@ def orientation_logit(feats: np.ndarray, probe: dict) -> np.ndarray:
 
 
 def combined_thresholds(maha: np.ndarray, tilt: np.ndarray, rate: float,
-                        share: float = PROBE_SHARE, pool=None):
+                        share: float = PROBE_SHARE):
     """(gate threshold T, probe threshold t) on validation's Mahalanobis distances ``maha`` and
     probe logits ``tilt``: t flags at most ``share`` of ``rate``, then T is the smallest
-    threshold at which the distance and the probe together flag at most ``rate``; with
-    ``pool`` = (distances, logits) of more held-out images (:func:`crossfit_distances`), T is
-    set on validation and those together (t stays validation's: the probe saw training
-    images)."""
+    threshold at which the distance and the probe together flag at most ``rate``."""
     t = threshold_at(tilt, rate * share)
-    if pool is not None and len(pool[0]):
-        maha, tilt = np.r_[maha, pool[0]], np.r_[tilt, pool[1]]
     return threshold_at(np.where(tilt > t, np.inf, maha), rate), t
 
 
@@ -228,27 +189,20 @@ def orientation_fold(probe: dict, means: np.ndarray, gate_t: float, probe_t: flo
     return gate_t * w, gate_t * (1.0 + probe["bias"] + float(means[0] @ w) - probe_t)
 
 
-def compare_gates(val: dict, families: dict, gaussians, rate: float, probe=None,
-                  held=None) -> dict:
+def compare_gates(val: dict, families: dict, gaussians, rate: float, probe=None) -> dict:
     """Per score: its threshold on validation, the validation flag rate, and per family the flag
     rate and the ROC AUC of validation (negative) against that family (positive). With a
     fitted ``probe``, also ``mahalanobis+orientation`` (and its probe's threshold and
-    validation flag rate alone). ``held``: (cross-fitted distances, pooled features) of the
-    training images (:func:`crossfit_distances`): the distance's thresholds are then set on
-    validation and those together (energy's stays validation's: training logits are
-    in-sample)."""
+    validation flag rate alone)."""
     means, whiten = gaussians
     sets = {"val": val, **families}
     maha = {k: mahalanobis(o["feats"], means, whiten) for k, o in sets.items()}
     scores = {"mahalanobis": maha, "energy": {k: energy(o["logits"]) for k, o in sets.items()}}
     thresholds = {g: threshold_at(s["val"], rate) for g, s in scores.items()}
-    if held is not None and len(held[0]):
-        thresholds["mahalanobis"] = threshold_at(np.r_[maha["val"], held[0]], rate)
     extra = {}
     if probe is not None:
         tilt = {k: orientation_logit(o["feats"], probe) for k, o in sets.items()}
-        pool = None if held is None else (held[0], orientation_logit(held[1], probe))
-        gate_t, probe_t = combined_thresholds(maha["val"], tilt["val"], rate, pool=pool)
+        gate_t, probe_t = combined_thresholds(maha["val"], tilt["val"], rate)
         scores[COMBINED] = {k: combined(maha[k], tilt[k], gate_t, probe_t) for k in sets}
         thresholds[COMBINED] = gate_t
         extra = {"orientation_threshold": probe_t,
@@ -293,18 +247,13 @@ def calibrate_network(model, card, data: dict, device, *, gate: str = "auto",
         if gate in ("auto", COMBINED) else None
     fams = {k: split_outputs(model, px, device)
             for k, px in ood_families(data["val"][0], card.image_size).items()}
-    cv = crossfit_distances(outs["train"]["feats"], data["train"][1], ncls)
-    comparison = compare_gates(outs["val"], fams, (means, whiten), rate, probe,
-                               held=(cv, outs["train"]["feats"][:len(cv)]))
+    comparison = compare_gates(outs["val"], fams, (means, whiten), rate, probe)
     chosen = choose_gate(comparison) if gate == "auto" else gate
     net = build_model(card.arch, ncls, **{**card.net, "calibration": cal.METHOD, "ood": chosen})
     net.load_state_dict(model.state_dict(), strict=False)
     net.set_calibration(fitted["temperature"], fitted["bias"], pos)
     entry = {"method": chosen, "threshold": comparison[chosen]["threshold"],
-             "false_flag_rate": rate,
-             "fitted_on": "val + cross-fitted train" if len(cv) else "val",
-             "threshold_images": {"val": len(outs["val"]["feats"]), "train_crossfit": len(cv)},
-             "chosen_by": gate if gate != "auto"
+             "false_flag_rate": rate, "fitted_on": "val", "chosen_by": gate if gate != "auto"
              else "mean flag rate over the families, then mean ROC AUC",
              "shrinkage": shrink, "comparison": comparison}
     if chosen in ("mahalanobis", COMBINED):
