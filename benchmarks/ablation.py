@@ -172,14 +172,11 @@ def record_row(record: Path, i: int, result: dict) -> Path:
     commit it was trained from, and the machine) to ``RECORD/rowNN.json``: small text, kept
     in git, so a suite longer than one session on one machine accumulates its rows."""
     from common import machine  # noqa: PLC0415 -- benchmarks/ is the script's own folder
+    from pneumo_edge.atomic import write_text_atomic
 
     record.mkdir(parents=True, exist_ok=True)
     result = {**result, "ablation": {**result["ablation"], "machine": machine()}}
-    path = record / f"row{i:02d}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(record / f"row{i:02d}.json", json.dumps(result, indent=1) + "\n")
 
 
 def source_commit() -> str | None:
