@@ -194,6 +194,29 @@ def source_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def check_code_origin() -> None:
+    """Refuse to train when the rows would run other code than the tree this runner is in.
+
+    A long suite runs from a snapshot of the checkout so that editing the checkout cannot
+    change a row half-way (imports are lazy: a module first imported at export time would
+    come from the edited tree). With an editable install, ``pneumo_edge.train`` and
+    ``pneumo_edge.export`` live outside the ``pneumo_edge`` folder and are found through the
+    install's finder, i.e. in the checkout, unless the snapshot links them into its
+    ``pneumo_edge/``. The check runs in a child started as the rows are (same interpreter,
+    environment and working directory)."""
+    here = Path(__file__).resolve().parents[1]
+    probe = ("import importlib.util as u\n"
+             "for n in ('pneumo_edge', 'pneumo_edge.train', 'pneumo_edge.export'):\n"
+             "    print(u.find_spec(n).origin)")
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
+                         text=True).stdout.split()
+    for origin in map(Path, out):
+        if here not in origin.resolve().parents:
+            raise SystemExit(f"error: the rows would import {origin}, outside this runner's "
+                             f"tree {here}; run from that tree, or link train/ and export/ "
+                             "into its pneumo_edge/ and set PYTHONPATH to it")
+
+
 def train_args(data: str, out: Path, args: list[str], cache: Path) -> list[str]:
     return ["--data", data, "--out", str(out), "--cache", str(cache), *args]
 
@@ -303,6 +326,8 @@ def run_suite(data: str, out: Path, suite, pick=None, md: str | None = None,
     print(f"suite: {estimate_hours(rows, out, record)}", flush=True)
     results = {i: r for i, (_, args) in enumerate(suite)
                if (r := recorded(record, i, args)) is not None}
+    if any(i not in results and row_state(row_dir(out, i)) != "done" for i, _ in rows):
+        check_code_origin()
     for i, args in rows:
         if i not in results:
             cache = out / "pixel-cache" if shared_cache else None

@@ -410,3 +410,22 @@ def test_recorded_rows_count_as_done_on_another_machine_and_stale_ones_are_refus
     stale = [("baseline", ["--epochs", "2"]), suite[1]]
     with pytest.raises(SystemExit, match="row00.json: recorded with other options"):
         ab.run_suite("data", tmp_path / "m3", stale, record=record)
+
+
+def test_ablation_runner_refuses_a_snapshot_whose_rows_would_import_the_checkout(tmp_path):
+    """A suite runs for hours from a snapshot; with an editable install pneumo_edge.train is
+    found in the checkout unless the snapshot links it in, and an edit there would change a
+    row half-way. The runner must see that before training, and accept its own checkout."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    _ablation().check_code_origin()  # the checkout's runner, the checkout's code: fine
+    runner = tmp_path / "benchmarks" / "ablation.py"
+    runner.parent.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py", runner)
+    spec = importlib.util.spec_from_file_location("ablation_snapshot", runner)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit, match="outside this runner's tree"):
+        mod.check_code_origin()
