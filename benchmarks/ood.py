@@ -138,9 +138,11 @@ def probe_text(gate: dict) -> str:
     if not o:
         return ""
     c = gate["comparison"]
+    kinds = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in o["images"].items()
+                      if k != "upright")
     return (f" The gate is the larger of the Mahalanobis distance and the orientation probe's "
             f"term (logit threshold {o['threshold']:.3g}, fitted on {o['images']['upright']} "
-            f"training X-rays and as many upside down or turned a quarter): the probe alone "
+            f"training X-rays against as many of them changed: {kinds}): the probe alone "
             f"flags {o['val_flagged']:.2%} of validation, both together "
             f"{c[gate['method']]['val_flagged']:.2%}; the distance alone at its own threshold "
             f"({c['mahalanobis']['threshold']:.4g}) is the `mahalanobis` row.")

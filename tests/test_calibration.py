@@ -290,8 +290,10 @@ def test_calibrate_records_the_orientation_probe(oriented_run):
     assert o["threshold"] == c["orientation_threshold"] and g["threshold"] == c["threshold"]
     assert o["val_flagged"] <= o["budget"] == 0.0025 and c["val_flagged"] <= 0.005
     assert o["fitted_on"] == "train" and o["images"]["upright"] > 0
-    assert o["images"]["upside_down"] + o["images"]["rotated_90"] \
-        + o["images"]["rotated_270"] == o["images"]["upright"]
+    kinds = {k: n for k, n in o["images"].items() if k != "upright"}
+    assert set(kinds) == {"upside_down", "rotated_90", "rotated_270", "inverted",
+                          "mirrored_inverted"}
+    assert sum(kinds.values()) == o["images"]["upright"]
     assert "rotated" in c["families"]
     assert "\n  orientation probe: logit > " in "\n".join(lines)
     assert model.ood_orient.abs().sum() > 0  # fitted, not the zeros it is built with

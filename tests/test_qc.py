@@ -230,6 +230,28 @@ def oriented_xray_run(xray_run, tmp_path_factory):
     return run
 
 
+def test_orientation_probe_tells_inverted_sample_xrays_from_upright(oriented_xray_run):
+    """The probe is also fitted on inverted (and mirrored-inverted) training X-rays: its term
+    is larger on the sample X-rays with their grey levels reversed than on the upright ones,
+    and the card counts the inverted images it was fitted on."""
+    import torch
+
+    from pneumo_edge.evaluation.metrics import roc_auc
+    from pneumo_edge.model.torchload import load_model
+
+    upright = _samples()
+    inverted = np.ascontiguousarray(np.concatenate([255 - upright,
+                                                    255 - upright[:, :, :, ::-1]]))
+    model, card = load_model(oriented_xray_run)
+    with torch.no_grad():
+        terms = [((model.features(model.normalise(torch.from_numpy(x))) - model.ood_means[0])
+                  @ model.ood_orient)[:, 0].numpy() for x in (upright, inverted)]
+    truth = np.r_[np.zeros(len(terms[0]), bool), np.ones(len(terms[1]), bool)]
+    assert roc_auc(truth, np.r_[terms[0], terms[1]]) > 0.9
+    images = card.metrics["ood"]["orientation"]["images"]
+    assert images["inverted"] > 0 and images["mirrored_inverted"] > 0
+
+
 def test_orientation_probe_flags_upside_down_sample_xrays(xray_run, oriented_xray_run):
     """The probe's term is larger on the sample X-rays turned than upright (its own training
     images among them), and the combined gate flags upside-down films the distance alone

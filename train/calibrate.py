@@ -11,9 +11,10 @@ selection without touching the weights:
   goes into the network, its threshold set on validation at ``rate`` false flags (default
   0.5 %: :data:`FALSE_FLAG_RATE`);
 - the orientation probe (:func:`fit_probe`): a logistic regression on the pooled features of
-  upright training X-rays against the same images upside down or turned a quarter, whose logit
-  joins the Mahalanobis distance in one score (``mahalanobis+orientation``,
-  :func:`combined_thresholds`): upside-down films are where the distance alone is weakest.
+  upright training X-rays against the same images upside down, turned a quarter or inverted
+  (grey levels reversed, also mirrored), whose logit joins the Mahalanobis distance in one
+  score (``mahalanobis+orientation``, :func:`combined_thresholds`): upside-down and inverted
+  films are where the distance alone is weakest.
 
 :func:`calibrate_network` returns a new network (options ``calibration`` and ``ood`` set) and
 the card entries; training (train/final.py) and ``pneumo-edge calibrate`` both call it.
@@ -33,11 +34,16 @@ GATES = ("mahalanobis", "energy", COMBINED)
 #: the orientation probe's share of the false-flag budget on validation; the Mahalanobis
 #: threshold takes what is left, so that both together flag at most the rate
 PROBE_SHARE = 0.5
-#: upright training X-rays the probe is fitted on, each also turned once (:data:`TURNS`)
+#: upright training X-rays the probe is fitted on, each also turned or inverted once
+#: (:data:`TURNS`)
 PROBE_IMAGES = 1000
-#: the turns, in rotation: upside down (a vertical flip) half the time, a quarter turn either
-#: way the other half
-TURNS = ("upside_down", "rotated_90", "upside_down", "rotated_270")
+#: what the probe tells from upright X-rays, in rotation (one per image): upside down (a
+#: vertical flip) a third of the time, a quarter turn either way, inverted, mirrored and
+#: inverted a sixth each. Inversions joined the turns because inverted films sit where severe
+#: pneumonia does in distance (benchmarks/OOD.md): with them the probe flags inverted films
+#: itself, and the distance's threshold, no longer needed for them, rises past that tail
+TURNS = ("upside_down", "rotated_90", "inverted", "upside_down", "rotated_270",
+         "mirrored_inverted")
 #: L2 penalty of the probe (on standardised features, per image of the mean loss). 1e-2, not
 #: 1e-3: on the default ResNet50 the weaker penalty's larger weights carried the INT8 file's
 #: feature rounding into the score (its gate flagged 98.85 % of validation as torch did, below
@@ -110,10 +116,15 @@ def threshold_at(scores: np.ndarray, rate: float) -> float:
 
 
 def turn(pixels: np.ndarray, kind: str) -> np.ndarray:
-    """uint8 ``[N, 1, S, S]`` upside down (``upside_down``: a vertical flip) or turned a
-    quarter (``rotated_90`` anticlockwise, ``rotated_270``)."""
+    """uint8 ``[N, 1, S, S]`` upside down (``upside_down``: a vertical flip), turned a quarter
+    (``rotated_90`` anticlockwise, ``rotated_270``), ``inverted`` (grey levels reversed) or
+    ``mirrored_inverted`` (also flipped left to right)."""
     if kind == "upside_down":
         return pixels[:, :, ::-1, :]
+    if kind == "inverted":
+        return 255 - pixels
+    if kind == "mirrored_inverted":
+        return 255 - pixels[:, :, :, ::-1]
     return np.rot90(pixels, {"rotated_90": 1, "rotated_270": 3}[kind], axes=(2, 3))
 
 
@@ -121,8 +132,9 @@ def fit_probe(model, pixels: np.ndarray, feats: np.ndarray, device, *, n: int = 
               l2: float = PROBE_L2, seed: int = 20) -> dict:
     """The orientation probe: a logistic regression (L2) telling the pooled features of up to
     ``n`` upright training X-rays (``pixels``, their features ``feats``) from those of the same
-    images turned (:data:`TURNS` in rotation, one turn each; features from the network's own
-    forward pass). ``weights`` [F] and ``bias`` act on raw features (logit > 0: turned)."""
+    images turned or inverted (:data:`TURNS` in rotation, one each; features from the
+    network's own forward pass). ``weights`` [F] and ``bias`` act on raw features (logit > 0:
+    turned or inverted)."""
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(pixels), size=min(n, len(pixels)), replace=False))
     kinds = np.array([TURNS[i % len(TURNS)] for i in range(len(idx))])
@@ -270,7 +282,8 @@ def calibrate_network(model, card, data: dict, device, *, gate: str = "auto",
 def probe_entry(probe: dict, comparison: dict, rate: float) -> dict:
     """The card's record of the orientation probe (``metrics.ood.orientation``)."""
     return {"method": "logistic regression (L2) on the pooled features: upright training "
-                      "X-rays against the same images upside down or turned a quarter",
+                      "X-rays against the same images upside down, turned a quarter or "
+                      "inverted (also mirrored)",
             "threshold": comparison["orientation_threshold"],
             "val_flagged": comparison["orientation_val_flagged"],
             "budget": rate * PROBE_SHARE, "fitted_on": "train", "images": probe["images"],
@@ -356,8 +369,8 @@ def ood_families(xrays: np.ndarray, size: int, seed: int = 20) -> dict:
             "upside_down": turn(x, "upside_down"),
             "rotated": np.concatenate([turn(x[0::2], "rotated_90"),
                                        turn(x[1::2], "rotated_270")]),
-            "inverted": 255 - x,
-            "mirrored_inverted": 255 - x[:, :, :, ::-1], "padded": _padded(x)}
+            "inverted": turn(x, "inverted"),
+            "mirrored_inverted": turn(x, "mirrored_inverted"), "padded": _padded(x)}
     for name, images in (("ct_mr", shipped_ct_mr()), ("photo", shipped_photos())):
         if images:
             fams[name] = _variants(images, size)

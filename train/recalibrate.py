@@ -31,8 +31,8 @@ def _opt(default, help_text: str):
 class CalibrateOptions:
     gate: str = _opt("auto", "Out-of-distribution score put into the network: mahalanobis, "
                              "energy, mahalanobis+orientation (the distance joined by a probe "
-                             "for upside-down and quarter-turned films), or auto (the one that "
-                             "flags more of the test families).")
+                             "for upside-down, quarter-turned and inverted films), or auto (the "
+                             "one that flags more of the test families).")
     false_flag_rate: float = _opt(FALSE_FLAG_RATE, "Share of validation X-rays the gate may flag; its "
                                          "threshold is set there.")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")

@@ -26,9 +26,9 @@ were trained):
   ``ood_means`` [C, F] and ``ood_whiten`` [F, F]). ``energy``: ``-logsumexp(logits)``.
   ``mahalanobis+orientation``: the larger of that distance and an orientation probe's term,
   ``T (1 + o - t)``, with ``o`` the logit of a linear probe on the pooled features telling
-  upright X-rays from upside-down and quarter-turned ones, ``t`` its threshold and ``T`` the
-  gate's threshold: one score, one threshold, crossed by the probe's term exactly where the
-  probe's own threshold is. The term is folded at fitting time into ``ood_orient`` [F, 1] and
+  upright X-rays from upside-down, quarter-turned and inverted ones, ``t`` its threshold and
+  ``T`` the gate's threshold: one score, one threshold, crossed by the probe's term exactly
+  where the probe's own threshold is. The term is folded at fitting time into ``ood_orient`` [F, 1] and
   ``ood_orient_bias`` [1], applied to the features minus the first class mean (small numbers
   in the fp16 graph), in the weights' dtype and then float32, as the distance is.
 """
