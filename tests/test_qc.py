@@ -237,25 +237,31 @@ def oriented_xray_run(xray_run, tmp_path_factory):
     return run
 
 
-def test_orientation_probe_tells_inverted_sample_xrays_from_upright(oriented_xray_run):
-    """The probe is also fitted on inverted (and mirrored-inverted) training X-rays: its term
-    is larger on the sample X-rays with their grey levels reversed than on the upright ones,
-    and the card counts the inverted images it was fitted on."""
+def _probe_separates(run, upright, changed) -> float:
+    """ROC AUC of the probe's term in ``run``'s network: ``changed`` (positive) against
+    ``upright`` (negative)."""
     import torch
 
     from pneumo_edge.evaluation.metrics import roc_auc
     from pneumo_edge.model.torchload import load_model
 
+    model, _ = load_model(run)
+    with torch.no_grad():
+        terms = [((model.features(model.normalise(torch.from_numpy(x))) - model.ood_means[0])
+                  @ model.ood_orient)[:, 0].numpy() for x in (upright, changed)]
+    truth = np.r_[np.zeros(len(terms[0]), bool), np.ones(len(terms[1]), bool)]
+    return roc_auc(truth, np.r_[terms[0], terms[1]])
+
+
+def test_orientation_probe_tells_inverted_sample_xrays_from_upright(oriented_xray_run):
+    """The probe is also fitted on inverted (and mirrored-inverted) training X-rays: its term
+    is larger on the sample X-rays with their grey levels reversed than on the upright ones,
+    and the card counts the inverted images it was fitted on."""
     upright = _samples()
     inverted = np.ascontiguousarray(np.concatenate([255 - upright,
                                                     255 - upright[:, :, :, ::-1]]))
-    model, card = load_model(oriented_xray_run)
-    with torch.no_grad():
-        terms = [((model.features(model.normalise(torch.from_numpy(x))) - model.ood_means[0])
-                  @ model.ood_orient)[:, 0].numpy() for x in (upright, inverted)]
-    truth = np.r_[np.zeros(len(terms[0]), bool), np.ones(len(terms[1]), bool)]
-    assert roc_auc(truth, np.r_[terms[0], terms[1]]) > 0.9
-    images = card.metrics["ood"]["orientation"]["images"]
+    assert _probe_separates(oriented_xray_run, upright, inverted) > 0.9
+    images = read_card(oriented_xray_run).metrics["ood"]["orientation"]["images"]
     assert images["inverted"] > 0 and images["mirrored_inverted"] > 0
 
 
@@ -263,21 +269,13 @@ def test_orientation_probe_flags_upside_down_sample_xrays(xray_run, oriented_xra
     """The probe's term is larger on the sample X-rays turned than upright (its own training
     images among them), and the combined gate flags upside-down films the distance alone
     passed, while passing the upright ones as before."""
-    import torch
     from pneumo_edge.train.calibrate import turn
-
-    from pneumo_edge.evaluation.metrics import roc_auc
-    from pneumo_edge.model.torchload import load_model
 
     upright = _samples()
     flipped = np.ascontiguousarray(turn(upright, "upside_down"))
     turned = np.ascontiguousarray(np.concatenate([flipped, turn(upright, "rotated_90")]))
-    model, card = load_model(oriented_xray_run)
-    with torch.no_grad():
-        terms = [((model.features(model.normalise(torch.from_numpy(x))) - model.ood_means[0])
-                  @ model.ood_orient)[:, 0].numpy() for x in (upright, turned)]
-    truth = np.r_[np.zeros(len(terms[0]), bool), np.ones(len(terms[1]), bool)]
-    assert roc_auc(truth, np.r_[terms[0], terms[1]]) > 0.9
+    assert _probe_separates(oriented_xray_run, upright, turned) > 0.9
+    card = read_card(oriented_xray_run)
     assert card.metrics["ood"]["orientation"]["train_accuracy"] > 0.9
     _, _, ood = _scores(oriented_xray_run, upright)
     assert sum(v == "" for v in qc.verdicts(card, upright, ood)) >= 0.9 * len(upright)
