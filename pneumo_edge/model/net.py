@@ -28,9 +28,10 @@ were trained):
   ``T (1 + o - t)``, with ``o`` the logit of a linear probe on the pooled features telling
   upright X-rays from upside-down, quarter-turned and inverted ones, ``t`` its threshold and
   ``T`` the gate's threshold: one score, one threshold, crossed by the probe's term exactly
-  where the probe's own threshold is. The term is folded at fitting time into ``ood_orient`` [F, 1] and
-  ``ood_orient_bias`` [1], applied to the features minus the first class mean (small numbers
-  in the fp16 graph), in the weights' dtype and then float32, as the distance is.
+  where the probe's own threshold is. The term is folded at fitting time into ``ood_orient``
+  [F, 1] and ``ood_orient_bias`` [1], applied to the features minus the first class mean
+  (small numbers in the fp16 graph), in the weights' dtype and then float32, as the distance
+  is.
 """
 
 from __future__ import annotations
