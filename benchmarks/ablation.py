@@ -179,15 +179,18 @@ def record_row(record: Path, i: int, result: dict) -> Path:
     return write_text_atomic(record / f"row{i:02d}.json", json.dumps(result, indent=1) + "\n")
 
 
+#: the tree this runner is in (a checkout, or a snapshot of one)
+TREE = Path(__file__).resolve().parents[1]
+
+
 def source_commit() -> str | None:
     """The git commit of the tree this runner (and the `pneumo-edge train` it starts) runs
     from, when it is a checkout; None otherwise (a snapshot records its commit in COMMIT)."""
-    here = Path(__file__).resolve().parents[1]
-    stamp = here / "COMMIT"
+    stamp = TREE / "COMMIT"
     if stamp.is_file():
         return stamp.read_text().strip() or None
     try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], check=True,
+        out = subprocess.run(["git", "-C", str(TREE), "rev-parse", "HEAD"], check=True,
                              capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -204,16 +207,15 @@ def check_code_origin() -> None:
     install's finder, i.e. in the checkout, unless the snapshot links them into its
     ``pneumo_edge/``. The check runs in a child started as the rows are (same interpreter,
     environment and working directory)."""
-    here = Path(__file__).resolve().parents[1]
     probe = ("import importlib.util as u\n"
              "for n in ('pneumo_edge', 'pneumo_edge.train', 'pneumo_edge.export'):\n"
              "    print(u.find_spec(n).origin)")
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
-                         text=True).stdout.split()
+                         text=True).stdout.splitlines()
     for origin in map(Path, out):
-        if here not in origin.resolve().parents:
+        if TREE not in origin.resolve().parents:
             raise SystemExit(f"error: the rows would import {origin}, outside this runner's "
-                             f"tree {here}; run from that tree, or link train/ and export/ "
+                             f"tree {TREE}; run from that tree, or link train/ and export/ "
                              "into its pneumo_edge/ and set PYTHONPATH to it")
 
 
