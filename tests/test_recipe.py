@@ -290,11 +290,12 @@ def test_swa_average_recomputes_batchnorm_on_the_training_pass():
     assert net.bn.momentum == 0.1 and not net.training
 
 
-def _ablation():
+def _ablation(path=None):
+    """benchmarks/ablation.py as a module (or the copy of it at ``path``)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
+    path = path or Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
     spec = importlib.util.spec_from_file_location("ablation_under_test", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -416,16 +417,12 @@ def test_ablation_runner_refuses_a_snapshot_whose_rows_would_import_the_checkout
     """A suite runs for hours from a snapshot; with an editable install pneumo_edge.train is
     found in the checkout unless the snapshot links it in, and an edit there would change a
     row half-way. The runner must see that before training, and accept its own checkout."""
-    import importlib.util
     import shutil
-    from pathlib import Path
 
-    _ablation().check_code_origin()  # the checkout's runner, the checkout's code: fine
+    checkout = _ablation()
+    checkout.check_code_origin()  # the checkout's runner, the checkout's code: fine
     runner = tmp_path / "benchmarks" / "ablation.py"
     runner.parent.mkdir()
-    shutil.copy(Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py", runner)
-    spec = importlib.util.spec_from_file_location("ablation_snapshot", runner)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    shutil.copy(checkout.__file__, runner)
     with pytest.raises(SystemExit, match="outside this runner's tree"):
-        mod.check_code_origin()
+        _ablation(runner).check_code_origin()
