@@ -235,6 +235,20 @@ def test_recipe_options_change_the_augmentation_as_stated():
         .brightness == (0.7, 1.3)
 
 
+def test_training_crops_come_from_a_larger_cache_by_default_and_only_with_strong_crops():
+    """Issue 22's row 4 became the default: the training pixels are cached at 8/7 of
+    --image-size (256 at 224) for --augment strong, whose crops bring them back to the model's
+    size; basic augmentation has no crops and keeps --image-size; an explicit size wins."""
+    pytest.importorskip("torch")
+    from pneumo_edge.train.config import TrainConfig
+    from pneumo_edge.train.data import train_cache_size
+
+    assert train_cache_size(TrainConfig(data="d", out="o")) == 256
+    assert train_cache_size(TrainConfig(data="d", out="o", image_size=64)) == 73
+    assert train_cache_size(TrainConfig(data="d", out="o", augment="basic")) == 224
+    assert train_cache_size(TrainConfig(data="d", out="o", train_cache_size=224)) == 224
+
+
 def test_class_weight_power_interpolates_between_inverse_frequency_and_none():
     pytest.importorskip("torch")
     from pneumo_edge.train.data import class_weights
@@ -307,14 +321,21 @@ def test_r50_suite_rows_change_one_thing_each_against_the_default_recipe():
     from dataclasses import fields
 
     from pneumo_edge.train.config import TrainConfig
+    from pneumo_edge.train.data import train_cache_size
 
     ab = _ablation()
     rows = ab.SUITES["r50"]
     base = dict(zip(rows[0][1][::2], rows[0][1][1::2]))
     assert base["--proxy"] == "cluster" and base["--arch"] == "resnet50"
-    # the baseline is today's default recipe: every option it spells out is the default
+    # today's default recipe is the baseline with the adopted rows' changes: every option
+    # they spell out is the default (the cache size's default resolved for ResNet50 at 224)
     defaults = {f"--{f.name.replace('_', '-')}": f.default for f in fields(TrainConfig)}
-    for opt, value in base.items():
+    defaults["--train-cache-size"] = train_cache_size(TrainConfig(data="d", out="o"))
+    adopted = dict(base)
+    for i in ab.R50_ADOPTED:
+        adopted.update(dict(zip(rows[i][1][::2], rows[i][1][1::2])))
+    assert adopted["--train-cache-size"] == "256" != base["--train-cache-size"]
+    for opt, value in adopted.items():
         if opt in ("--proxy", "--time-budget", "--epochs"):
             continue
         want = defaults[opt]
@@ -411,6 +432,24 @@ def test_recorded_rows_count_as_done_on_another_machine_and_stale_ones_are_refus
     stale = [("baseline", ["--epochs", "2"]), suite[1]]
     with pytest.raises(SystemExit, match="row00.json: recorded with other options"):
         ab.run_suite("data", tmp_path / "m3", stale, record=record)
+
+
+def test_the_repositorys_recorded_r50_rows_are_accepted_by_todays_suite():
+    """The baseline spells out options added after rows were recorded (the cache size, when
+    its default changed); every recorded row must still match its row, never be refused or
+    silently stand for another recipe."""
+    from pathlib import Path
+
+    ab = _ablation()
+    record = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation-r50"
+    rows = ab.SUITES["r50"]
+    found = sorted(record.glob("row*.json"))
+    assert found
+    for path in found:
+        i = int(path.stem[3:])
+        assert ab.recorded(record, i, rows[i][1]) is not None, path.name
+    with pytest.raises(SystemExit, match="recorded with other options"):
+        ab.recorded(record, 4, rows[0][1])  # row 4 (cache 256) never stands for the baseline
 
 
 def test_ablation_runner_refuses_a_snapshot_whose_rows_would_import_the_checkout(tmp_path):

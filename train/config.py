@@ -28,6 +28,9 @@ THRESHOLD_ON = ("val+shifted", "val")
 AVERAGES = ("ema", "swa", "none")
 PROXIES = ("none", "cluster")
 DEFAULT_BUDGET_S = 55 * 60.0
+#: --train-cache-size's default under --augment strong, as a multiple of --image-size (256 px
+#: at 224): the best row on the cluster proxy of issue 22's ablation (benchmarks/ABLATION.md)
+TRAIN_CACHE_RATIO = 8 / 7
 
 
 def _opt(default=MISSING, help: str | None = None):
@@ -82,8 +85,9 @@ class TrainConfig:
                                     "between this and 1).")
     train_cache_size: int | None = _opt(None, "Decode and cache the training images at this "
                                         "size and crop them to --image-size (--augment "
-                                        "strong): crops with more source resolution. Default: "
-                                        "--image-size. Evaluation stays at --image-size.")
+                                        "strong). Default: 8/7 of --image-size with --augment "
+                                        "strong (256 at 224), else --image-size; --image-size "
+                                        "turns it off. Evaluation stays at --image-size.")
     average: str = _opt("ema", "Weights evaluated and saved: ema (--ema's moving average), "
                                "swa (the uniform average of the last --swa-epochs epochs' "
                                "weights after selection ran, BatchNorm statistics recomputed "

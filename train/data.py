@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from pneumo_edge.train import distributed as dist_
+from pneumo_edge.train.config import TRAIN_CACHE_RATIO
 from pneumo_edge.train.shift import shifted_set
 
 from pneumo_edge.errors import DataError, UsageError
@@ -249,8 +250,14 @@ def _scan(cfg):
 
 
 def train_cache_size(cfg) -> int:
-    """The size the training images are decoded at: --train-cache-size, else --image-size."""
-    return cfg.train_cache_size or cfg.image_size
+    """The size the training images are decoded at: --train-cache-size, else (the default)
+    TRAIN_CACHE_RATIO times --image-size under --augment strong, whose crops bring them back
+    to --image-size, and --image-size otherwise."""
+    if cfg.train_cache_size:
+        return cfg.train_cache_size
+    if cfg.augment_preset == "strong":
+        return round(cfg.image_size * TRAIN_CACHE_RATIO)
+    return cfg.image_size
 
 
 def _decode(cfg, named, d, log) -> dict:
