@@ -241,12 +241,14 @@ def test_training_crops_come_from_a_larger_cache_by_default_and_only_with_strong
     size; basic augmentation has no crops and keeps --image-size; an explicit size wins."""
     pytest.importorskip("torch")
     from pneumo_edge.train.config import TrainConfig
-    from pneumo_edge.train.data import train_cache_size
 
-    assert train_cache_size(TrainConfig(data="d", out="o")) == 256
-    assert train_cache_size(TrainConfig(data="d", out="o", image_size=64)) == 73
-    assert train_cache_size(TrainConfig(data="d", out="o", augment="basic")) == 224
-    assert train_cache_size(TrainConfig(data="d", out="o", train_cache_size=224)) == 224
+    def size(**kw):
+        return TrainConfig(data="d", out="o", **kw).crop_source_size
+
+    assert size() == 256 and size(image_size=64) == 73
+    assert size(augment="basic") == 224 and size(train_cache_size=224) == 224
+    # a run records the size it used, never the default's name for it
+    assert TrainConfig(data="d", out="o").resolved().train_cache_size == 256
 
 
 def test_class_weight_power_interpolates_between_inverse_frequency_and_none():
@@ -321,7 +323,6 @@ def test_r50_suite_rows_change_one_thing_each_against_the_default_recipe():
     from dataclasses import fields
 
     from pneumo_edge.train.config import TrainConfig
-    from pneumo_edge.train.data import train_cache_size
 
     ab = _ablation()
     rows = ab.SUITES["r50"]
@@ -330,7 +331,7 @@ def test_r50_suite_rows_change_one_thing_each_against_the_default_recipe():
     # today's default recipe is the baseline with the adopted rows' changes: every option
     # they spell out is the default (the cache size's default resolved for ResNet50 at 224)
     defaults = {f"--{f.name.replace('_', '-')}": f.default for f in fields(TrainConfig)}
-    defaults["--train-cache-size"] = train_cache_size(TrainConfig(data="d", out="o"))
+    defaults["--train-cache-size"] = TrainConfig(data="d", out="o").crop_source_size
     adopted = dict(base)
     for i in ab.R50_ADOPTED:
         adopted.update(dict(zip(rows[i][1][::2], rows[i][1][1::2])))

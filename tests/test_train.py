@@ -1,5 +1,6 @@
 """Training on generated data: it learns, and its options, outputs and errors behave."""
 
+import dataclasses
 import json
 import shutil
 
@@ -161,6 +162,20 @@ def test_resume_may_extend_the_run_and_move_it(tiny_run, tmp_path):
     assert changed_options(cfg, moved) == []
     old = {k: v for k, v in cfg.items() if k not in ("jitter", "proxy")}  # before the options
     assert changed_options(old, TrainConfig(**cfg)) == []
+
+
+def test_resume_of_a_run_from_before_the_cache_default_changed_keeps_its_cache_size():
+    """Runs recorded --train-cache-size as null when null meant --image-size; today's null
+    means 8/7 of it (strong crops). Resuming such a run must not switch its crops silently."""
+    from pneumo_edge.train.rundir import changed_options
+
+    now = TrainConfig(data="d", out="o")
+    old = json.loads(json.dumps(dataclasses.asdict(now)))
+    old["train_cache_size"] = None  # how runs before the change recorded the default
+    assert changed_options(old, now) == [("train_cache_size", 224, 256)]
+    assert changed_options(old, TrainConfig(data="d", out="o", train_cache_size=224)) == []
+    assert changed_options(json.loads(json.dumps(dataclasses.asdict(
+        now.resolved()))), now) == []
 
 
 def test_unreadable_images_are_skipped_named_and_counted(tmp_path, capsys):

@@ -5,7 +5,7 @@ touched. No torch import at module level: the CLI reads TrainConfig's defaults a
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from pneumo_edge.train.budget import SCHEDULES
@@ -149,6 +149,22 @@ class TrainConfig:
     @property
     def net(self) -> dict:
         return {"norm": self.norm, "tta": self.tta}
+
+    @property
+    def crop_source_size(self) -> int:
+        """The size the training images are decoded at: --train-cache-size, else (the
+        default) TRAIN_CACHE_RATIO times --image-size under --augment strong, whose crops
+        bring them back to --image-size, and --image-size otherwise."""
+        if self.train_cache_size:
+            return self.train_cache_size
+        if self.augment_preset == "strong":
+            return round(self.image_size * TRAIN_CACHE_RATIO)
+        return self.image_size
+
+    def resolved(self) -> TrainConfig:
+        """This config with its derived defaults spelled out, as a run records it (so a card
+        or a resumed run never depends on what a default meant when it was read)."""
+        return replace(self, train_cache_size=self.crop_source_size)
 
 
 def pick_device(name: str) -> torch.device:

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from pneumo_edge.train import distributed as dist_
-from pneumo_edge.train.config import TRAIN_CACHE_RATIO
 from pneumo_edge.train.shift import shifted_set
 
 from pneumo_edge.errors import DataError, UsageError
@@ -195,7 +194,7 @@ def load_data(cfg, d=dist_.SINGLE, log=None) -> dict:
     train_s, val, test, split = _split(cfg, root, tr, classes)
     named = [(n, s, cfg.image_size) for n, s in (("train", train_s), ("val", val),
                                                  ("test", test)) if s]
-    crop = train_cache_size(cfg)
+    crop = cfg.crop_source_size
     if crop != cfg.image_size:  # the training images at the larger size the crops come from
         named.append(("train_crop", train_s, crop))
     parts = _decode(cfg, named, d, log)
@@ -247,17 +246,6 @@ def _scan(cfg):
         except ValueError as exc:
             raise UsageError(f"{exc} (the data has classes {', '.join(classes)})") from None
     return root, tr, classes, pos
-
-
-def train_cache_size(cfg) -> int:
-    """The size the training images are decoded at: --train-cache-size, else (the default)
-    TRAIN_CACHE_RATIO times --image-size under --augment strong, whose crops bring them back
-    to --image-size, and --image-size otherwise."""
-    if cfg.train_cache_size:
-        return cfg.train_cache_size
-    if cfg.augment_preset == "strong":
-        return round(cfg.image_size * TRAIN_CACHE_RATIO)
-    return cfg.image_size
 
 
 def _decode(cfg, named, d, log) -> dict:

@@ -152,6 +152,7 @@ def train(cfg: TrainConfig) -> dict:
     t_start = time.monotonic()
     out = Path(cfg.out)
     check_config(cfg)
+    cfg = cfg.resolved()
     d = dist_.from_env()
     device = dist_.device_for(d, cfg.device) if d.enabled else pick_device(cfg.device)
     d = dist_.init(d, device)

@@ -80,7 +80,8 @@ def split_pixels(run: Path, data, card, log, holdout: bool = False) -> dict:
     tc = {k: v for k, v in card.train_config.items() if k in known}
     cfg = TrainConfig(**{**tc, "data": os.fspath(data), "out": os.fspath(run), "cache": "",
                          "no_cache": not (run / modeldir.PIXEL_CACHE).is_dir(),
-                         "image_size": card.image_size})
+                         "image_size": card.image_size,
+                         "train_cache_size": card.image_size})  # no crops here
     d = load_data(cfg, log=log)
     want = card.split.get("val_files")
     if want is not None and d["split"].get("val_files") != want:

@@ -111,19 +111,24 @@ RESUME_MAY_CHANGE = frozenset({"epochs", "time_budget", "workers", "device", "am
                                "threshold_on", "calibrate"})
 #: what runs from before an option existed used, where it is not the option's default today
 _BEFORE = {"norm": "imagenet", "tta": "none"}
+#: options whose null in a config from before runs recorded them resolved meant the value of
+#: another option (the cache size was --image-size until its default became 8/7 of it)
+_NULL_MEANT = {"train_cache_size": "image_size"}
 
 
 def changed_options(old: dict, cfg) -> list[tuple[str, object, object]]:
     """(option, value in the interrupted run's config, value now) for each option a resume
     may not change; an option the old config lacks counts as what runs used before it existed
     (its default, or ``_BEFORE``)."""
-    now = json.loads(json.dumps(asdict(cfg)))
+    now = json.loads(json.dumps(asdict(cfg.resolved())))
     out = []
     for f in fields(cfg):
         if f.name in RESUME_MAY_CHANGE:
             continue
         was = old[f.name] if f.name in old else json.loads(json.dumps(
             _BEFORE.get(f.name, f.default)))
+        if was is None and f.name in _NULL_MEANT:
+            was = old.get(_NULL_MEANT[f.name])
         if was != now[f.name]:
             out.append((f.name, was, now[f.name]))
     return out
