@@ -331,7 +331,8 @@ def main(argv=None) -> int:
     files = clinical_images.build(a.src, folder, a.images)
     model_dir = Path(a.model) if a.model else make_model(work / "r50")
     result = {"machine": machine(), "busy": bool(others),
-              "images": clinical_images.describe(files), "model": str(model_dir.resolve())}
+              "images": clinical_images.describe(files), "model": str(model_dir.resolve()),
+              "random_weights": not a.model}
     print(json.dumps(result, indent=2), file=sys.stderr)
     result.update(run_all(folder, files, model_dir, a.rounds, a.skip_fp16, work))
     Path(a.out or work / "score_vs_baseline.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -460,7 +461,9 @@ def _load(r: dict):
 
 
 def _model_text(r: dict) -> str:
-    if r.get("model") and not r["model"].endswith("/r50"):
+    # runs saved before "random_weights" was recorded: the benchmark's own model was WORK/r50
+    made = r.get("random_weights", not r.get("model") or r["model"].endswith("/r50"))
+    if not made:
         return (f"Model: `{Path(r['model']).name}`, a ResNet50 trained by `pneumo-edge train` and "
                 "exported by `pneumo-edge export` (parity.json passed for each form used).")
     return ("Model: ResNet50, 224 px, random weights, exported with "

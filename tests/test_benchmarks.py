@@ -97,3 +97,16 @@ def test_busy_sees_training_as_ablation_runs_it_and_not_a_stopped_one(monkeypatc
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_speed_report_names_a_trained_model_whatever_its_folder_is_called(monkeypatch):
+    """The report told a trained model from the benchmark's own random-weight one by its
+    folder's name (WORK/r50), so the default model in runs/r50 was reported as random weights.
+    The run now records which it was; runs saved before keep the old reading."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import score_vs_baseline as svb
+
+    trained = svb._model_text({"model": "/work/runs/r50", "random_weights": False})
+    assert "trained by `pneumo-edge train`" in trained and "random" not in trained
+    assert "random weights" in svb._model_text({"model": "/tmp/b/r50", "random_weights": True})
+    assert "random weights" in svb._model_text({"model": "/tmp/b/r50"})  # saved before
