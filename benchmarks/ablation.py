@@ -78,9 +78,10 @@ R50 = {"--arch": "resnet50", "--weights": "none", "--image-size": "224", "--time
        "--test-fraction": "0.15", "--seed": "42", "--select": "val_auroc", "--min-epochs": "3",
        "--threshold-for": "youden", "--threshold-on": "val+shifted", "--proxy": "cluster",
        "--proxy-clusters": "10", "--proxy-min-images": "50", "--train-cache-size": "224"}
-#: options spelled out in the baseline after rows were recorded, with the value the recorded
-#: rows ran with by default then (a record without one of them ran with that value)
-R50_ADDED_LATER = {"--train-cache-size": "224"}  # the default until row 4 was adopted
+#: options spelled out after rows were recorded -> the option whose value they had by default
+#: then (a record without one ran with that value: the cache size was --image-size until row 4
+#: was adopted)
+ADDED_LATER = {"--train-cache-size": "--image-size"}
 #: rows whose change became the default recipe (today's default = the baseline with these)
 R50_ADOPTED = (4,)
 R50_CHANGES = [
@@ -175,11 +176,12 @@ def recorded(record: Path | None, i: int, args: list[str]) -> dict | None:
 
 
 def with_added_later(args: list[str] | None) -> list[str] | None:
-    """A recorded row's arguments with the options of R50_ADDED_LATER it lacks spelled out."""
-    if args is None or args[0] != "--arch" or args[1] != "resnet50":
+    """A recorded row's arguments with the options of ADDED_LATER it lacks spelled out."""
+    if args is None:
         return args
-    missing = [x for k, v in R50_ADDED_LATER.items() if k not in args for x in (k, v)]
-    return args + missing
+    opts = dict(zip(args[::2], args[1::2]))
+    return args + [x for k, was in ADDED_LATER.items() if k not in opts and was in opts
+                   for x in (k, opts[was])]
 
 
 def record_row(record: Path, i: int, result: dict) -> Path:
