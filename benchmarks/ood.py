@@ -26,26 +26,35 @@ from common import machine
 
 def scores(model, pixels: np.ndarray, gate: dict) -> dict:
     """{score name: [N]}: the network's own ood output, energy from the logits and, when the
-    network's gate joins the Mahalanobis distance with the orientation probe, the distance
-    alone (from the network's own buffers); one forward pass (the steps of
+    network's gate joins the Mahalanobis distance with other terms, the distance alone (from
+    the network's own buffers) and, for ``mahalanobis+layer1+orientation``, the first stage's
+    distance alone (``layer1``, on its own threshold's scale); one forward pass (the steps of
     ``XrayNet.outputs``: its ood output is ``_ood`` of these features and logits)."""
     import torch
-    from pneumo_edge.train.calibrate import COMBINED, energy, mahalanobis
+    from pneumo_edge.train.calibrate import COMBINED, LAYERED, energy, mahalanobis
 
-    parts = {"ood": [], "feats": [], "logits": []}
+    parts = {"ood": [], "feats": [], "logits": [], "early": []}
     with torch.no_grad():
         for i in range(0, len(pixels), 64):
-            _, _, feats, z = model._deployed(
+            _, _, feats, z, early = model._deployed(
                 torch.from_numpy(np.ascontiguousarray(pixels[i:i + 64])))
-            for k, v in (("ood", model._ood(feats, z.float())), ("feats", feats),
-                         ("logits", z)):
+            for k, v in (("ood", model._ood(feats, z.float(), early)), ("feats", feats),
+                         ("logits", z), ("early", early)):
                 parts[k].append(v.float().numpy().astype(np.float64))
     parts = {k: np.concatenate(v) for k, v in parts.items()}
     out = {gate["method"]: parts["ood"], "energy": energy(parts["logits"])}
-    if gate["method"] == COMBINED:
+    if gate["method"] in (COMBINED, LAYERED):
         out["mahalanobis"] = mahalanobis(parts["feats"], model.ood_means.double().numpy(),
                                          model.ood_whiten.double().numpy())
+    if gate["method"] == LAYERED:
+        folded = mahalanobis(parts["early"], model.ood_early_means.double().numpy(),
+                             model.ood_early_whiten.double().numpy())
+        out[LAYER1] = folded * gate["layer1"]["threshold"] / gate["threshold"]
     return out
+
+
+#: the first stage's distance alone, in the report's rows
+LAYER1 = "layer1 distance"
 
 
 #: the real X-rays of the acquisition cluster a ``--proxy cluster`` run held out of training,
@@ -64,6 +73,8 @@ def figures(model, card, test_px: np.ndarray, holdout_px=None) -> list[dict]:
 
     gate = qc.gate(card)
     thresholds = {k: v["threshold"] for k, v in gate["comparison"].items()}
+    if "layer1" in gate:
+        thresholds[LAYER1] = gate["layer1"]["threshold"]
     sets = {"internal test X-rays": test_px,
             **({HOLDOUT: holdout_px} if holdout_px is not None and len(holdout_px) else {}),
             **ood_families(test_px, card.image_size)}
@@ -94,11 +105,11 @@ def gate_cost(model, card, pixels: np.ndarray, reps: int = 7) -> dict:
     x = torch.from_numpy(np.ascontiguousarray(pixels))
     times = {"network": [], "ood head": [], "blank check": []}
     with torch.no_grad():
-        _, _, feats, z = model._deployed(x)
+        _, _, feats, z, early = model._deployed(x)
         model.outputs(x)  # warm-up
         for _ in range(reps):
             for name, fn in (("network", lambda: model.outputs(x)),
-                             ("ood head", lambda: model._ood(feats, z.float())),
+                             ("ood head", lambda: model._ood(feats, z.float(), early)),
                              ("blank check", lambda: [qc.blank_reason(p) for p in pixels])):
                 t0 = time.perf_counter()
                 fn()
@@ -145,7 +156,18 @@ def probe_text(gate: dict) -> str:
             f"training X-rays against as many of them changed: {kinds}): the probe alone "
             f"flags {o['val_flagged']:.2%} of validation, both together "
             f"{c[gate['method']]['val_flagged']:.2%}; the distance alone at its own threshold "
-            f"({c['mahalanobis']['threshold']:.4g}) is the `mahalanobis` row.")
+            f"({c['mahalanobis']['threshold']:.4g}) is the `mahalanobis` row."
+            + layer1_text(gate))
+
+
+def layer1_text(gate: dict) -> str:
+    """What the report says about the gate's first-stage distance (empty without one)."""
+    e = gate.get("layer1")
+    if not e:
+        return ""
+    return (f" The third term is the first residual stage's distance (its own threshold "
+            f"{e['threshold']:.4g}, fitted at {e['budget']:.2%} of validation: it flags "
+            f"{e['val_flagged']:.2%} there alone): the `{LAYER1}` row.")
 
 
 def report(rows, cost, card, run, data, started, calib=()) -> str:

@@ -129,18 +129,36 @@ def calibration_pixels(card: Card, opts: QuantOptions, warn=None) -> tuple[np.nd
 
 def float_nodes(proto) -> list[str]:
     """Names of the nodes that stay float: everything before the first Conv (cast and
-    normalisation) and everything after the last one: the last block's residual sum, the
-    pooling, the classifier, the calibration map, the softmax and the gate's distance (the
-    gate's 2048 x 2048 whitening is ~8 million multiply-adds per image for a ResNet50, ~0.2 % of
-    its convolutions' ~4 billion). Quantized, the tail rounds the
-    logits and the calibrated logits to an 8-bit grid before the softmax, and the gate's
-    whitened features and their squares too: on the real ResNet50 its INT8 file then flagged 22
-    of 782 validation images differently from torch."""
+    normalisation) and every node no Conv depends on: the last block's residual sum, the
+    pooling, the classifier, the calibration map, the softmax and the gate, including the
+    first stage's pooled features and their distance, which branch off mid-network and may
+    come before the last Conv in the file's order (the gate's 2048 x 2048 whitening is ~8
+    million multiply-adds per image for a ResNet50, ~0.2 % of its convolutions' ~4 billion).
+    Quantized, the tail rounds the logits and the calibrated logits to an 8-bit grid before
+    the softmax, and the gate's whitened features and their squares too: on the real ResNet50
+    its INT8 file then flagged 22 of 782 validation images differently from torch (the first
+    stage's distance, quantized, 8 of 782)."""
     kinds = [n.op_type for n in proto.graph.node]
     if "Conv" not in kinds:
         raise ModelError("the ONNX graph has no Conv node to quantize")
-    first, last = kinds.index("Conv"), len(kinds) - 1 - kinds[::-1].index("Conv")
-    return [n.name for i, n in enumerate(proto.graph.node) if i < first or i > last]
+    first = kinds.index("Conv")
+    feeds = _feeding_convs(proto.graph.node)
+    return [n.name for i, n in enumerate(proto.graph.node)
+            if i < first or (n.op_type != "Conv" and n.name not in feeds)]
+
+
+def _feeding_convs(nodes) -> set[str]:
+    """Names of the nodes a Conv depends on (directly or through other nodes)."""
+    producer = {o: n for n in nodes for o in n.output}
+    seen: set[str] = set()
+    todo = [n for n in nodes if n.op_type == "Conv"]
+    while todo:
+        for name in todo.pop().input:
+            up = producer.get(name)
+            if up is not None and up.name not in seen:
+                seen.add(up.name)
+                todo.append(up)
+    return seen
 
 
 def image_ranges(model_path, pixels: np.ndarray, input_name: str) -> dict:

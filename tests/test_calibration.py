@@ -94,7 +94,7 @@ def test_network_applies_the_same_map_as_numpy(tta):
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 1, 64, 64), np.uint8))
     with torch.no_grad():
         probs, ood = net.outputs(x)
-        logp, _, z = net.uncalibrated(x)
+        logp, _, z, _ = net.uncalibrated(x)
     want = cal.apply(logp.numpy(), 1.7, -0.8, 1)
     assert np.abs(probs.numpy() - want).max() < 1e-5
     assert np.allclose(ood.numpy(), -np.log(np.exp(z.numpy()).sum(axis=1)), atol=1e-5)
@@ -137,7 +137,8 @@ def test_calibrate_command_keeps_labels_and_records_the_figures(calibrated_run, 
     model, card = load_model(run)  # card.json agrees with the card inside model.pt
     assert read_checkpoint(run).card == card == read_card(run)
     assert card.net["calibration"] == "temperature+bias"
-    assert card.net["ood"] in ("mahalanobis", "energy", "mahalanobis+orientation")
+    assert card.net["ood"] in ("mahalanobis", "energy", "mahalanobis+orientation",
+                               "mahalanobis+layer1+orientation")
     c = card.metrics["calibration"]
     assert c["threshold_before"] == old.threshold
     assert card.threshold == pytest.approx(cal.map_threshold(old.threshold, c["temperature"],
@@ -147,7 +148,8 @@ def test_calibrate_command_keeps_labels_and_records_the_figures(calibrated_run, 
         assert len(c[split]["after"]["bins"]) == 15
     g = card.metrics["ood"]
     assert g["false_flag_rate"] == 0.005
-    assert set(g["comparison"]) == {"mahalanobis", "energy", "mahalanobis+orientation"}
+    assert set(g["comparison"]) == {"mahalanobis", "energy", "mahalanobis+orientation",
+                                    "mahalanobis+layer1+orientation"}
     assert any(line.startswith("calibration: T") for line in lines)
     json.dumps(card.to_dict(), allow_nan=False)  # strict JSON: no NaN slipped in
     torch = pytest.importorskip("torch")
@@ -262,6 +264,100 @@ def test_the_orientation_term_lives_in_the_network():
     assert np.any(ood_both > ood_plain * 1.01)  # the term is the larger one somewhere
 
 
+def test_the_first_stage_distance_lives_in_the_network():
+    """``mahalanobis+layer1+orientation``: the graph's score is the numpy one (the combined
+    score, or the first stage's distance scaled by T / t1 where larger) and crosses T exactly
+    where one of the three terms crosses its own threshold."""
+    torch = pytest.importorskip("torch")
+    from pneumo_edge.train import calibrate as c
+
+    from pneumo_edge.model.net import build_model
+
+    torch.manual_seed(0)
+    x = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (8, 1, 64, 64), np.uint8))
+    net = build_model("resnet18", 2, norm="image", ood=c.LAYERED).eval()
+    with torch.no_grad():
+        _, feats, _, early = (v.numpy().astype(np.float64) for v in net.uncalibrated(x))
+    assert early.shape == (8, 64)  # ResNet18's first stage: 64 channels
+    rng = np.random.default_rng(3)
+    means, whiten = feats[:2] + 0.05, np.eye(feats.shape[1]) / 20
+    e_means, e_whiten = early[:2] * 1.1, np.eye(64) / 3
+    probe = {"weights": rng.normal(0, 1, feats.shape[1]), "bias": 0.5}
+    maha, tilt = c.mahalanobis(feats, means, whiten), c.orientation_logit(feats, probe)
+    first = c.mahalanobis(early, e_means, e_whiten)
+    gate_t, probe_t, first_t = 1.7, float(np.max(tilt)) + 1, float(np.median(first))
+    net.set_gate(means.astype(np.float32), whiten.astype(np.float32),
+                 c.orientation_fold(probe, means, gate_t, probe_t),
+                 (e_means.astype(np.float32),
+                  (e_whiten * np.sqrt(gate_t / first_t)).astype(np.float32)))
+    with torch.no_grad():
+        ood = net.outputs(x)[1].numpy()
+    want = c.layered(maha, tilt, first, gate_t, probe_t, first_t)
+    assert np.allclose(ood, want, rtol=1e-4, atol=1e-4)
+    assert np.array_equal(ood > gate_t, (maha > gate_t) | (tilt > probe_t) | (first > first_t))
+    assert np.any((first > first_t) & (maha <= gate_t))  # the first stage alone flags some
+
+
+def test_layered_thresholds_share_the_budget():
+    """Probe and first stage take their shares of the validation budget; all three together
+    flag at most the rate."""
+    from pneumo_edge.train import calibrate as c
+
+    rng = np.random.default_rng(5)
+    maha, tilt, first = rng.gamma(2, 1, 2000), rng.normal(0, 1, 2000), rng.gamma(3, 1, 2000)
+    gate_t, probe_t, first_t = c.layered_thresholds(maha, tilt, first, 0.01)
+    assert np.mean(tilt > probe_t) <= 0.01 * c.PROBE_SHARE
+    assert 0 < np.mean(first > first_t) <= 0.01 * c.EARLY_SHARE
+    score = c.layered(maha, tilt, first, gate_t, probe_t, first_t)
+    assert 0.009 <= np.mean(score > gate_t) <= 0.01
+
+
+@pytest.fixture(scope="module")
+def layered_run(tiny_run, tiny_dataset, tmp_path_factory):
+    """A copy of the tiny model after ``pneumo-edge calibrate --gate
+    mahalanobis+layer1+orientation`` (read-only)."""
+    from conftest import copy_model_dir
+    from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
+
+    run = copy_model_dir(tiny_run, tmp_path_factory.mktemp("layered") / "run")
+    lines = []
+    opts = CalibrateOptions(device="cpu", gate="mahalanobis+layer1+orientation")
+    assert run_calibrate(run, tiny_dataset, opts, log=lines.append) == 0
+    return run, lines
+
+
+def test_calibrate_records_the_first_stage_distance(layered_run, tmp_path):
+    """The card records the first stage's threshold and budget; the exported fp32 graph's ood
+    output is torch's, and flags the shipped photographs as torch does."""
+    ort = pytest.importorskip("onnxruntime")
+    torch = pytest.importorskip("torch")
+    from pneumo_edge.train.calibrate import _variants, shipped_photos
+
+    from pneumo_edge.export.onnx import export_onnx
+    from pneumo_edge.model.torchload import load_checked
+
+    run, lines = layered_run
+    model, card, ckpt = load_checked(run)
+    g = card.metrics["ood"]
+    assert card.net["ood"] == g["method"] == "mahalanobis+layer1+orientation"
+    e, c = g["layer1"], g["comparison"][g["method"]]
+    assert e["threshold"] == c["layer1_threshold"] and e["val_flagged"] <= e["budget"]
+    assert c["val_flagged"] <= 0.005 and "orientation" in g
+    assert "\n  first-stage distance: > " in "\n".join(lines)
+    assert model.ood_early_whiten.abs().sum() > 0
+    photos = shipped_photos()
+    if not photos:
+        pytest.skip("matplotlib ships no sample photographs here")
+    x = _variants(photos, card.image_size)
+    path = export_onnx(model, card, tmp_path / "m.onnx", weights_sha256=ckpt.sha256)
+    _, ood = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x})
+    with torch.no_grad():
+        want = model.outputs(torch.from_numpy(x))[1].numpy()
+    assert np.all(np.abs(ood - want) <= 1e-4 * np.maximum(1.0, np.abs(want)))
+    assert np.array_equal(ood > g["threshold"], want > g["threshold"])
+
+
 @pytest.fixture(scope="module")
 def oriented_run(tiny_run, tiny_dataset, tmp_path_factory):
     """A copy of the tiny model after ``pneumo-edge calibrate --gate mahalanobis+orientation``
@@ -322,7 +418,7 @@ def test_onnx_carries_the_orientation_probe(oriented_run, tiny_dataset, tmp_path
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     _, ood = sess.run(None, {"image": x})
     with torch.no_grad():
-        _, _, feats, _ = model._deployed(torch.from_numpy(x))
+        _, _, feats, _, _ = model._deployed(torch.from_numpy(x))
         want = model.outputs(torch.from_numpy(x))[1].numpy()
     maha = mahalanobis(feats.double().numpy(), model.ood_means.double().numpy(),
                        model.ood_whiten.double().numpy())

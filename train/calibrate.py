@@ -14,7 +14,11 @@ selection without touching the weights:
   upright training X-rays against the same images upside down, turned a quarter or inverted
   (grey levels reversed, also mirrored), whose logit joins the Mahalanobis distance in one
   score (``mahalanobis+orientation``, :func:`combined_thresholds`): upside-down and inverted
-  films are where the distance alone is weakest.
+  films are where the distance alone is weakest;
+- the first stage's distance (``mahalanobis+layer1+orientation``, :func:`layered_thresholds`):
+  the same distance on the first residual stage's output averaged over the image, joining
+  the other two: photographs and CT/MR slices, close to X-rays in the last features, are far
+  from them in the first.
 
 :func:`calibrate_network` returns a new network (options ``calibration`` and ``ood`` set) and
 the card entries; training (train/final.py) and ``pneumo-edge calibrate`` both call it.
@@ -30,7 +34,13 @@ from pneumo_edge.model import calibration as cal
 from pneumo_edge.model.qc import FALSE_FLAG_RATE
 
 COMBINED = "mahalanobis+orientation"
-GATES = ("mahalanobis", "energy", COMBINED)
+LAYERED = "mahalanobis+layer1+orientation"  # pneumo_edge.model.net.LAYER1_GATE
+GATES = ("mahalanobis", "energy", COMBINED, LAYERED)
+#: the first stage's distance's share of the false-flag budget on validation (``LAYERED``):
+#: what it catches (photographs, CT and MR slices, noise, blank and black-bordered frames) lies
+#: at 2-200 times the validation X-rays' highest distances (benchmarks/OOD.md), so a quarter
+#: of the budget (one or two validation images) costs it nothing there
+EARLY_SHARE = 0.25
 #: the orientation probe's share of the false-flag budget on validation; the Mahalanobis
 #: threshold takes what is left, so that both together flag at most the rate
 PROBE_SHARE = 0.5
@@ -61,13 +71,14 @@ SHRINK_FLOOR = 0.01
 @torch.no_grad()
 def split_outputs(model, pixels: np.ndarray, device, batch: int = 64) -> dict:
     """The uncalibrated deployed log-probabilities ``logp`` [N, C], the pooled features
-    ``feats`` [N, F] and the raw logits ``logits`` [N, C] of uint8 ``pixels``, as numpy."""
+    ``feats`` [N, F], the raw logits ``logits`` [N, C] and the first stage's averaged output
+    ``early`` [N, E] of uint8 ``pixels``, as numpy."""
     model.eval()
-    out = {"logp": [], "feats": [], "logits": []}
+    out = {"logp": [], "feats": [], "logits": [], "early": []}
     for i in range(0, len(pixels), batch):
         x = torch.from_numpy(np.ascontiguousarray(pixels[i:i + batch])).to(device)
-        logp, feats, z = model.uncalibrated(x)
-        for k, v in (("logp", logp), ("feats", feats), ("logits", z)):
+        logp, feats, z, early = model.uncalibrated(x)
+        for k, v in (("logp", logp), ("feats", feats), ("logits", z), ("early", early)):
             out[k].append(v.float().cpu().numpy().astype(np.float64))
     return {k: np.concatenate(v) if v else np.zeros((0, 0)) for k, v in out.items()}
 
@@ -194,6 +205,23 @@ def combined(maha: np.ndarray, tilt: np.ndarray, gate_t: float, probe_t: float) 
     return np.maximum(maha, gate_t * (1.0 + tilt - probe_t))
 
 
+def layered_thresholds(maha: np.ndarray, tilt: np.ndarray, first: np.ndarray, rate: float):
+    """(gate threshold T, probe threshold t, first-stage threshold t1) on validation: t flags
+    at most :data:`PROBE_SHARE` of ``rate``, t1 (on the first stage's distances ``first``) at
+    most :data:`EARLY_SHARE` of it, then T is the smallest threshold at which all three
+    together flag at most ``rate``."""
+    t = threshold_at(tilt, rate * PROBE_SHARE)
+    t1 = threshold_at(first, rate * EARLY_SHARE)
+    return threshold_at(np.where((tilt > t) | (first > t1), np.inf, maha), rate), t, t1
+
+
+def layered(maha, tilt, first, gate_t: float, probe_t: float, first_t: float) -> np.ndarray:
+    """The graph's ``mahalanobis+layer1+orientation`` score: :func:`combined`, or the first
+    stage's distance scaled by T / t1 where that is larger (above T exactly where the
+    distance is above t1)."""
+    return np.maximum(combined(maha, tilt, gate_t, probe_t), first * (gate_t / first_t))
+
+
 def orientation_fold(probe: dict, means: np.ndarray, gate_t: float, probe_t: float):
     """(weights [F], bias) of the probe's term ``T (1 + o - t)`` as a linear function of the
     features minus the first class mean (what :meth:`XrayNet.set_gate` takes)."""
@@ -201,11 +229,13 @@ def orientation_fold(probe: dict, means: np.ndarray, gate_t: float, probe_t: flo
     return gate_t * w, gate_t * (1.0 + probe["bias"] + float(means[0] @ w) - probe_t)
 
 
-def compare_gates(val: dict, families: dict, gaussians, rate: float, probe=None) -> dict:
+def compare_gates(val: dict, families: dict, gaussians, rate: float, probe=None,
+                  early=None) -> dict:
     """Per score: its threshold on validation, the validation flag rate, and per family the flag
     rate and the ROC AUC of validation (negative) against that family (positive). With a
     fitted ``probe``, also ``mahalanobis+orientation`` (and its probe's threshold and
-    validation flag rate alone)."""
+    validation flag rate alone); with ``early`` too (the first stage's class means and
+    whitening), ``mahalanobis+layer1+orientation`` (and the first stage's threshold)."""
     means, whiten = gaussians
     sets = {"val": val, **families}
     maha = {k: mahalanobis(o["feats"], means, whiten) for k, o in sets.items()}
@@ -217,8 +247,17 @@ def compare_gates(val: dict, families: dict, gaussians, rate: float, probe=None)
         gate_t, probe_t = combined_thresholds(maha["val"], tilt["val"], rate)
         scores[COMBINED] = {k: combined(maha[k], tilt[k], gate_t, probe_t) for k in sets}
         thresholds[COMBINED] = gate_t
-        extra = {"orientation_threshold": probe_t,
-                 "orientation_val_flagged": float(np.mean(tilt["val"] > probe_t))}
+        extra[COMBINED] = {"orientation_threshold": probe_t,
+                           "orientation_val_flagged": float(np.mean(tilt["val"] > probe_t))}
+    if probe is not None and early is not None:
+        first = {k: mahalanobis(o["early"], *early) for k, o in sets.items()}
+        ts = layered_thresholds(maha["val"], tilt["val"], first["val"], rate)
+        scores[LAYERED] = {k: layered(maha[k], tilt[k], first[k], *ts) for k in sets}
+        thresholds[LAYERED] = ts[0]
+        extra[LAYERED] = {"orientation_threshold": ts[1],
+                          "orientation_val_flagged": float(np.mean(tilt["val"] > ts[1])),
+                          "layer1_threshold": ts[2],
+                          "layer1_val_flagged": float(np.mean(first["val"] > ts[2]))}
     out = {}
     for name, s in scores.items():
         v, thr = s["val"], thresholds[name]
@@ -229,8 +268,8 @@ def compare_gates(val: dict, families: dict, gaussians, rate: float, probe=None)
                           "roc_auc": roc_auc(truth, np.r_[v, s[fname]])}
         out[name] = {"threshold": thr, "val_flagged": float(np.mean(v > thr)), "families": fam,
                      "mean_flagged": float(np.mean([f["flagged"] for f in fam.values()])),
-                     "mean_roc_auc": float(np.mean([f["roc_auc"] for f in fam.values()]))}
-    out.get(COMBINED, {}).update(extra)
+                     "mean_roc_auc": float(np.mean([f["roc_auc"] for f in fam.values()])),
+                     **extra.get(name, {})}
     return out
 
 
@@ -256,10 +295,13 @@ def calibrate_network(model, card, data: dict, device, *, gate: str = "auto",
              "threshold_before": card.threshold}
     means, whiten, shrink = fit_gaussians(outs["train"]["feats"], data["train"][1], ncls)
     probe = fit_probe(model, data["train"][0], outs["train"]["feats"], device) \
-        if gate in ("auto", COMBINED) else None
+        if gate in ("auto", COMBINED, LAYERED) else None
+    early = fit_gaussians(outs["train"]["early"], data["train"][1], ncls) \
+        if gate in ("auto", LAYERED) else None
     fams = {k: split_outputs(model, px, device)
             for k, px in ood_families(data["val"][0], card.image_size).items()}
-    comparison = compare_gates(outs["val"], fams, (means, whiten), rate, probe)
+    comparison = compare_gates(outs["val"], fams, (means, whiten), rate, probe,
+                               early and early[:2])
     chosen = choose_gate(comparison) if gate == "auto" else gate
     net = build_model(card.arch, ncls, **{**card.net, "calibration": cal.METHOD, "ood": chosen})
     net.load_state_dict(model.state_dict(), strict=False)
@@ -268,15 +310,32 @@ def calibrate_network(model, card, data: dict, device, *, gate: str = "auto",
              "false_flag_rate": rate, "fitted_on": "val", "chosen_by": gate if gate != "auto"
              else "mean flag rate over the families, then mean ROC AUC",
              "shrinkage": shrink, "comparison": comparison}
-    if chosen in ("mahalanobis", COMBINED):
-        orient = None
-        if chosen == COMBINED:
-            c = comparison[COMBINED]
-            orient = orientation_fold(probe, means, c["threshold"], c["orientation_threshold"])
-            entry["orientation"] = probe_entry(probe, c, rate)
-        net.set_gate(means.astype(np.float32), whiten.astype(np.float32), orient)
+    if chosen != "energy":
+        entry.update(install_gate(net, comparison[chosen], (means, whiten), probe, early, rate))
     log(summary(calib, entry))
     return net.to(device).eval(), calib, entry
+
+
+def install_gate(net, c: dict, gaussians, probe, early, rate: float) -> dict:
+    """Set ``net``'s distance gate (its method's buffers) from the fitted parts and its
+    comparison entry ``c``; returns the card entries of the probe and the first stage."""
+    means, whiten = gaussians
+    orient, folded, entries = None, None, {}
+    if net.ood in (COMBINED, LAYERED):
+        orient = orientation_fold(probe, means, c["threshold"], c["orientation_threshold"])
+        entries["orientation"] = probe_entry(probe, c, rate)
+    if net.ood == LAYERED:
+        e_means, e_whiten, e_shrink = early
+        scale = np.sqrt(c["threshold"] / c["layer1_threshold"])
+        folded = (e_means.astype(np.float32), (e_whiten * scale).astype(np.float32))
+        entries["layer1"] = {
+            "method": "Mahalanobis distance of the first residual stage's output averaged over "
+                      "the image, to the training classes (shared covariance, shrunk)",
+            "threshold": c["layer1_threshold"], "val_flagged": c["layer1_val_flagged"],
+            "budget": rate * EARLY_SHARE, "fitted_on": "train", "shrinkage": e_shrink,
+            "term": "score = max(..., threshold_gate * distance / threshold)"}
+    net.set_gate(means.astype(np.float32), whiten.astype(np.float32), orient, folded)
+    return entries
 
 
 def probe_entry(probe: dict, comparison: dict, rate: float) -> dict:
@@ -339,6 +398,10 @@ def summary(calib: dict, gate: dict) -> str:
                      f"{o['val_flagged']:.2%} of val alone (fitted on {o['images']['upright']}"
                      f" training X-rays and as many turned; train accuracy "
                      f"{o['train_accuracy']:.3f})")
+    if "layer1" in gate:
+        e = gate["layer1"]
+        lines.append(f"  first-stage distance: > {e['threshold']:.4g} flags "
+                     f"{e['val_flagged']:.2%} of val alone")
     for g, c in gate["comparison"].items():
         fams = ", ".join(f"{k} {v['flagged']:.0%}" for k, v in c["families"].items())
         lines.append(f"  {g}: flags {fams}; mean ROC AUC {c['mean_roc_auc']:.3f}")

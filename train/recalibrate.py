@@ -20,7 +20,8 @@ from pneumo_edge.errors import UsageError
 from pneumo_edge.model import modeldir
 from pneumo_edge.model.qc import FALSE_FLAG_RATE
 
-GATE_CHOICES = ("auto", "mahalanobis", "energy", "mahalanobis+orientation")
+GATE_CHOICES = ("auto", "mahalanobis", "energy", "mahalanobis+orientation",
+                "mahalanobis+layer1+orientation")
 
 
 def _opt(default, help_text: str):
@@ -31,8 +32,10 @@ def _opt(default, help_text: str):
 class CalibrateOptions:
     gate: str = _opt("auto", "Out-of-distribution score put into the network: mahalanobis, "
                              "energy, mahalanobis+orientation (the distance joined by a probe "
-                             "for upside-down, quarter-turned and inverted films), or auto (the "
-                             "one that flags more of the test families).")
+                             "for upside-down, quarter-turned and inverted films), "
+                             "mahalanobis+layer1+orientation (and the same distance on the "
+                             "first stage's features: photographs, CT/MR), or auto (the one "
+                             "that flags more of the test families).")
     false_flag_rate: float = _opt(FALSE_FLAG_RATE, "Share of validation X-rays the gate may flag; its "
                                          "threshold is set there.")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")

@@ -32,6 +32,14 @@ were trained):
   [F, 1] and ``ood_orient_bias`` [1], applied to the features minus the first class mean
   (small numbers in the fp16 graph), in the weights' dtype and then float32, as the distance
   is.
+  ``mahalanobis+layer1+orientation``: that, and a third term: the same kind of distance on the
+  first residual stage's output averaged over the image (``layer1``: 256 channels in
+  ResNet50, 64 in ResNet18/34; edges, grain and contrast rather than anatomy), to its own class means and
+  shared covariance (buffers ``ood_early_means`` [C, E] and ``ood_early_whiten`` [E, E]),
+  scaled at fitting time by ``T / t1`` (``t1`` its own threshold) into the whitening, so it
+  crosses ``T`` exactly where the distance crosses ``t1``. Photographs, CT and MR slices sit
+  close to X-rays in the last stage's features and far from them in the first's
+  (benchmarks/OOD.md).
 """
 
 from __future__ import annotations
@@ -75,12 +83,16 @@ class XrayNet(nn.Module):
         if calibration != "none":  # identity until set_calibration
             self.register_buffer("cal_scale", torch.ones(()))
             self.register_buffer("cal_bias", torch.zeros(classes))
-        if ood in ("mahalanobis", "mahalanobis+orientation"):  # zeros until set_gate: score 0
+        if ood in DISTANCE_GATES:  # zeros until set_gate: score 0
             self.register_buffer("ood_means", torch.zeros(classes, width))
             self.register_buffer("ood_whiten", torch.zeros(width, width))
-        if ood == "mahalanobis+orientation":
+        if ood in ORIENTED_GATES:
             self.register_buffer("ood_orient", torch.zeros(width, 1))
             self.register_buffer("ood_orient_bias", torch.zeros(1))
+        if ood == LAYER1_GATE:
+            early = _early_width(backbone)
+            self.register_buffer("ood_early_means", torch.zeros(classes, early))
+            self.register_buffer("ood_early_whiten", torch.zeros(early, early))
 
     def normalise(self, image: torch.Tensor) -> torch.Tensor:
         x = image.to(self.scale.dtype)
@@ -93,10 +105,15 @@ class XrayNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's pooled features ``[N, F]`` of normalised input (what ``fc`` sees)."""
+        return self.trunk(x)[0]
+
+    def trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled features ``[N, F]``, the first residual stage's output averaged over the
+        image ``[N, E]``) of normalised input."""
         b = self.backbone
-        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-        x = b.layer4(b.layer3(b.layer2(b.layer1(x))))
-        return torch.flatten(b.avgpool(x), 1)
+        early = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
+        x = b.layer4(b.layer3(b.layer2(early)))
+        return torch.flatten(b.avgpool(x), 1), torch.flatten(b.avgpool(early), 1)
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """Raw (uncalibrated) logits of the unmirrored image."""
@@ -108,24 +125,26 @@ class XrayNet(nn.Module):
     def outputs(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(probabilities float32 ``[N, C]``, out-of-distribution score float32 ``[N]`` or None
         when the network has no gate)."""
-        probs, logp, feats, z = self._deployed(image)
+        probs, logp, feats, z, early = self._deployed(image)
         if self.calibration != "none":
             # in the weights' dtype (fp16 in the fp16 graph: no fp32 constants there); without
             # test-time augmentation the raw logits stand in for logp (softmax ignores the shift)
             base = z if self.tta == "none" else logp.to(z.dtype)
             probs = torch.softmax((base * self.cal_scale + self.cal_bias).float(), dim=1)
-        return probs, self._ood(feats, z.float())
+        return probs, self._ood(feats, z.float(), early)
 
     def uncalibrated(self, image: torch.Tensor):
         """(log-probabilities before calibration [N, C], pooled features [N, F], raw logits
-        [N, C]): what calibration and the gate are fitted on."""
-        _, logp, feats, z = self._deployed(image)
-        return logp, feats, z.float()
+        [N, C], the first stage's averaged output [N, E]): what calibration and the gate are
+        fitted on."""
+        _, logp, feats, z, early = self._deployed(image)
+        return logp, feats, z.float(), early
 
     def _deployed(self, image: torch.Tensor):
-        """(uncalibrated probabilities, their log, features, logits in the weights' dtype)."""
+        """(uncalibrated probabilities, their log, features, logits in the weights' dtype, the
+        first stage's averaged output)."""
         x = self.normalise(image)
-        feats = self.features(x)
+        feats, early = self.trunk(x)
         z = self.backbone.fc(feats)
         if self.tta == "flip":
             # mirrored after normalising (which a mirror does not change): the uint8 input then
@@ -133,23 +152,27 @@ class XrayNet(nn.Module):
             mirrored = torch.softmax(self.backbone(torch.flip(x, dims=[3])).float(), dim=1)
             # a mean, not (a + b) * 0.5: no fp32 constant in the fp16 graph
             probs = torch.stack([torch.softmax(z.float(), dim=1), mirrored]).mean(dim=0)
-            return probs, torch.log(probs), feats, z
-        return torch.softmax(z.float(), dim=1), torch.log_softmax(z.float(), dim=1), feats, z
+            return probs, torch.log(probs), feats, z, early
+        return (torch.softmax(z.float(), dim=1), torch.log_softmax(z.float(), dim=1), feats, z,
+                early)
 
-    def _ood(self, feats: torch.Tensor, z: torch.Tensor) -> torch.Tensor | None:
+    def _ood(self, feats: torch.Tensor, z: torch.Tensor,
+             early: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.ood == "energy":
             return -torch.logsumexp(z, dim=1)
-        if self.ood in ("mahalanobis", "mahalanobis+orientation"):
-            diff = feats.unsqueeze(1) - self.ood_means  # [N, C, F]
-            white = torch.matmul(diff, self.ood_whiten).float()
-            score = (white * white).sum(dim=2).amin(dim=1)
-            if self.ood == "mahalanobis+orientation":
-                # in the weights' dtype, then float32 (a cast buffer would be folded into an
-                # fp32 constant, which the fp16 graph must not have)
-                tilt = torch.matmul(diff[:, 0, :], self.ood_orient) + self.ood_orient_bias
-                score = torch.maximum(score, tilt.float()[:, 0])
-            return score
-        return None
+        if self.ood not in DISTANCE_GATES:
+            return None
+        diff = feats.unsqueeze(1) - self.ood_means  # [N, C, F]
+        score = _distance(diff, self.ood_whiten)
+        if self.ood in ORIENTED_GATES:
+            # in the weights' dtype, then float32 (a cast buffer would be folded into an
+            # fp32 constant, which the fp16 graph must not have)
+            tilt = torch.matmul(diff[:, 0, :], self.ood_orient) + self.ood_orient_bias
+            score = torch.maximum(score, tilt.float()[:, 0])
+        if self.ood == LAYER1_GATE:
+            first = _distance(early.unsqueeze(1) - self.ood_early_means, self.ood_early_whiten)
+            score = torch.maximum(score, first)
+        return score
 
     @torch.no_grad()
     def set_calibration(self, temperature: float, bias: float, positive: int) -> None:
@@ -158,16 +181,39 @@ class XrayNet(nn.Module):
         self.cal_bias[positive] = bias
 
     @torch.no_grad()
-    def set_gate(self, means, whiten, orient=None) -> None:
+    def set_gate(self, means, whiten, orient=None, early=None) -> None:
         """Mahalanobis gate parameters (numpy or torch): class means [C, F], whitening [F, F];
-        for ``mahalanobis+orientation`` also ``orient`` = (weights [F], bias): the probe's term
-        as a linear function of the features minus the first class mean."""
+        for the oriented gates also ``orient`` = (weights [F], bias): the probe's term as a
+        linear function of the features minus the first class mean; for
+        ``mahalanobis+layer1+orientation`` also ``early`` = (class means [C, E], whitening
+        [E, E]) of the first stage's averaged output, its scale folded in."""
         self.ood_means.copy_(torch.as_tensor(means))
         self.ood_whiten.copy_(torch.as_tensor(whiten))
-        if self.ood == "mahalanobis+orientation":
+        if self.ood in ORIENTED_GATES:
             weights, bias = orient
             self.ood_orient.copy_(torch.as_tensor(weights).reshape(-1, 1))
             self.ood_orient_bias.fill_(float(bias))
+        if self.ood == LAYER1_GATE:
+            self.ood_early_means.copy_(torch.as_tensor(early[0]))
+            self.ood_early_whiten.copy_(torch.as_tensor(early[1]))
+
+
+#: the gate with the first stage's distance (see the module docstring)
+LAYER1_GATE = "mahalanobis+layer1+orientation"
+ORIENTED_GATES = ("mahalanobis+orientation", LAYER1_GATE)
+DISTANCE_GATES = ("mahalanobis", *ORIENTED_GATES)
+
+
+def _distance(diff: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
+    """min over classes of |diff_c W|^2 (``diff`` [N, C, F]): float32 ``[N]``."""
+    white = torch.matmul(diff, whiten).float()
+    return (white * white).sum(dim=2).amin(dim=1)
+
+
+def _early_width(backbone: nn.Module) -> int:
+    """Channels of the first residual stage's output (256 in ResNet50, 64 in ResNet18/34)."""
+    last = backbone.layer1[-1]
+    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
 
 
 def build_model(arch: str, num_classes: int, weights: str = "none", *, norm: str = "imagenet",

@@ -9,4 +9,5 @@ ARCHS = ("resnet50", "resnet18", "resnet34")
 NORMS = ("image", "imagenet")
 TTAS = ("none", "flip")
 CALIBRATIONS = ("none", "temperature+bias")
-OODS = ("none", "mahalanobis", "energy", "mahalanobis+orientation")
+OODS = ("none", "mahalanobis", "energy", "mahalanobis+orientation",
+        "mahalanobis+layer1+orientation")

@@ -7,7 +7,8 @@ reasons, joined by ``; ``:
 - ``out_of_distribution (score S > T)``: the network's own ``ood`` output (second graph output)
   is above the threshold fitted on validation (the card's ``metrics["ood"]``); for the gate
   ``mahalanobis+orientation`` that one score is the distance or the orientation probe's term,
-  whichever is larger, so the reason cannot say which fired;
+  whichever is larger (``mahalanobis+layer1+orientation``: or the first stage's distance),
+  so the reason cannot say which fired;
 - ``lateral view (ViewPosition LL)``: DICOM header evidence (ViewPosition LL, RL, LATERAL...).
 
 ``--qc flag`` (default) keeps the label and fills ``qc``; ``refuse`` turns a flagged row into an
