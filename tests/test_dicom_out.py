@@ -304,7 +304,7 @@ def two_sources(tmp_path: Path):
 
 
 def test_the_fast_sr_equals_the_one_highdicom_builds_in_full(tmp_path):
-    """result_sr (the template path) and build_sr (highdicom from scratch) give the same
+    """result_sr (the template path) and build_sr (highdicom from scratch) write the same
     dataset, for two different images through one shared template and for each label."""
     a, b = two_sources(tmp_path)
     for header in (dob._evidence(a), dob._evidence(b)):
@@ -312,8 +312,20 @@ def test_the_fast_sr_equals_the_one_highdicom_builds_in_full(tmp_path):
                 0.91, "PNEUMONIA", "PNEUMONIA", 0.5, "--threshold override", "cd" * 32,
                 "m.onnx", "onnx", "int8", "0.1.0", prevalence=0.2, qc="lateral view")):
             fast, full = dob.result_sr(header, info), dob.build_sr(header, info)
-            assert _dump(fast) == _dump(full)
-            assert "Other^Person" in _dump(fast) or header.PatientID != "PID-2"
+            written = _bytes(fast)
+            again = pydicom.dcmread(io.BytesIO(written))
+            # as written (its template's items were encoded once, this image's anew)
+            assert _dump(again) == _dump(pydicom.dcmread(io.BytesIO(_bytes(full))))
+            assert "Other^Person" in _dump(again) or header.PatientID != "PID-2"
+            # and those bytes are the ones pydicom writes for the decoded dataset
+            assert sum(1 for _ in again.iterall()) > 50  # decoded, so encoded anew below
+            assert _bytes(again) == written
+
+
+def _bytes(ds) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 def test_two_images_in_one_run_get_their_own_values(tmp_path):

@@ -391,7 +391,10 @@ def result_sr(header, info: ResultInfo):
     (:class:`~highdicom.sr.ComprehensiveSR`, over a content root without the per-image
     items), the image library entry, the tracking identifier, the probability and the
     source image reference; the tree is assembled from new containers on the way to them.
-    ``tests/test_dicom_out.py`` checks it equals :func:`build_sr` item for item."""
+    The template's items are also encoded once (pydicom's own item encoding), so writing the
+    SR encodes only this image's items: the Content Sequences above them are raw elements,
+    written as they are. ``tests/test_dicom_out.py`` checks it equals :func:`build_sr` item
+    for item and byte for byte."""
     from highdicom.sr import (
         ImageLibrary,
         Measurement,
@@ -399,7 +402,7 @@ def result_sr(header, info: ResultInfo):
         TrackingIdentifier,
     )
 
-    root, head, group, notes = _template(header, info)
+    root, head, group, notes, encoded = _template(header, info)
     k = _codes()
     new = {_TRACKING: TrackingIdentifier(uid=_new_uid(), identifier=_TRACKING_TEXT),
            _PROBABILITY: Measurement(name=k["probability"], value=info.rounded,
@@ -416,18 +419,79 @@ def result_sr(header, info: ResultInfo):
             done.add(code)
     if done != set(new):
         raise RuntimeError("the SR template lacks a per-image content item")  # a bug here
-    measurements = _with_children(root.ContentSequence[-2], [_with_children(group, items)])
     library = list(ImageLibrary([header])) if _library_ok(header) else []
     sr = _sr_shell(header, info, _with_children(root, [notes]))  # cheap for highdicom to check
-    sr.ContentSequence = [*head, *library, measurements, notes]
+    shared = encoded(sr)
+    group = _with_children(group, items)
+    if shared is None:  # not the encoding the template's bytes were made for
+        sr.ContentSequence = [*head, *library, _with_children(root.ContentSequence[-2],
+                                                              [group]), notes]
+        return sr
+    # the template's items were encoded once: only this image's are encoded here
+    group["ContentSequence"] = _raw_sequence(_item_bytes(items, shared))
+    measurements = _with_children(root.ContentSequence[-2], [group])
+    sr["ContentSequence"] = _raw_sequence(_item_bytes([*head, *library, measurements, notes],
+                                                      shared))
+    for ds in (group, measurements, sr):  # written as encoded: pydicom keeps raw elements raw
+        _as_encoded(ds)
     return sr
+
+
+def _as_encoded(ds) -> None:
+    """Mark ``ds`` and the items below it as being in the encoding they are written in
+    (explicit VR little endian, their own character set): pydicom then writes raw elements as
+    they are and skips its ambiguous-VR pass, which it would otherwise repeat at every level
+    of a nested Content Sequence (an SR has no ambiguous VRs: no pixel, LUT or overlay
+    data)."""
+    ds.set_original_encoding(False, True, ds._character_set)
+    for elem in ds.elements():
+        if elem.VR == "SQ" and not getattr(elem, "is_raw", False):
+            for item in elem.value:
+                _as_encoded(item)
+
+
+def _item_bytes(items, shared: dict) -> bytes:
+    """The Content Sequence items ``items`` encoded as pydicom encodes them (explicit VR
+    little endian, defined lengths); a template item's bytes come from ``shared`` (id ->
+    bytes, made once per template)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_sequence_item
+
+    out = []
+    for item in items:
+        data = shared.get(id(item))
+        if data is None:
+            _as_encoded(item)
+            fp = DicomBytesIO()
+            fp.is_little_endian, fp.is_implicit_VR = True, False
+            write_sequence_item(fp, item, _ASCII)
+            data = fp.getvalue()
+        out.append(data)
+    return b"".join(out)
+
+
+def _raw_sequence(data: bytes):
+    """A Content Sequence element whose items are already encoded (``data``): written as it
+    is, with its defined length, as pydicom writes a sequence it encodes itself."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    return RawDataElement(Tag(0x0040A730), "SQ", len(data), data, 0, False, True)
+
+
+#: the character set of the template's bytes: its text is ASCII (codes, UIDs, the statement,
+#: parameters), which every single-byte set and UTF-8 encode alike
+_ASCII = ["iso8859"]
 
 
 
 def _template(header, info: ResultInfo):
     """(root, the root's items before the image library, the measurement group, the comment
-    container) of :func:`build_sr`'s content for ``info`` (its probability aside), built once
-    per process and shared read-only (at most 16 kept)."""
+    container, ``encoded``) of :func:`build_sr`'s content for ``info`` (its probability aside),
+    built once per process and shared read-only (at most 16 kept). ``encoded(sr)``: the bytes
+    of the template's own items (id -> bytes, made once) when ``sr`` is written as they were
+    encoded (explicit VR little endian, a character set that writes ASCII as ASCII), else
+    None."""
     from dataclasses import replace
 
     key = replace(info, probability=0.0)
@@ -442,12 +506,38 @@ def _template(header, info: ResultInfo):
     if codes_[-2:] != [_MEASUREMENTS, _codes()["qualitative"].value]:
         raise RuntimeError(f"unexpected SR content order {codes_}")  # a bug here
     group = items[-2].ContentSequence[0]
-    hit = (root, items[:cut], group, items[-1])
+    head, notes = items[:cut], items[-1]
+    own = [*head, notes, *(i for i in group.ContentSequence if _code(i) not in _PER_IMAGE)]
+    shared = {id(i): _item_bytes([i], {}) for i in own} if _is_ascii(own) else None
+    hit = (root, head, group, notes, lambda sr: shared if _writes_alike(sr) else None)
     with _templates_lock:
         if len(_templates) >= 16:
             _templates.clear()
         _templates[key] = hit
     return hit
+
+
+#: the group's items built anew for each image (see :func:`result_sr`)
+_PER_IMAGE = (_TRACKING, _TRACKING_UID, _SOURCE, _PROBABILITY)
+
+
+def _is_ascii(items) -> bool:
+    """Whether every text in ``items`` (and below) is ASCII."""
+    return all(str(e.value).isascii() for i in items for e in i.iterall()
+               if e.VR in ("LO", "LT", "SH", "ST", "UT", "PN", "UC"))
+
+
+def _writes_alike(sr) -> bool:
+    """Whether ``sr`` is written in explicit VR little endian with a character set that
+    encodes ASCII as ASCII (none, ISO_IR 6, 100-203, 192: not the ISO 2022 code extensions)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = getattr(sr, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian:
+        return False
+    sets = sr.get("SpecificCharacterSet") or []
+    sets = [sets] if isinstance(sets, str) else list(sets)
+    return all(not str(c).startswith("ISO 2022") for c in sets)
 
 
 def _sr_shell(header, info: ResultInfo, content):
