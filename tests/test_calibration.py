@@ -331,9 +331,9 @@ def test_calibrate_records_the_first_stage_distance(layered_run, tmp_path):
     output is torch's, and flags the shipped photographs as torch does."""
     ort = pytest.importorskip("onnxruntime")
     torch = pytest.importorskip("torch")
+    from pneumo_edge.export.onnx import export_onnx
     from pneumo_edge.train.calibrate import _variants, shipped_photos
 
-    from pneumo_edge.export.onnx import export_onnx
     from pneumo_edge.model.torchload import load_checked
 
     run, lines = layered_run
@@ -643,8 +643,9 @@ def test_ood_benchmark_reports_real_x_rays_of_a_held_out_cluster(calibrated_run,
     import importlib.util
     from pathlib import Path
 
-    from pneumo_edge.model.torchload import load_model
     from pneumo_edge.train.recalibrate import split_pixels
+
+    from pneumo_edge.model.torchload import load_model
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
     monkeypatch.syspath_prepend(str(bench))
