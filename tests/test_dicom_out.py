@@ -322,6 +322,23 @@ def test_the_fast_sr_equals_the_one_highdicom_builds_in_full(tmp_path):
             assert _bytes(again) == written
 
 
+@pytest.mark.parametrize("charset, raw", [("ISO_IR 100", True), ("ISO_IR 192", True),
+                                           (["ISO 2022 IR 6", "ISO 2022 IR 100"], False)])
+def test_the_fast_sr_in_other_character_sets(tmp_path, charset, raw):
+    """A source in Latin-1 or UTF-8 gets the template's pre-encoded items; one with ISO 2022
+    code extensions (whose escapes pydicom places itself) gets them encoded anew; both write
+    what highdicom's full build writes, the patient's name included."""
+    v = picture().astype(np.int32) * 16
+    src = make(tmp_path / "a.dcm", v, SpecificCharacterSet=charset, PatientName="Müller^Jörg",
+               **RICH)
+    header = dob._evidence(src)
+    fast, full = dob.result_sr(header, info_for(0.3)), dob.build_sr(header, info_for(0.3))
+    assert fast.get_item("ContentSequence").is_raw == raw
+    again = pydicom.dcmread(io.BytesIO(_bytes(fast)))
+    assert _dump(again) == _dump(pydicom.dcmread(io.BytesIO(_bytes(full))))
+    assert str(again.PatientName) == "Müller^Jörg"
+
+
 def _bytes(ds) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
