@@ -78,10 +78,6 @@ R50 = {"--arch": "resnet50", "--weights": "none", "--image-size": "224", "--time
        "--test-fraction": "0.15", "--seed": "42", "--select": "val_auroc", "--min-epochs": "3",
        "--threshold-for": "youden", "--threshold-on": "val+shifted", "--proxy": "cluster",
        "--proxy-clusters": "10", "--proxy-min-images": "50", "--train-cache-size": "224"}
-#: options spelled out after rows were recorded -> the option whose value they had by default
-#: then (a record without one ran with that value: the cache size was --image-size until row 4
-#: was adopted)
-ADDED_LATER = {"--train-cache-size": "--image-size"}
 #: rows whose change became the default recipe (today's default = the baseline with these)
 R50_ADOPTED = (4,)
 R50_CHANGES = [
@@ -176,12 +172,18 @@ def recorded(record: Path | None, i: int, args: list[str]) -> dict | None:
 
 
 def with_added_later(args: list[str] | None) -> list[str] | None:
-    """A recorded row's arguments with the options of ADDED_LATER it lacks spelled out."""
+    """A recorded row's arguments with the options spelled out after it was recorded, at the
+    value they had then by default (``UNSET_MEANT``: the cache size was --image-size until
+    row 4 was adopted)."""
+    from pneumo_edge.train.config import UNSET_MEANT
+
     if args is None:
         return args
     opts = dict(zip(args[::2], args[1::2]))
-    return args + [x for k, was in ADDED_LATER.items() if k not in opts and was in opts
-                   for x in (k, opts[was])]
+    flag = {k: "--" + k.replace("_", "-") for kv in UNSET_MEANT.items() for k in kv}
+    return args + [x for k, was in UNSET_MEANT.items()
+                   if flag[k] not in opts and flag[was] in opts
+                   for x in (flag[k], opts[flag[was]])]
 
 
 def record_row(record: Path, i: int, result: dict) -> Path:

@@ -31,6 +31,11 @@ DEFAULT_BUDGET_S = 55 * 60.0
 #: --train-cache-size's default under --augment strong, as a multiple of --image-size (256 px
 #: at 224): the best row on the cluster proxy of issue 22's ablation (benchmarks/ABLATION.md)
 TRAIN_CACHE_RATIO = 8 / 7
+#: options whose unset value, in configs recorded before runs wrote their resolved values,
+#: meant another option's value (the cache size was --image-size until its default became
+#: TRAIN_CACHE_RATIO times it): resumes (train/rundir.py) and the ablation's recorded rows
+#: (benchmarks/ablation.py) read old records with it
+UNSET_MEANT = {"train_cache_size": "image_size"}
 
 
 def _opt(default=MISSING, help: str | None = None):

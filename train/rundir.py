@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from pneumo_edge.train.checkpoint import save_model
-from pneumo_edge.train.config import TrainConfig
+from pneumo_edge.train.config import UNSET_MEANT, TrainConfig
 
 from pneumo_edge.errors import PneumoError, UsageError
 from pneumo_edge.evaluation.metrics import binary_metrics, choose_threshold
@@ -111,9 +111,6 @@ RESUME_MAY_CHANGE = frozenset({"epochs", "time_budget", "workers", "device", "am
                                "threshold_on", "calibrate"})
 #: what runs from before an option existed used, where it is not the option's default today
 _BEFORE = {"norm": "imagenet", "tta": "none"}
-#: options whose null in a config from before runs recorded them resolved meant the value of
-#: another option (the cache size was --image-size until its default became 8/7 of it)
-_NULL_MEANT = {"train_cache_size": "image_size"}
 
 
 def changed_options(old: dict, cfg) -> list[tuple[str, object, object]]:
@@ -127,8 +124,8 @@ def changed_options(old: dict, cfg) -> list[tuple[str, object, object]]:
             continue
         was = old[f.name] if f.name in old else json.loads(json.dumps(
             _BEFORE.get(f.name, f.default)))
-        if was is None and f.name in _NULL_MEANT:
-            was = old.get(_NULL_MEANT[f.name])
+        if was is None and f.name in UNSET_MEANT:
+            was = old.get(UNSET_MEANT[f.name])
         if was != now[f.name]:
             out.append((f.name, was, now[f.name]))
     return out

@@ -107,13 +107,14 @@ class XrayNet(nn.Module):
         """The backbone's pooled features ``[N, F]`` of normalised input (what ``fc`` sees)."""
         return self.trunk(x)[0]
 
-    def trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def trunk(self, x: torch.Tensor, early: bool = True):
         """(pooled features ``[N, F]``, the first residual stage's output averaged over the
-        image ``[N, E]``) of normalised input."""
+        image ``[N, E]``, or None without ``early``) of normalised input."""
         b = self.backbone
-        early = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
-        x = b.layer4(b.layer3(b.layer2(early)))
-        return torch.flatten(b.avgpool(x), 1), torch.flatten(b.avgpool(early), 1)
+        first = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
+        x = b.layer4(b.layer3(b.layer2(first)))
+        return torch.flatten(b.avgpool(x), 1), (torch.flatten(b.avgpool(first), 1) if early
+                                                else None)
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """Raw (uncalibrated) logits of the unmirrored image."""
@@ -125,7 +126,8 @@ class XrayNet(nn.Module):
     def outputs(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(probabilities float32 ``[N, C]``, out-of-distribution score float32 ``[N]`` or None
         when the network has no gate)."""
-        probs, logp, feats, z, early = self._deployed(image)
+        # the first stage's average only where the gate reads it (not in other graphs)
+        probs, logp, feats, z, early = self._deployed(image, early=self.ood == LAYER1_GATE)
         if self.calibration != "none":
             # in the weights' dtype (fp16 in the fp16 graph: no fp32 constants there); without
             # test-time augmentation the raw logits stand in for logp (softmax ignores the shift)
@@ -140,11 +142,11 @@ class XrayNet(nn.Module):
         _, logp, feats, z, early = self._deployed(image)
         return logp, feats, z.float(), early
 
-    def _deployed(self, image: torch.Tensor):
+    def _deployed(self, image: torch.Tensor, early: bool = True):
         """(uncalibrated probabilities, their log, features, logits in the weights' dtype, the
-        first stage's averaged output)."""
+        first stage's averaged output or None without ``early``)."""
         x = self.normalise(image)
-        feats, early = self.trunk(x)
+        feats, early = self.trunk(x, early)
         z = self.backbone.fc(feats)
         if self.tta == "flip":
             # mirrored after normalising (which a mirror does not change): the uint8 input then

@@ -422,13 +422,12 @@ def result_sr(header, info: ResultInfo):
     library = list(ImageLibrary([header])) if _library_ok(header) else []
     sr = _sr_shell(header, info, _with_children(root, [notes]))  # cheap for highdicom to check
     shared = encoded(sr)
-    group = _with_children(group, items)
     if shared is None:  # not the encoding the template's bytes were made for
-        sr.ContentSequence = [*head, *library, _with_children(root.ContentSequence[-2],
-                                                              [group]), notes]
+        sr.ContentSequence = [*head, *library, _with_children(
+            root.ContentSequence[-2], [_with_children(group, items)]), notes]
         return sr
     # the template's items were encoded once: only this image's are encoded here
-    group["ContentSequence"] = _raw_sequence(_item_bytes(items, shared))
+    group = _with_children(group, _raw_sequence(_item_bytes(items, shared)))
     measurements = _with_children(root.ContentSequence[-2], [group])
     sr["ContentSequence"] = _raw_sequence(_item_bytes([*head, *library, measurements, notes],
                                                       shared))
@@ -554,14 +553,17 @@ def _sr_shell(header, info: ResultInfo, content):
 
 def _with_children(item, children):
     """A new content item with ``item``'s attributes (shared, never changed) and
-    ``children`` as its Content Sequence."""
+    ``children`` as its Content Sequence (a list of items, or :func:`_raw_sequence`)."""
     from pydicom.dataset import Dataset
 
     out = Dataset()
     for elem in item:
         if elem.keyword != "ContentSequence":
             out.add(elem)
-    out.ContentSequence = children
+    if isinstance(children, list):
+        out.ContentSequence = children
+    else:
+        out[children.tag] = children
     return out
 
 
