@@ -97,6 +97,10 @@ def _eval_worker(rank, world, port, seed, pixels, labels, batch, result_file):
         loss, probs, ys = evaluate_gathered(model, criterion, loader, torch.device("cpu"), d)
         if rank == 1:  # every rank holds the whole result
             np.savez(result_file, loss=loss, probs=probs, labels=ys)
+        # both ranks tear the process group down together: gloo aborted rank 0 (SIGABRT,
+        # "terminate called without an active exception") once in CI when it destroyed the
+        # group while rank 1 was still writing the result
+        dist_.barrier(d)
     finally:
         dist_.close(d)
 
