@@ -1,13 +1,13 @@
 """``pneumo-edge listen``: the wiring. Open the model, repair ``--out DIR`` after any crash,
-start the sender and the DICOM server, score batches in the main thread until SIGTERM/SIGINT;
+start the network process (the DICOM server and the sender,
+:mod:`pneumo_edge.dicomnode.network`), score batches in the main thread until SIGTERM/SIGINT;
 then stop accepting, wait for open associations, score everything accepted, try the outbox once
-more, exit 0. One log line per event on stderr."""
+more, exit 0. One log line per event on stderr, from either process."""
 
 from __future__ import annotations
 
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -66,55 +66,48 @@ def check(cfg: NodeConfig):
     return allow, Destination.parse(cfg.send_to) if cfg.send_to else None
 
 
-def run_node(cfg: NodeConfig, log=None, ready=None) -> int:
-    """Run until SIGTERM or SIGINT (or ``ready``'s caller sets the returned stop event);
-    returns the exit code."""
-    log = log or stamped
+def run_node(cfg: NodeConfig) -> int:
+    """Run until SIGTERM or SIGINT; returns the exit code (1 when the network process died)."""
+    log = stamped
     allow, dest = check(cfg)
     from pneumo_edge.commands.score import _open
-    from pneumo_edge.dicomnode.outbox import Sender
-    from pneumo_edge.dicomnode.scp import Handlers, make_ae
+    from pneumo_edge.dicomnode.network import NetworkProcess
     from pneumo_edge.dicomnode.store import Store
     from pneumo_edge.dicomnode.worker import Worker, wait_for_batch
     from pneumo_edge.model.qc import uncalibrated_notice
 
     store = Store(cfg.out)
-    tempfile.tempdir = str(store.spool)  # pynetdicom spools C-STOREs here: same disk, no copy
     rt = _open(cfg.model, cfg.runtime, log)
     note = uncalibrated_notice(rt.card, cfg.model)
     if note:
         log(note)
     worker = Worker(store, rt, send=dest is not None, explain=cfg.explain, log=log, qc=cfg.qc)
-    sender = Sender(store.out, dest, cfg.ae_title, log) if dest else None
     waiting = sum(1 for _ in (store.out / "outbox").rglob("*.dcm"))
     if waiting and not dest:
         log(f"note: {waiting} objects wait in {store.out / 'outbox'} from a run with --send-to; "
             "they are sent when the node runs with --send-to again")
-    stop, arrived = threading.Event(), threading.Event()
+    stop, arrived, gone = threading.Event(), threading.Event(), []
+
+    def network_gone(code: int) -> None:
+        gone.append(code)
+        log(f"error: the DICOM network process exited (code {code}); stopping, finishing "
+            "what was accepted")
+        stop.set()
+        arrived.set()
+
     _on_signals(stop, arrived, log)
-    if sender:
-        sender.start()
-    ae = make_ae(cfg.ae_title, cfg.limits)
-    handlers = Handlers(store, allow, cfg.limits, arrived.set, log)
+    network = NetworkProcess(cfg, arrived.set, network_gone)
     try:
-        server = ae.start_server((cfg.host, cfg.port), block=False,
-                                 evt_handlers=handlers.bindings())
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {cfg.host}:{cfg.port}: "
-                         f"{exc.strerror or exc}") from None
-    who = ", ".join(f"{p.ae_title}@{p.host}" if p.host else p.ae_title for p in allow)
-    log(f"listening as {cfg.ae_title} on {cfg.host}:{cfg.port}; allowed: {who or 'any AE title'}"
-        f"; results to {dest or (store.out / 'dicom')}")
-    if ready is not None:
-        ready(stop)
-    try:
-        _serve(store, worker, sender, cfg, stop, arrived, server, wait_for_batch, log)
+        network.wait_ready()
+        who = ", ".join(f"{p.ae_title}@{p.host}" if p.host else p.ae_title for p in allow)
+        log(f"listening as {cfg.ae_title} on {cfg.host}:{cfg.port}; allowed: "
+            f"{who or 'any AE title'}; results to {dest or (store.out / 'dicom')}")
+        _serve(store, worker, network, cfg, stop, arrived, wait_for_batch, log)
     finally:
-        if sender:
-            sender.stop(flush=True)
+        network.finish()
         worker.close()
     log("stopped")
-    return 0
+    return 1 if gone else 0
 
 
 def stamped(msg: str) -> None:
@@ -124,10 +117,10 @@ def stamped(msg: str) -> None:
           + msg, file=sys.stderr, flush=True)
 
 
-def _serve(store, worker, sender, cfg, stop, arrived, server, wait_for_batch, log) -> None:
+def _serve(store, worker, network, cfg, stop, arrived, wait_for_batch, log) -> None:
     """Score batches here while a :class:`Committer` thread commits the one before (builds
-    and writes its objects, appends its rows, moves its files), then hands them to the
-    sender."""
+    and writes its objects, appends its rows, moves its files), then tells the network
+    process's sender."""
     from pneumo_edge.dicomnode.committer import Committer
 
     def done(batch, rows, seconds: float) -> None:
@@ -137,8 +130,8 @@ def _serve(store, worker, sender, cfg, stop, arrived, server, wait_for_batch, lo
             f"{seconds:.2f} s" + (f" ({failed} could not be scored; see results.csv)"
                                   if failed else "")
             + (f"; qc flagged {flagged} (see the qc column)" if flagged else ""))
-        if sender:
-            sender.kick()
+        if worker.send:
+            network.kick()
 
     def failed() -> None:
         stop.set()
@@ -151,8 +144,7 @@ def _serve(store, worker, sender, cfg, stop, arrived, server, wait_for_batch, lo
             if stop.is_set() and not stopping:
                 stopping = True
                 log("stopping: no new associations; finishing what was accepted")
-                server.shutdown()
-                _wait_associations(server, cfg.limits.timeout)
+                network.stop_accepting(cfg.limits.timeout + 5)
             files = wait_for_batch(store, cfg.batch, cfg.max_wait, stop, arrived,
                                    committer.busy)
             if files:
@@ -162,12 +154,6 @@ def _serve(store, worker, sender, cfg, stop, arrived, server, wait_for_batch, lo
                 return
     finally:
         committer.close()
-
-
-def _wait_associations(server, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while server.active_associations and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _on_signals(stop, arrived, log) -> None:

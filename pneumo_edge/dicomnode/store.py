@@ -29,6 +29,9 @@ from pneumo_edge.atomic import fsync_dir
 #: thread), ``staged``, ``committed``, ``moving`` (worker), ``sent`` (outbox).
 KILL_AT = "PNEUMO_EDGE_NODE_KILL_AT"
 _passes: dict[str, int] = {}
+#: the node's other process (:mod:`pneumo_edge.dicomnode.network` sets it to the scoring
+#: process): a crash point kills it too, as a kill -9 of the node does
+PARTNER: int | None = None
 
 FOLDERS = ("spool", "received", "scored", "staging", "outbox", "dicom")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -44,6 +47,8 @@ def crash_point(point: str) -> None:
     if str(_passes[point]) == want.rpartition(":")[2]:
         import signal
 
+        if PARTNER:
+            os.kill(PARTNER, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -57,13 +62,17 @@ def instance_name(sop_uid) -> str | None:
 class Store:
     """The node's folders; :meth:`accept` is the only way an instance enters ``received/``."""
 
-    def __init__(self, out: str | os.PathLike):
+    def __init__(self, out: str | os.PathLike, clean: bool = True):
+        """``clean``: empty ``spool/`` of what a crash left half-received (the scoring process
+        does, before the network process starts, which passes False)."""
         self.out = Path(out)
         for name in FOLDERS:
             (self.out / name).mkdir(parents=True, exist_ok=True)
         self.spool = self.out / "spool"
         self.received, self.scored = self.out / "received", self.out / "scored"
         self._lock = threading.Lock()
+        if not clean:
+            return
         for leftover in self.spool.iterdir():  # half-received before a crash: never acknowledged
             _remove(leftover)
         for leftover in self.received.glob(".tmp-*"):
