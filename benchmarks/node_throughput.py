@@ -66,12 +66,17 @@ def children_cpu() -> float:
 
 
 def proc_cpu(*pids: int) -> float:
-    """CPU seconds (user + system, all threads) the running processes ``pids`` used so far."""
+    """CPU seconds (user + system, all threads) the running processes ``pids`` and their
+    running children (the node's network and builder processes) used so far."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
+    stats = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # ended meanwhile
+            continue
+        stats[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    total = sum(t for pid, (parent, t) in stats.items() if pid in pids or parent in pids)
     return total / tick
 
 

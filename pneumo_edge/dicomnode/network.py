@@ -22,7 +22,8 @@ What the two processes say to each other, one line each, on pipes:
 Durability does not depend on the pipe: an instance is acknowledged only once it is in
 ``received/`` (fsynced), and the scoring process reads that folder. The network process logs
 its own events on the shared stderr. When the scoring process dies (kill -9), the child's stdin
-closes and it exits at once; on Linux the kernel also kills it (``PR_SET_PDEATHSIG``).
+closes and it exits at once; on Linux the kernel also kills it
+(:func:`pneumo_edge.dicomnode.child.die_with_parent`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import sys
 import threading
 import time
 
+from pneumo_edge.dicomnode import child
 from pneumo_edge.errors import UsageError
 
 #: seconds the scoring process waits for the network process to listen, or to finish
@@ -54,9 +56,7 @@ class NetworkProcess:
                                                     for k in ("ready", "closed")}
         self.error, self.finishing = "", False
         self._lock = threading.Lock()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pneumo_edge.dicomnode.network", json.dumps(settings)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = child.start("pneumo_edge.dicomnode.network", json.dumps(settings))
         self._reader = threading.Thread(target=self._read, name="pneumo-edge-network-pipe",
                                         daemon=True)
         self._reader.start()
@@ -126,24 +126,6 @@ def _say(word: str) -> None:
         sys.stdout.flush()
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel SIGKILLs this process when the scoring process dies (a kill -9 of the
-    node takes both). Elsewhere the closed stdin does it, a moment later."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the scoring process says when to stop
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() == 1:  # the parent died before prctl
-        os._exit(1)
-
-
 def serve(settings: dict) -> int:
     """The child's whole life: listen, send, obey the scoring process's commands."""
     import tempfile
@@ -154,7 +136,7 @@ def serve(settings: dict) -> int:
     from pneumo_edge.dicomnode.scp import Handlers, Limits, make_ae, parse_allow
     from pneumo_edge.inputs.dicom import quiet
 
-    _die_with_parent()
+    child.die_with_parent()
     store_mod.PARTNER = os.getppid()  # tests' crash points kill the whole node
     quiet()
     limits = Limits(**settings["limits"])

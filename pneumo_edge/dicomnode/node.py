@@ -71,6 +71,7 @@ def run_node(cfg: NodeConfig) -> int:
     log = stamped
     allow, dest = check(cfg)
     from pneumo_edge.commands.score import _open
+    from pneumo_edge.dicomnode.builder import BuilderProcess
     from pneumo_edge.dicomnode.network import NetworkProcess
     from pneumo_edge.dicomnode.store import Store
     from pneumo_edge.dicomnode.worker import Worker, wait_for_batch
@@ -81,7 +82,13 @@ def run_node(cfg: NodeConfig) -> int:
     note = uncalibrated_notice(rt.card, cfg.model)
     if note:
         log(note)
-    worker = Worker(store, rt, send=dest is not None, explain=cfg.explain, log=log, qc=cfg.qc)
+    builder = BuilderProcess()
+    try:
+        worker = Worker(store, rt, send=dest is not None, explain=cfg.explain, log=log,
+                        qc=cfg.qc, builder=builder)
+    except BaseException:
+        builder.close()
+        raise
     waiting = sum(1 for _ in (store.out / "outbox").rglob("*.dcm"))
     if waiting and not dest:
         log(f"note: {waiting} objects wait in {store.out / 'outbox'} from a run with --send-to; "
@@ -106,6 +113,7 @@ def run_node(cfg: NodeConfig) -> int:
     finally:
         network.finish()
         worker.close()
+        builder.close()
     log("stopped")
     return 1 if gone else 0
 

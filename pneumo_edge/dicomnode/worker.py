@@ -105,10 +105,14 @@ class _Rows:
 
 class Worker:
     def __init__(self, store, runtime, *, send: bool, explain: bool = False,
-                 workers: int | None = None, log=print, qc: str = SCORE_DEFAULTS.qc):
+                 workers: int | None = None, log=print, qc: str = SCORE_DEFAULTS.qc,
+                 builder=None):
         """``qc``: ``--qc`` flag, refuse or off, as score's (the same
-        :class:`pneumo_edge.model.qc.Gatekeeper` fills the ``qc`` column)."""
+        :class:`pneumo_edge.model.qc.Gatekeeper` fills the ``qc`` column). ``builder``: a
+        :class:`pneumo_edge.dicomnode.builder.BuilderProcess` that builds the result objects
+        (the node's), else they are built in the thread that commits."""
         self.store, self.rt, self.log, self.workers = store, runtime, log, workers
+        self.builder = builder
         self.send, self.explain = send, explain
         self.card = runtime.card
         from pneumo_edge.model.qc import Gatekeeper
@@ -202,14 +206,15 @@ class Worker:
         return src, info, self.staging, heat
 
     def _build(self, jobs: list) -> list:
-        """:func:`build_objects` for each job, in order, in this thread, without fsyncs; then
+        """:func:`build_objects` for each job, in order (in the builder process, else in this
+        thread), without fsyncs; then
         each instance's files and folder are fsynced, all instances at once on a few threads
         (system calls without the GIL; the disk commits them together, instead of three waits
         in a row per instance); an instance whose files cannot be made durable gets none.
         (Measured: building on four threads made the node slower: building is Python and they
-        fought over the GIL with the scoring thread. A process pool would build in parallel,
-        but its workers outlive a kill -9 of the node.)"""
-        built = [build_objects(j) for j in jobs]
+        fought over the GIL with the scoring thread; hence the builder process, which dies
+        with the node.)"""
+        built = self.builder.build(jobs) if self.builder else [build_objects(j) for j in jobs]
         folders = [self.staging / stem for stem, _, error in built if not error]
         failed = dict(zip(folders, self._fsyncs().map(fsync_folder, folders)))
         out = []

@@ -1,0 +1,37 @@
+"""The node's helper processes (:mod:`pneumo_edge.dicomnode.network`,
+:mod:`pneumo_edge.dicomnode.builder`): started by the scoring process with pipes on their
+stdin and stdout, and never outliving it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def start(module: str, *args: str) -> subprocess.Popen:
+    """``python -m module args...`` with line pipes on its stdin and stdout (stderr shared).
+    Called from the main thread: on Linux the child's death signal follows the thread that
+    started it (:func:`die_with_parent`)."""
+    return subprocess.Popen([sys.executable, "-m", module, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, bufsize=1)
+
+
+def die_with_parent() -> None:
+    """In the child, first: ignore SIGINT and SIGTERM (Ctrl-C reaches the whole process
+    group; the scoring process says when to stop) and, on Linux, have the kernel SIGKILL this
+    process when the scoring process dies (a kill -9 of the node takes its helpers with it).
+    Elsewhere the closed stdin ends it, a moment later."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() == 1:  # the parent died before prctl
+        os._exit(1)
