@@ -438,6 +438,115 @@ def test_sigterm_finishes_what_was_accepted(tiny_exported, tmp_path):
     assert "stopping" in node.log
 
 
+def helpers(pid: int) -> dict[str, int]:
+    """The node's helper processes (``pneumo_edge.dicomnode.<name>``) -> their pids."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+            cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and len(cmd) > 2 and cmd[2].startswith(b"pneumo_edge.dicomnode."):
+            out[cmd[2].decode().rpartition(".")[2]] = int(stat.parent.name)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_kill_9_of_the_node_takes_its_helper_processes_with_it(tiny_exported, tmp_path):
+    """The network and builder processes die with the node: nothing keeps the port or builds
+    objects for a node that is gone, and a restart can listen at once."""
+    port = free_port()
+    node = Node(tiny_exported, tmp_path / "node", port)
+    kids = helpers(node.proc.pid)
+    assert sorted(kids) == ["builder", "network"]
+    node.proc.kill()
+    node.proc.wait(30)
+    wait_until(lambda: not any(alive(p) for p in kids.values()), timeout=10,
+               what="the helper processes to die with the node")
+    node = Node(tiny_exported, tmp_path / "node", port)  # listens on the same port again
+    try:
+        assert echo(port) == 0
+    finally:
+        assert node.stop() == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_dead_network_process_stops_the_node_after_scoring_what_it_accepted(tiny_exported,
+                                                                            tmp_path):
+    files = [xray(tmp_path / f"x{i}.dcm", i) for i in range(3)]
+    node = Node(tiny_exported, tmp_path / "node", free_port(), "--batch", "50",
+                "--max-wait", "600")
+    assert store(node.port, files) == [0, 0, 0]
+    os.kill(helpers(node.proc.pid)["network"], signal.SIGKILL)
+    assert node.proc.wait(60) == 1
+    node.stop()
+    assert "error: the DICOM network process exited" in node.log
+    assert sorted(r["sop_uid"] for r in rows(tmp_path / "node")) == sorted(map(sop_uid, files))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_dead_builder_process_stops_the_node_and_a_restart_scores_each_instance_once(
+        tiny_exported, tmp_path):
+    files = [xray(tmp_path / f"x{i}.dcm", i) for i in range(3)]
+    out = tmp_path / "node"
+    node = Node(tiny_exported, out, free_port(), "--batch", "50", "--max-wait", "600")
+    os.kill(helpers(node.proc.pid)["builder"], signal.SIGKILL)
+    assert store(node.port, files) == [0, 0, 0]
+    node.proc.send_signal(signal.SIGTERM)  # score the batch now: its objects cannot be built
+    assert node.proc.wait(60) == 1
+    node.stop()
+    assert "error: the process that builds the result objects stopped" in node.log
+    assert len(rows(out)) == 0 and len(list((out / "received").glob("*.dcm"))) == 3
+    node = Node(tiny_exported, out, node.port, "--batch", "3")
+    try:
+        wait_until(lambda: len(rows(out)) == 3, what="the accepted instances scored")
+    finally:
+        assert node.stop() == 0
+    assert sorted(r["sop_uid"] for r in rows(out)) == sorted(map(sop_uid, files))
+    assert all(r["dicom_sr"] for r in rows(out))
+    assert len(list((out / "dicom").rglob("*.sr.dcm"))) == 3
+
+
+def test_the_builder_process_builds_what_the_commit_thread_would(tiny_exported, tmp_path):
+    """More jobs than its window, in order, an SR each as build_objects makes it here; a job
+    whose source cannot get objects gets its reason, not a crash."""
+    from pneumo_edge.dicomnode.builder import WINDOW, BuilderProcess
+    from pneumo_edge.dicomnode.worker import build_objects
+    from pneumo_edge.outputs.dicom_objects import ResultInfo
+
+    n = WINDOW + 5
+    srcs = [xray(tmp_path / f"x{i}.dcm", i) for i in range(n)]
+    srcs[3].write_bytes(b"not a DICOM file")
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    info = [ResultInfo(probability=i / n, label="PNEUMONIA" if i / n >= 0.5 else "NORMAL",
+                       positive_class="PNEUMONIA", threshold=0.5, threshold_source="card",
+                       model_sha256="ab" * 32, model_file="model.onnx", runtime="onnx",
+                       precision="fp32", version="test") for i in range(n)]
+    builder = BuilderProcess()
+    try:
+        got = builder.build([(s, i, there, None) for s, i in zip(srcs, info)])
+    finally:
+        builder.close()
+    want = [build_objects((s, i, here, None)) for s, i in zip(srcs, info)]
+    assert [g[0] for g in got] == [w[0] for w in want] == [s.stem for s in srcs]
+    assert [bool(g[2]) for g in got] == [bool(w[2]) for w in want] == [i == 3 for i in range(n)]
+    assert got[3][2] == want[3][2]
+    for (_, sr, _), (_, sr_here, _) in zip(got, want):
+        if sr is not None:
+            assert sr.parent.parent == there
+            assert read_result(sr) == read_result(sr_here)
+
+
 def test_listen_refuses_a_public_address_without_allow(tiny_exported, tmp_path):
     r = subprocess.run([sys.executable, "-m", "pneumo_edge", "listen", "--model",
                         str(tiny_exported), "--out", str(tmp_path / "n"), "--host", "0.0.0.0"],

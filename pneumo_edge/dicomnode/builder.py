@@ -28,6 +28,13 @@ from pneumo_edge.errors import PneumoError
 WINDOW = 32
 
 
+class BuilderGone(PneumoError):
+    """The builder process died (a crash, the OOM killer): the node stops (exit 1); what was
+    accepted stays in ``received/`` and is scored when it starts again."""
+
+    exit_code = 1
+
+
 class BuilderProcess:
     """The scoring process's handle: :meth:`build` a batch's jobs, :meth:`close` at the end.
     Start it from the main thread (:func:`pneumo_edge.dicomnode.child.start`)."""
@@ -37,7 +44,7 @@ class BuilderProcess:
 
     def build(self, jobs: list) -> list[tuple[str, Path | None, str]]:
         """:func:`build_objects` of each ``(source, info, staging, heatmap)`` job, in order;
-        PneumoError when the process is gone (the node then stops)."""
+        :class:`BuilderGone` when the process is gone (the node then stops)."""
         try:
             out: list = []
             for i, job in enumerate(jobs):
@@ -49,7 +56,7 @@ class BuilderProcess:
                 out.append(self._answer())
             return out
         except (BrokenPipeError, OSError, ValueError):
-            raise PneumoError("the process that builds the result objects stopped (exit code "
+            raise BuilderGone("the process that builds the result objects stopped (exit code "
                               f"{self.proc.poll()}); nothing of this batch was committed") from None
 
     def _answer(self) -> tuple[str, Path | None, str]:
