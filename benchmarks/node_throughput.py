@@ -8,7 +8,9 @@ and start excluded); (2) a node with ``--send-to`` a local Orthanc: the files ar
 Orthanc first, then Orthanc is asked to C-STORE them all to the node (REST, one association);
 the clock runs from that request to the node's log line for the last SR Orthanc acknowledged
 (model load excluded here too); (3) ``score --dicom-out`` into a new folder (the same SRs,
-written without the network), for the second row of the summary. Latency: per instance, the
+written without the network), for the second row of the summary; then, once, (4) the node's
+parts each alone, in its own processes (receiving, building the SRs, sending: CPU per image),
+and the best ratio they allow with every core busy. Latency: per instance, the
 node's "received" line to its "sent ... .sr.dcm" line (both stamped by the node, to the
 millisecond).
 
@@ -68,16 +70,26 @@ def children_cpu() -> float:
 def proc_cpu(*pids: int) -> float:
     """CPU seconds (user + system, all threads) the running processes ``pids`` and their
     running children (the node's network and builder processes) used so far."""
+    return sum(sum(tree_cpu(pid).values()) for pid in pids)
+
+
+def tree_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of the running process ``pid`` ("main") and of each running child
+    (named by its module's last part: "network", "builder")."""
     tick = os.sysconf("SC_CLK_TCK")
-    stats = {}
+    out = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rpartition(")")[2].split()
+            cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
         except OSError:  # ended meanwhile
             continue
-        stats[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    total = sum(t for pid, (parent, t) in stats.items() if pid in pids or parent in pids)
-    return total / tick
+        me = int(stat.parent.name)
+        if me == pid or int(fields[1]) == pid:
+            name = "main" if me == pid else (cmd[2].decode().rpartition(".")[2]
+                                             if len(cmd) > 2 else str(me))
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def plain_score(model: Path, folder: Path, runtime: str, batch: int,
@@ -122,11 +134,12 @@ def node_run(model: Path, files: list[Path], work: Path, runtime: str, batch: in
     try:
         _wait(lambda: any("listening as" in ln for ln in lines), node)
         ids = [pacs.upload(f) for f in files]
-        cpu0 = proc_cpu(node.pid), proc_cpu(pacs.proc.pid)
+        split0, pacs0 = tree_cpu(node.pid), proc_cpu(pacs.proc.pid)
         t0 = time.time()
         pacs.send_to_node(ids)
         _wait(lambda: sum(" sent " in ln and ".sr.dcm" in ln for ln in lines) >= len(files), node)
-        cpu = proc_cpu(node.pid) - cpu0[0], proc_cpu(pacs.proc.pid) - cpu0[1]
+        split = {k: v - split0.get(k, 0.0) for k, v in tree_cpu(node.pid).items()}
+        cpu = sum(split.values()), proc_cpu(pacs.proc.pid) - pacs0
     finally:
         node.terminate()
         node.wait(120)
@@ -148,7 +161,70 @@ def node_run(model: Path, files: list[Path], work: Path, runtime: str, batch: in
     return len(files) / span, latencies, {"span": span, "run": sum(a for a, _ in stages),
                                           "commit": sum(b for _, b in stages),
                                           "receiving": last - first, "to_first": first - t0,
-                                          "cpu_node": cpu[0], "cpu_pacs": cpu[1]}
+                                          "cpu_node": cpu[0], "cpu_pacs": cpu[1],
+                                          "cpu_split": split}
+
+
+def parts_alone(files: list[Path], work: Path) -> dict[str, tuple[float, float]]:
+    """CPU seconds per image of the node's parts, each alone on this machine and in the
+    node's own processes: receiving (Orthanc C-STOREs ``files`` to the network process),
+    building (the builder process makes their SRs) and sending (the network process C-STOREs
+    the SRs to Orthanc). Each: (the node's process, Orthanc's)."""
+    from pneumo_edge.dicomnode.builder import BuilderProcess
+    from pneumo_edge.dicomnode.network import NetworkProcess
+    from pneumo_edge.dicomnode.node import NodeConfig
+    from pneumo_edge.outputs.dicom_objects import ResultInfo
+
+    n, out = len(files), {}
+    pacs = Orthanc(free_port(), free_port(), free_port(), work / "orthanc")
+    pacs.folder.mkdir(parents=True)
+    pacs.start()
+    try:
+        got = threading.Semaphore(0)
+        recv = NetworkProcess(NodeConfig(model="", out=str(work / "recv"), port=pacs.node_port),
+                              got.release, lambda code: None)
+        recv.wait_ready()
+        ids = [pacs.upload(f) for f in files]
+        c0 = proc_cpu(recv.proc.pid), proc_cpu(pacs.proc.pid)
+        pacs.send_to_node(ids)
+        for _ in files:
+            got.acquire(timeout=300)
+        out["receiving"] = ((proc_cpu(recv.proc.pid) - c0[0]) / n,
+                            (proc_cpu(pacs.proc.pid) - c0[1]) / n)
+        recv.finish()
+        received = sorted((work / "recv" / "received").glob("*.dcm"))
+        staging = work / "built"
+        staging.mkdir()
+        info = ResultInfo(probability=0.25, label="NORMAL", positive_class="PNEUMONIA",
+                          threshold=0.5, threshold_source="card", model_sha256="ab" * 32,
+                          model_file="model.int8.onnx", runtime="onnx-int8",
+                          precision="int8", version="benchmark")
+        builder = BuilderProcess()
+        warm = work / "warm"
+        warm.mkdir()
+        builder.build([(received[0], info, warm, None)])  # imports, the SR template: once
+        c0 = proc_cpu(builder.proc.pid)
+        built = builder.build([(f, info, staging, None) for f in received])
+        out["building"] = ((proc_cpu(builder.proc.pid) - c0) / n, 0.0)
+        builder.close()
+        if any(err for _, _, err in built):
+            raise SystemExit(f"building failed: {next(e for _, _, e in built if e)}")
+        send = NetworkProcess(NodeConfig(model="", out=str(work / "send"), port=free_port(),
+                                         send_to=pacs.send_to), lambda: None, lambda code: None)
+        send.wait_ready()
+        c0 = proc_cpu(send.proc.pid), proc_cpu(pacs.proc.pid)
+        for d in staging.iterdir():
+            os.replace(d, work / "send" / "outbox" / d.name)
+        send.kick()
+        sent = work / "send" / "dicom"
+        while sum(1 for _ in sent.rglob("*.sr.dcm")) < n:
+            time.sleep(0.02)
+        out["sending"] = ((proc_cpu(send.proc.pid) - c0[0]) / n,
+                          (proc_cpu(pacs.proc.pid) - c0[1]) / n)
+        send.finish()
+    finally:
+        pacs.stop()
+    return out
 
 
 def _wait(check, node, timeout: float = 900) -> None:
@@ -196,10 +272,11 @@ def main() -> None:
             model = _random_model(tmp / "model") if model == "random" else Path(model)
             runs = measure(model, runtime, files, tmp / f"case{c}", args, label)
             results.append((label, runtime, runs))
+        parts = parts_alone(files, tmp / "parts")
     load_after = os.getloadavg()
     old = args.out.read_text() if args.out.exists() else ""
     notes = old[old.index(NOTES):] if NOTES in old else ""  # written by hand: kept
-    args.out.write_text(report(args, results, load_before, load_after) + notes)
+    args.out.write_text(report(args, results, parts, load_before, load_after) + notes)
     print(args.out.read_text())
 
 
@@ -236,7 +313,32 @@ def _median(xs) -> float:
     return float(np.median(xs))
 
 
-def report(args, results, load_before, load_after) -> str:
+def _split(p: dict, n: int) -> str:
+    split = p.get("cpu_split", {})
+    return " / ".join(f"{split.get(k, 0.0) / n * 1e3:.0f}" for k in ("main", "network",
+                                                                      "builder")) + " ms"
+
+
+def parts_table(results, parts, cores: int, n: int) -> str:
+    """The parts measured alone, and what they allow at best: every core busy, each part
+    as cheap as alone, nothing else."""
+    rows = [f"| {name} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms |" for name, (a, b) in parts.items()]
+    extra = sum(a + b for a, b in parts.values())
+    bounds = []
+    for label, _, runs in results:
+        score_cpu = _median([r[3]["cpu_score"] for r in runs]) / n
+        score_ips = _median([r[0] for r in runs])
+        best = cores / (score_cpu + extra)
+        bounds.append(f"{label}: score's {score_cpu * 1e3:.0f} ms + the parts' "
+                      f"{extra * 1e3:.1f} ms -> at most {best:.0f} images/s on {cores} cores, "
+                      f"**{best / score_ips:.0%}** of score's {score_ips:.1f}")
+    return ("| part (alone) | CPU per image: the node's process | CPU per image: Orthanc |\n"
+            "|---|---|---|\n" + "\n".join(rows) + "\n\nThe best the node could do here "
+            "(all cores busy, each part as cheap as alone, no pipeline costs): "
+            + "; ".join(bounds) + ".\n")
+
+
+def report(args, results, parts, load_before, load_after) -> str:
     m = machine()
     n = args.count
     summary, details, chosen = [], [], []
@@ -265,12 +367,12 @@ def report(args, results, load_before, load_after) -> str:
             f"| {i + 1} | {s:.1f} | {nd:.1f} | {nd / s:.0%} | {p['run'] / n * 1e3:.0f} ms | "
             f"{p['commit'] / n * 1e3:.0f} ms | {p['receiving']:.1f} s | "
             f"{p['cpu_score'] / n * 1e3:.0f} ms | {p['cpu_node'] / n * 1e3:.0f} + "
-            f"{p['cpu_pacs'] / n * 1e3:.0f} ms | {load:.1f} |"
+            f"{p['cpu_pacs'] / n * 1e3:.0f} ms | {_split(p, n)} | {load:.1f} |"
             for i, (s, nd, _, p, load, _) in enumerate(runs))
         details.append(f"""### {label}, runtime {runtime}
 
-| round | score images/s | node images/s | node / score | node: decode + model per image | node: objects + commit per image | node: receiving all | CPU per image: score | CPU per image: node + Orthanc | load (1 min) after |
-|---|---|---|---|---|---|---|---|---|---|
+| round | score images/s | node images/s | node / score | node: decode + model per image | node: objects + commit per image | node: receiving all | CPU per image: score | CPU per image: node + Orthanc | node's CPU per image: scoring / network / builder | load (1 min) after |
+|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
 """)
     return f"""# DICOM node throughput (benchmarks/node_throughput.py)
@@ -290,6 +392,12 @@ how much of the gap the DICOM exchange makes, apart from writing the objects.
 
 What each runtime ran (score's own line): {'; '.join(chosen)}.
 
+**The node's parts, each alone** ({n} instances, in the node's own processes: Orthanc
+C-STOREs them to the network process; the builder process makes their SRs; the network
+process C-STOREs the SRs to Orthanc):
+
+{parts_table(results, parts, m.get('cores', os.cpu_count()) or 1, n)}
+
 CPU per image: user + system seconds, all threads: for score, its whole process less that of a
 score of one image (start, imports, model load); for the node, the node's process + Orthanc's
 (Orthanc sends the images and receives the SRs), from the store request to the last SR.
@@ -298,7 +406,9 @@ sent at once, so it includes the queue).
 
 {chr(10).join(details)}
 The per-image stage columns are the node's two pipeline stages (main thread: decode, model;
-commit thread: SR build and write with fsync, results.csv, moves), which overlap.
+commit thread: SR build (in the builder process) and write with fsync, results.csv, moves),
+which overlap. The node's CPU splits into its three processes: scoring (decode, model,
+commit), network (receiving and sending) and builder (SRs).
 
 Machine: {m.get('cpu', '?')}, {m.get('cores', os.cpu_count())} cores, Python {m['python']},
 {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Load average (1/5/15 min) before

@@ -1,3 +1,5 @@
-"""``pneumo-edge listen``: a DICOM node. scp (who may associate, what is received), store
-(the atomic inbox), worker (batch scoring, the results journal), outbox (the persistent
-sender), node (wiring, signals)."""
+"""``pneumo-edge listen``: a DICOM node, in three processes. The scoring process: node (wiring,
+signals), worker (batch scoring, the results journal), committer (the commit thread), store
+(the atomic inbox). The network process (network): scp (who may associate, what is received)
+and outbox (the persistent sender). The builder process (builder): the SRs and SCs. child:
+how the two helpers start and die with the node."""
