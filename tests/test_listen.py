@@ -547,6 +547,27 @@ def test_the_builder_process_builds_what_the_commit_thread_would(tiny_exported, 
             assert read_result(sr) == read_result(sr_here)
 
 
+def test_a_port_in_use_is_a_one_line_error_and_no_process_is_left(tiny_exported, tmp_path):
+    """The network process cannot listen: the node says why in one line, exit 2, and its
+    helpers end with it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "pneumo_edge", "listen", "--model",
+                                 str(tiny_exported), "--out", str(tmp_path / "n"), "--port",
+                                 str(port)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+        seen = []
+        if sys.platform.startswith("linux"):
+            wait_until(lambda: seen.extend(helpers(proc.pid).values()) or len(set(seen)) == 2
+                       or proc.poll() is not None, timeout=60, what="the helper processes")
+        err = proc.communicate(timeout=90)[1]
+    assert proc.returncode == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot listen on 127.0.0.1:{port}: "), err
+    assert not any(alive(p) for p in seen)
+
+
 def test_listen_refuses_a_public_address_without_allow(tiny_exported, tmp_path):
     r = subprocess.run([sys.executable, "-m", "pneumo_edge", "listen", "--model",
                         str(tiny_exported), "--out", str(tmp_path / "n"), "--host", "0.0.0.0"],

@@ -131,7 +131,7 @@ def serve(settings: dict) -> int:
     import tempfile
 
     from pneumo_edge.dicomnode import store as store_mod
-    from pneumo_edge.dicomnode.node import stamped
+    from pneumo_edge.dicomnode.logline import stamped
     from pneumo_edge.dicomnode.outbox import Destination, Sender
     from pneumo_edge.dicomnode.scp import Handlers, Limits, make_ae, parse_allow
     from pneumo_edge.inputs.dicom import quiet

@@ -7,12 +7,11 @@ more, exit 0. One log line per event on stderr, from either process."""
 from __future__ import annotations
 
 import signal
-import sys
 import threading
-import time
 from dataclasses import dataclass, field
 
 from pneumo_edge.commands.options import SCORE_DEFAULTS
+from pneumo_edge.dicomnode.logline import stamped
 from pneumo_edge.dicomnode.scp import Limits
 from pneumo_edge.errors import UsageError
 
@@ -116,13 +115,6 @@ def run_node(cfg: NodeConfig) -> int:
         builder.close()
     log("stopped")
     return 1 if gone else 0
-
-
-def stamped(msg: str) -> None:
-    """One log line on stderr, prefixed with the UTC time to the millisecond."""
-    now = time.time()
-    print(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z "
-          + msg, file=sys.stderr, flush=True)
 
 
 def _serve(store, worker, network, cfg, stop, arrived, wait_for_batch, log) -> None:
