@@ -568,6 +568,41 @@ def test_a_port_in_use_is_a_one_line_error_and_no_process_is_left(tiny_exported,
     assert not any(alive(p) for p in seen)
 
 
+def test_a_library_printing_in_the_builder_process_breaks_nothing_and_prints_nothing(
+        tiny_exported, tmp_path):
+    """Only the protocol's lines reach the pipe: a print in the builder process (here around
+    each build, as a library might print) goes nowhere, so it neither breaks the answers nor
+    puts a value in the log."""
+    from pneumo_edge.dicomnode.builder import BuilderProcess
+    from pneumo_edge.outputs.dicom_objects import ResultInfo
+
+    noisy = ("import sys, pneumo_edge.dicomnode.worker as w\n"
+             "real = w.build_objects\n"
+             "def build(job):\n"
+             "    print('PatientName', flush=True)\n"
+             "    return real(job)\n"
+             "w.build_objects = build\n"
+             "from pneumo_edge.dicomnode import builder\n"
+             "sys.exit(builder.serve())\n")
+    builder = BuilderProcess()
+    builder.close()
+    builder.proc = subprocess.Popen([sys.executable, "-c", noisy], cwd=REPO, text=True,
+                                    bufsize=1, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+    src = xray(tmp_path / "x.dcm", 0)
+    info = ResultInfo(probability=0.75, label="PNEUMONIA", positive_class="PNEUMONIA",
+                      threshold=0.5, threshold_source="card", model_sha256="cd" * 32,
+                      model_file="model.onnx", runtime="onnx", precision="fp32", version="test")
+    try:
+        (stem, sr, error), = builder.build([(src, info, tmp_path, None)])
+    finally:
+        builder.proc.stdin.close()
+        err = builder.proc.stderr.read()
+        builder.proc.wait()
+    assert (stem, error) == ("x", "") and read_result(sr)["probability"] == 0.75
+    assert "PatientName" not in err
+
+
 def test_listen_refuses_a_public_address_without_allow(tiny_exported, tmp_path):
     r = subprocess.run([sys.executable, "-m", "pneumo_edge", "listen", "--model",
                         str(tiny_exported), "--out", str(tmp_path / "n"), "--host", "0.0.0.0"],

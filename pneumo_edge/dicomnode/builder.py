@@ -100,11 +100,12 @@ def serve() -> int:
     from pneumo_edge.outputs.dicom_objects import quiet
 
     child.die_with_parent()
+    out = child.protocol_out()
     quiet()
     for line in sys.stdin:
         stem, sr, error = build_objects(decode(line))
-        sys.stdout.write(json.dumps([stem, str(sr) if sr else None, error]) + "\n")
-        sys.stdout.flush()
+        out.write(json.dumps([stem, str(sr) if sr else None, error]) + "\n")
+        out.flush()
     return 0
 
 

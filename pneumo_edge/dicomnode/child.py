@@ -17,6 +17,18 @@ def start(module: str, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, text=True, bufsize=1)
 
 
+def protocol_out():
+    """In the child: a text stream on the pipe to the scoring process, for the protocol's lines
+    alone. Whatever else reaches stdout (a library's print) goes to /dev/null from here on: it
+    would break the protocol, and it could quote a dataset."""
+    fd = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the process's lifetime
+    return os.fdopen(fd, "w", buffering=1)
+
+
 def die_with_parent() -> None:
     """In the child, first: ignore SIGINT and SIGTERM (Ctrl-C reaches the whole process
     group; the scoring process says when to stop) and, on Linux, have the kernel SIGKILL this

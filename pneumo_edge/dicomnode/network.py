@@ -118,12 +118,13 @@ class NetworkProcess:
 # --- the child --------------------------------------------------------------------------------
 
 _say_lock = threading.Lock()
+_out = sys.stdout  # the pipe to the scoring process (child.protocol_out, in serve)
 
 
 def _say(word: str) -> None:
     with _say_lock:
-        sys.stdout.write(word + "\n")
-        sys.stdout.flush()
+        _out.write(word + "\n")
+        _out.flush()
 
 
 def serve(settings: dict) -> int:
@@ -136,7 +137,9 @@ def serve(settings: dict) -> int:
     from pneumo_edge.dicomnode.scp import Handlers, Limits, make_ae, parse_allow
     from pneumo_edge.inputs.dicom import quiet
 
+    global _out
     child.die_with_parent()
+    _out = child.protocol_out()
     store_mod.PARTNER = os.getppid()  # tests' crash points kill the whole node
     quiet()
     limits = Limits(**settings["limits"])
