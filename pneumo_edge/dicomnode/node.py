@@ -69,29 +69,10 @@ def run_node(cfg: NodeConfig) -> int:
     """Run until SIGTERM or SIGINT; returns the exit code (1 when the network process died)."""
     log = stamped
     allow, dest = check(cfg)
-    from pneumo_edge.commands.score import _open
-    from pneumo_edge.dicomnode.builder import BuilderProcess
     from pneumo_edge.dicomnode.network import NetworkProcess
-    from pneumo_edge.dicomnode.store import Store
-    from pneumo_edge.dicomnode.worker import Worker, wait_for_batch
-    from pneumo_edge.model.qc import uncalibrated_notice
+    from pneumo_edge.dicomnode.worker import wait_for_batch
 
-    store = Store(cfg.out)
-    rt = _open(cfg.model, cfg.runtime, log)
-    note = uncalibrated_notice(rt.card, cfg.model)
-    if note:
-        log(note)
-    builder = BuilderProcess()
-    try:
-        worker = Worker(store, rt, send=dest is not None, explain=cfg.explain, log=log,
-                        qc=cfg.qc, builder=builder)
-    except BaseException:
-        builder.close()
-        raise
-    waiting = sum(1 for _ in (store.out / "outbox").rglob("*.dcm"))
-    if waiting and not dest:
-        log(f"note: {waiting} objects wait in {store.out / 'outbox'} from a run with --send-to; "
-            "they are sent when the node runs with --send-to again")
+    store, worker, builder = _scoring_side(cfg, dest, log)
     stop, arrived, gone = threading.Event(), threading.Event(), []
 
     def network_gone(code: int) -> None:
@@ -115,6 +96,34 @@ def run_node(cfg: NodeConfig) -> int:
         builder.close()
     log("stopped")
     return 1 if gone else 0
+
+
+def _scoring_side(cfg: NodeConfig, dest, log):
+    """(store, worker, builder process): the model opened, ``--out`` repaired, the builder
+    started."""
+    from pneumo_edge.commands.score import _open
+    from pneumo_edge.dicomnode.builder import BuilderProcess
+    from pneumo_edge.dicomnode.store import Store
+    from pneumo_edge.dicomnode.worker import Worker
+    from pneumo_edge.model.qc import uncalibrated_notice
+
+    store = Store(cfg.out)
+    rt = _open(cfg.model, cfg.runtime, log)
+    note = uncalibrated_notice(rt.card, cfg.model)
+    if note:
+        log(note)
+    builder = BuilderProcess()
+    try:
+        worker = Worker(store, rt, send=dest is not None, explain=cfg.explain, log=log,
+                        qc=cfg.qc, builder=builder)
+    except BaseException:
+        builder.close()
+        raise
+    waiting = sum(1 for _ in (store.out / "outbox").rglob("*.dcm"))
+    if waiting and not dest:
+        log(f"note: {waiting} objects wait in {store.out / 'outbox'} from a run with --send-to; "
+            "they are sent when the node runs with --send-to again")
+    return store, worker, builder
 
 
 def _serve(store, worker, network, cfg, stop, arrived, wait_for_batch, log) -> None:
