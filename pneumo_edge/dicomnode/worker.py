@@ -207,10 +207,10 @@ class Worker:
 
     def _build(self, jobs: list) -> list:
         """:func:`build_objects` for each job, in order (in the builder process, else in this
-        thread), without fsyncs; then
-        each instance's files and folder are fsynced, all instances at once on a few threads
-        (system calls without the GIL; the disk commits them together, instead of three waits
-        in a row per instance); an instance whose files cannot be made durable gets none.
+        thread), without fsyncs; then each instance's files and folder are fsynced, all
+        instances at once on a few threads (system calls without the GIL; the disk commits
+        them together, instead of three waits in a row per instance); an instance whose files
+        cannot be made durable gets none.
         (Measured: building on four threads made the node slower: building is Python and they
         fought over the GIL with the scoring thread; hence the builder process, which dies
         with the node.)"""
