@@ -4,8 +4,9 @@ Both are session-scoped and built once per pytest run (a few seconds on 2 CPU co
 treat them as read-only: copy ``tiny_run`` (``copy_run``) before writing into a model directory.
 
 Disk footprint: ``copy_run`` copies only the files a model directory needs to run (never
-last.pt, which holds the optimizer state and is four times model.pt), and pyproject.toml keeps
-the temporary folders of failed tests only.
+last.pt, which holds the optimizer state and is four times model.pt); the shared fixtures'
+folders are removed at the end of the session (``session_tmp``), and pyproject.toml keeps the
+temporary folders of failed tests only, of the last run only.
 """
 
 from __future__ import annotations
@@ -99,28 +100,45 @@ def ctrl_c_enabled() -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory) -> Path:
+def session_tmp(tmp_path_factory):
+    """``tmp_path_factory.mktemp`` for the shared fixtures (datasets, the trained tiny models
+    and their copies, exports: about 1.2 GB in all), whose folders are all removed when the
+    session ends, whatever its outcome. A failed test keeps only its own ``tmp_path``
+    (pyproject: the policy keeps failed tests' folders, of one run)."""
+    made: list[Path] = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for folder in made:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(session_tmp) -> Path:
     """An ImageFolder root with ``train/{NORMAL,PNEUMONIA}`` (16 images each, PNG and JPEG)."""
-    root = tmp_path_factory.mktemp("tiny_data")
+    root = session_tmp("tiny_data")
     write_labelled(root / "train", seed=0)
     return root
 
 
 @pytest.fixture(scope="session")
-def tiny_labelled(tmp_path_factory) -> Path:
+def tiny_labelled(session_tmp) -> Path:
     """A separate labelled folder ``{NORMAL,PNEUMONIA}/*`` (8 images each) for eval/parity."""
-    return write_labelled(tmp_path_factory.mktemp("tiny_labelled"), per_class=8, seed=1)
+    return write_labelled(session_tmp("tiny_labelled"), per_class=8, seed=1)
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
+def tiny_run(tiny_dataset, session_tmp) -> Path:
     """A trained model directory (resnet18, 64 px, 2 epochs; card.json + model.pt) that
     separates the two classes cleanly (probabilities far from the threshold, so fp16 parity is
     not at the mercy of a coin flip). Read-only for tests: ``copy_run`` gives a writable copy."""
     pytest.importorskip("torch", reason="training the tiny model needs torch")
     from pneumo_edge.train.loop import TrainConfig, train
 
-    out = tmp_path_factory.mktemp("tiny_run")
+    out = session_tmp("tiny_run")
     train(TrainConfig(data=str(tiny_dataset), out=str(out), arch="resnet18",
                       image_size=IMAGE_SIZE, epochs=2, min_epochs=1, workers=0, device="cpu",
                       # small batches: enough BatchNorm updates for sane eval-mode statistics
@@ -166,21 +184,21 @@ def copy_run(tiny_run, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def tiny_exported(tiny_run, tmp_path_factory) -> Path:
+def tiny_exported(tiny_run, session_tmp) -> Path:
     """A copy of ``tiny_run`` after ``pneumo-edge export`` (model.onnx, model.fp16.onnx,
     parity.json on the card's validation split). Read-only for tests."""
     pytest.importorskip("onnx", reason="export needs onnx")
     pytest.importorskip("onnxruntime", reason="parity needs onnxruntime")
     from pneumo_edge.export.main import run_export
 
-    out = copy_model_dir(tiny_run, tmp_path_factory.mktemp("tiny_exported") / "run")
+    out = copy_model_dir(tiny_run, session_tmp("tiny_exported") / "run")
     code = run_export(out)
     assert code == 0, "export of the tiny model failed parity"
     return out
 
 
 @pytest.fixture(scope="session")
-def tiny_verified(tiny_exported, tmp_path_factory) -> Path:
+def tiny_verified(tiny_exported, session_tmp) -> Path:
     """A copy of ``tiny_exported`` whose parity.json holds evidence ``auto`` accepts: parity on
     modeldir.MIN_PARITY_IMAGES images (tiny_exported's card split is too small, so there auto
     runs fp32 and says the reduced-precision forms are not verified). The images are copies of
@@ -193,7 +211,7 @@ def tiny_verified(tiny_exported, tmp_path_factory) -> Path:
     from pneumo_edge.inputs.images import load_image
     from pneumo_edge.runtimes import open_form
 
-    root = tmp_path_factory.mktemp("tiny_verified")
+    root = session_tmp("tiny_verified")
     want = -(-modeldir.MIN_PARITY_IMAGES // len(CLASSES))
     candidates = write_labelled(root / "candidates", per_class=40, seed=2)
     torch_rt = open_form(tiny_exported, "torch", device="cpu")

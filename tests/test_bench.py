@@ -61,7 +61,7 @@ class FakeRuntime:
 
 
 @pytest.fixture(scope="module")
-def exported_run(tiny_run, tmp_path_factory):
+def exported_run(tiny_run, session_tmp):
     """A copy of tiny_run with model.onnx and model.fp16.onnx from the export code, without the
     parity check (bench measures speed; parity has its own tests, and on a barely trained tiny
     model fp16 label agreement near the threshold is not what this file tests)."""
@@ -69,7 +69,7 @@ def exported_run(tiny_run, tmp_path_factory):
     pytest.importorskip("onnxruntime", reason="the onnx runtimes need onnxruntime")
     from pneumo_edge.export.main import run_export
 
-    d = copy_model_dir(tiny_run, tmp_path_factory.mktemp("bench_run") / "run")
+    d = copy_model_dir(tiny_run, session_tmp("bench_run") / "run")
     assert run_export(d, skip_parity=True) == 0
     return d
 

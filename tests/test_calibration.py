@@ -115,12 +115,12 @@ def test_a_network_without_the_options_is_the_old_one():
 
 
 @pytest.fixture(scope="module")
-def calibrated_run(tiny_run, tiny_dataset, tmp_path_factory):
+def calibrated_run(tiny_run, tiny_dataset, session_tmp):
     """A copy of the tiny model after ``pneumo-edge calibrate`` (read-only)."""
     from conftest import copy_model_dir
     from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
 
-    run = copy_model_dir(tiny_run, tmp_path_factory.mktemp("calibrated") / "run")
+    run = copy_model_dir(tiny_run, session_tmp("calibrated") / "run")
     lines = []
     assert run_calibrate(run, tiny_dataset, CalibrateOptions(device="cpu"), log=lines.append) == 0
     return run, lines
@@ -313,13 +313,13 @@ def test_layered_thresholds_share_the_budget():
 
 
 @pytest.fixture(scope="module")
-def layered_run(tiny_run, tiny_dataset, tmp_path_factory):
+def layered_run(tiny_run, tiny_dataset, session_tmp):
     """A copy of the tiny model after ``pneumo-edge calibrate --gate
     mahalanobis+layer1+orientation`` (read-only)."""
     from conftest import copy_model_dir
     from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
 
-    run = copy_model_dir(tiny_run, tmp_path_factory.mktemp("layered") / "run")
+    run = copy_model_dir(tiny_run, session_tmp("layered") / "run")
     lines = []
     opts = CalibrateOptions(device="cpu", gate="mahalanobis+layer1+orientation")
     assert run_calibrate(run, tiny_dataset, opts, log=lines.append) == 0
@@ -359,13 +359,13 @@ def test_calibrate_records_the_first_stage_distance(layered_run, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def oriented_run(tiny_run, tiny_dataset, tmp_path_factory):
+def oriented_run(tiny_run, tiny_dataset, session_tmp):
     """A copy of the tiny model after ``pneumo-edge calibrate --gate mahalanobis+orientation``
     (read-only)."""
     from conftest import copy_model_dir
     from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
 
-    run = copy_model_dir(tiny_run, tmp_path_factory.mktemp("oriented") / "run")
+    run = copy_model_dir(tiny_run, session_tmp("oriented") / "run")
     lines = []
     opts = CalibrateOptions(device="cpu", gate="mahalanobis+orientation")
     assert run_calibrate(run, tiny_dataset, opts, log=lines.append) == 0

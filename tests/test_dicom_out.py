@@ -60,9 +60,9 @@ def rows_of(out: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def scored(tiny_exported, tmp_path_factory):
+def scored(tiny_exported, session_tmp):
     """One run: score --dicom-out --explain --explain-which all on :func:`inputs`."""
-    root = tmp_path_factory.mktemp("dicom_out")
+    root = session_tmp("dicom_out")
     d = inputs(root)
     proc = _score([d, "--model", tiny_exported, "--runtime", "onnx", "-o", root / "out.csv",
                    "--dicom-out", root / "dcm", "--explain", root / "ex", "--explain-which", "all"])

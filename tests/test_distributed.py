@@ -43,8 +43,8 @@ def torchrun(*args, nproc=2, **kw):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp_data")
+def data(session_tmp):
+    root = session_tmp("ddp_data")
     write_labelled(root / "train", seed=5)
     return root
 

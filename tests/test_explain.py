@@ -49,7 +49,7 @@ def onnx_rt(tiny_exported):
 
 
 @pytest.fixture(scope="module")
-def randomised_run(tiny_run, tmp_path_factory):
+def randomised_run(tiny_run, session_tmp):
     """tiny_run's network with every layer re-initialised (seeded): same architecture, card
     and preprocessing, random weights (the model-randomisation test of Adebayo et al.)."""
     torch = pytest.importorskip("torch")
@@ -58,7 +58,7 @@ def randomised_run(tiny_run, tmp_path_factory):
 
     from pneumo_edge.model.torchload import load_model
 
-    out = copy_model_dir(tiny_run, tmp_path_factory.mktemp("randomised") / "run",
+    out = copy_model_dir(tiny_run, session_tmp("randomised") / "run",
                          files=("card.json", "model.pt"))
     model, card = load_model(out / "model.pt")
     torch.manual_seed(0)

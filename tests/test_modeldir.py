@@ -34,8 +34,8 @@ def _sha(path) -> str:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("imgs")
+def images(session_tmp) -> Path:
+    d = session_tmp("imgs")
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (80, 70), np.uint8)).save(d / f"{i}.png")

@@ -15,13 +15,13 @@ pytest.importorskip("torch", reason="calibrating the tiny model needs torch")
 
 
 @pytest.fixture(scope="module")
-def gated_export(tiny_run, tiny_dataset, tmp_path_factory):
+def gated_export(tiny_run, tiny_dataset, session_tmp):
     """The tiny model with a Mahalanobis gate, exported to ONNX fp32, fp16, INT8 (read-only)."""
     from conftest import copy_model_dir
     from pneumo_edge.export.main import run_export
     from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
 
-    run = copy_model_dir(tiny_run, tmp_path_factory.mktemp("gated") / "run")
+    run = copy_model_dir(tiny_run, session_tmp("gated") / "run")
     opts = CalibrateOptions(gate="mahalanobis", device="cpu")
     assert run_calibrate(run, tiny_dataset, opts, log=lambda m: None) == 0
     assert run_export(run, skip_parity=True) == 0

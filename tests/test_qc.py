@@ -71,7 +71,7 @@ def test_old_cards_have_no_gate_and_say_so_once():
 
 
 @pytest.fixture(scope="module")
-def xray_run(tmp_path_factory):
+def xray_run(session_tmp):
     """A small model trained on the bundled sample X-rays (the one model here that has seen
     real radiographs): training calibrates it (train/final.py), then ``calibrate`` fits it
     again with the Mahalanobis gate (from the uncalibrated threshold it recorded)."""
@@ -79,7 +79,7 @@ def xray_run(tmp_path_factory):
     from pneumo_edge.train.loop import TrainConfig, train
     from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
 
-    out = tmp_path_factory.mktemp("xray_run")
+    out = session_tmp("xray_run")
     train(TrainConfig(data=str(SAMPLES), out=str(out), arch="resnet18", image_size=SIZE,
                       epochs=2, min_epochs=1, workers=0, device="cpu", batch_size=4,
                       augment=False, amp=False, force=True, no_cache=True,
@@ -226,12 +226,12 @@ def test_prevalence_outside_zero_one_is_a_usage_error(bad):
 
 
 @pytest.fixture(scope="module")
-def oriented_xray_run(xray_run, tmp_path_factory):
+def oriented_xray_run(xray_run, session_tmp):
     """The sample X-ray model calibrated again with the orientation probe in its gate."""
     from conftest import copy_model_dir
     from pneumo_edge.train.recalibrate import CalibrateOptions, run_calibrate
 
-    run = copy_model_dir(xray_run, tmp_path_factory.mktemp("oriented_xray") / "run")
+    run = copy_model_dir(xray_run, session_tmp("oriented_xray") / "run")
     run_calibrate(run, SAMPLES, CalibrateOptions(device="cpu", gate="mahalanobis+orientation"),
                   log=lambda m: None)
     return run

@@ -85,14 +85,14 @@ def test_curves_and_threshold_table():
 
 
 @pytest.fixture(scope="module")
-def report(tiny_exported, tiny_labelled, tmp_path_factory):
+def report(tiny_exported, tiny_labelled, session_tmp):
     """`pneumo-edge eval --report` on the tiny exported model (onnx, torch-free path)."""
     pytest.importorskip("onnxruntime")
     from click.testing import CliRunner
 
     from pneumo_edge.cli import main
 
-    out = tmp_path_factory.mktemp("report")
+    out = session_tmp("report")
     res = CliRunner().invoke(main, ["eval", "--model", str(tiny_exported), "--data",
                                     str(tiny_labelled), "--runtime", "onnx", "--out",
                                     str(out / "eval.json"), "--report", str(out / "r.html"),

@@ -261,7 +261,7 @@ def test_trt_runtime_without_tensorrt_says_how_to_install(copy_run, tiny_run):
 # --- TensorRT on a GPU (skipped without tensorrt, cuda-python and an NVIDIA GPU) ---------------
 
 @pytest.fixture(scope="module")
-def trt_run(tiny_exported, tmp_path_factory):
+def trt_run(tiny_exported, session_tmp):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (pneumo-edge[gpu])")
     pytest.importorskip("cuda.bindings", reason="cuda-python is not installed (pneumo-edge[gpu])")
     if not gpu_present():
@@ -269,7 +269,7 @@ def trt_run(tiny_exported, tmp_path_factory):
     from pneumo_edge.export.main import run_export
     from pneumo_edge.export.tensorrt import BuildOptions
 
-    run = copy_model_dir(tiny_exported, tmp_path_factory.mktemp("trt") / "run")
+    run = copy_model_dir(tiny_exported, session_tmp("trt") / "run")
     code = run_export(run, trt=True, build=BuildOptions(1, 4, 8, workspace_mib=512))
     assert code == 0
     return run

@@ -27,11 +27,11 @@ def cli(*args):
 
 
 @pytest.fixture(scope="module")
-def learned(tmp_path_factory):
-    data = tmp_path_factory.mktemp("learn")
+def learned(session_tmp):
+    data = session_tmp("learn")
     write_labelled(data / "train", per_class=40, seed=3)
     write_labelled(data / "test", per_class=10, seed=4)
-    out = tmp_path_factory.mktemp("learn_run")
+    out = session_tmp("learn_run")
     result = train(TrainConfig(data=str(data), out=str(out), epochs=6, lr=2e-3,
                                select="val_f1", force=True, **QUICK))
     return data, out, result
