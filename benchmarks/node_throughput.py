@@ -170,61 +170,74 @@ def parts_alone(files: list[Path], work: Path) -> dict[str, tuple[float, float]]
     node's own processes: receiving (Orthanc C-STOREs ``files`` to the network process),
     building (the builder process makes their SRs) and sending (the network process C-STOREs
     the SRs to Orthanc). Each: (the node's process, Orthanc's)."""
-    from pneumo_edge.dicomnode.builder import BuilderProcess
-    from pneumo_edge.dicomnode.network import NetworkProcess
-    from pneumo_edge.dicomnode.node import NodeConfig
-    from pneumo_edge.outputs.dicom_objects import ResultInfo
-
-    n, out = len(files), {}
     pacs = Orthanc(free_port(), free_port(), free_port(), work / "orthanc")
     pacs.folder.mkdir(parents=True)
     pacs.start()
     try:
-        got = threading.Semaphore(0)
-        recv = NetworkProcess(NodeConfig(model="", out=str(work / "recv"), port=pacs.node_port),
-                              got.release, lambda code: None)
-        recv.wait_ready()
-        ids = [pacs.upload(f) for f in files]
-        c0 = proc_cpu(recv.proc.pid), proc_cpu(pacs.proc.pid)
-        pacs.send_to_node(ids)
-        for _ in files:
-            got.acquire(timeout=300)
-        out["receiving"] = ((proc_cpu(recv.proc.pid) - c0[0]) / n,
-                            (proc_cpu(pacs.proc.pid) - c0[1]) / n)
-        recv.finish()
+        out = {"receiving": _receiving(pacs, files, work / "recv")}
         received = sorted((work / "recv" / "received").glob("*.dcm"))
-        staging = work / "built"
-        staging.mkdir()
-        info = ResultInfo(probability=0.25, label="NORMAL", positive_class="PNEUMONIA",
-                          threshold=0.5, threshold_source="card", model_sha256="ab" * 32,
-                          model_file="model.int8.onnx", runtime="onnx-int8",
-                          precision="int8", version="benchmark")
-        builder = BuilderProcess()
-        warm = work / "warm"
-        warm.mkdir()
-        builder.build([(received[0], info, warm, None)])  # imports, the SR template: once
-        c0 = proc_cpu(builder.proc.pid)
-        built = builder.build([(f, info, staging, None) for f in received])
-        out["building"] = ((proc_cpu(builder.proc.pid) - c0) / n, 0.0)
-        builder.close()
-        if any(err for _, _, err in built):
-            raise SystemExit(f"building failed: {next(e for _, _, e in built if e)}")
-        send = NetworkProcess(NodeConfig(model="", out=str(work / "send"), port=free_port(),
-                                         send_to=pacs.send_to), lambda: None, lambda code: None)
-        send.wait_ready()
-        c0 = proc_cpu(send.proc.pid), proc_cpu(pacs.proc.pid)
-        for d in staging.iterdir():
-            os.replace(d, work / "send" / "outbox" / d.name)
-        send.kick()
-        sent = work / "send" / "dicom"
-        while sum(1 for _ in sent.rglob("*.sr.dcm")) < n:
-            time.sleep(0.02)
-        out["sending"] = ((proc_cpu(send.proc.pid) - c0[0]) / n,
-                          (proc_cpu(pacs.proc.pid) - c0[1]) / n)
-        send.finish()
+        out["building"] = _building(received, work / "built", work / "warm")
+        out["sending"] = _sending(pacs, work / "built", len(files), work / "send")
     finally:
         pacs.stop()
     return out
+
+
+def _receiving(pacs, files: list[Path], out: Path) -> tuple[float, float]:
+    from pneumo_edge.dicomnode.network import NetworkProcess
+    from pneumo_edge.dicomnode.node import NodeConfig
+
+    got = threading.Semaphore(0)
+    recv = NetworkProcess(NodeConfig(model="", out=str(out), port=pacs.node_port), got.release,
+                          lambda code: None)
+    recv.wait_ready()
+    ids = [pacs.upload(f) for f in files]
+    c0 = proc_cpu(recv.proc.pid), proc_cpu(pacs.proc.pid)
+    pacs.send_to_node(ids)
+    for _ in files:
+        got.acquire(timeout=300)
+    cpu = proc_cpu(recv.proc.pid) - c0[0], proc_cpu(pacs.proc.pid) - c0[1]
+    recv.finish()
+    return cpu[0] / len(files), cpu[1] / len(files)
+
+
+def _building(received: list[Path], staging: Path, warm: Path) -> tuple[float, float]:
+    from pneumo_edge.dicomnode.builder import BuilderProcess
+    from pneumo_edge.outputs.dicom_objects import ResultInfo
+
+    info = ResultInfo(probability=0.25, label="NORMAL", positive_class="PNEUMONIA",
+                      threshold=0.5, threshold_source="card", model_sha256="ab" * 32,
+                      model_file="model.int8.onnx", runtime="onnx-int8", precision="int8",
+                      version="benchmark")
+    staging.mkdir()
+    warm.mkdir()
+    builder = BuilderProcess()
+    builder.build([(received[0], info, warm, None)])  # imports, the SR template: once
+    c0 = proc_cpu(builder.proc.pid)
+    built = builder.build([(f, info, staging, None) for f in received])
+    cpu = proc_cpu(builder.proc.pid) - c0
+    builder.close()
+    if any(err for _, _, err in built):
+        raise SystemExit(f"building failed: {next(e for _, _, e in built if e)}")
+    return cpu / len(received), 0.0
+
+
+def _sending(pacs, built: Path, n: int, out: Path) -> tuple[float, float]:
+    from pneumo_edge.dicomnode.network import NetworkProcess
+    from pneumo_edge.dicomnode.node import NodeConfig
+
+    send = NetworkProcess(NodeConfig(model="", out=str(out), port=free_port(),
+                                     send_to=pacs.send_to), lambda: None, lambda code: None)
+    send.wait_ready()
+    c0 = proc_cpu(send.proc.pid), proc_cpu(pacs.proc.pid)
+    for d in built.iterdir():
+        os.replace(d, out / "outbox" / d.name)
+    send.kick()
+    while sum(1 for _ in (out / "dicom").rglob("*.sr.dcm")) < n:
+        time.sleep(0.02)
+    cpu = proc_cpu(send.proc.pid) - c0[0], proc_cpu(pacs.proc.pid) - c0[1]
+    send.finish()
+    return cpu[0] / n, cpu[1] / n
 
 
 def _wait(check, node, timeout: float = 900) -> None:

@@ -105,7 +105,7 @@ class XrayNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's pooled features ``[N, F]`` of normalised input (what ``fc`` sees)."""
-        return self.trunk(x)[0]
+        return self.trunk(x, early=False)[0]
 
     def trunk(self, x: torch.Tensor, early: bool = True):
         """(pooled features ``[N, F]``, the first residual stage's output averaged over the
